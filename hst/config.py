@@ -1,0 +1,178 @@
+"""Typed, frozen configs for the model, data preparation and training.
+
+Each config is built as ``Cfg(**section)`` from a ``params.yaml`` section, so an unknown key
+fails loudly; ``__post_init__`` validates types and ranges and raises :class:`ConfigError` with
+a one-line message naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+class HSTError(Exception):
+    """A problem with the user's input (params, data, checkpoint): reported as one line."""
+
+
+class ConfigError(HSTError):
+    """A params section has an unknown key, a wrong type or a value out of range."""
+
+
+FFN_KINDS = ("dense", "learned", "key")
+
+
+def build(cls, section: dict | None, where: str):
+    """``cls(**section)`` with unknown keys and wrong types reported as ``ConfigError``."""
+    section = dict(section or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        _check_type(f"{where}.{key}", value, hints[key])
+    try:
+        return cls(**section)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e}") from None
+
+
+def _check_type(name: str, value, hint) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if any(_is_instance(value, o) for o in options):
+            return
+        want = " or ".join(_type_name(o) for o in options)
+    else:
+        if _is_instance(value, hint):
+            return
+        want = _type_name(hint)
+    raise ConfigError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
+
+
+def _is_instance(value, hint) -> bool:
+    if hint is type(None):
+        return value is None
+    if hint is float:  # YAML writes 1 for 1.0
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin = typing.get_origin(hint)
+    if origin is tuple or origin is list:
+        (item,) = typing.get_args(hint)[:1]
+        return isinstance(value, (list, tuple)) and all(_is_instance(v, item) for v in value)
+    if origin is dict:
+        kt, vt = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _is_instance(k, kt) and _is_instance(v, vt) for k, v in value.items())
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256  # byte-level tokens: bits per byte is then exact
+    seq_len: int = 256  # context length in tokens
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads; d_model must divide by it
+    d_model: int = 256  # residual stream width
+    ffn: str = "key"  # "dense" (one FFN), "learned" (Linear router MoE) or "key" (HST KeyRouter MoE)
+    n_experts: int = 8  # experts per layer at initialisation (MoE variants)
+    top_k: int = 2  # experts each token runs through; the dense FFN gets top_k * expert_hidden
+    expert_hidden: int = 256  # hidden width of one ReLU² expert
+    router_temperature: float = 0.1  # softmax(top-k similarity / temperature) gives expert weights
+    novelty_threshold: float = 0.3  # a token whose best key similarity is below this needs a new expert
+    key_momentum: float = 0.99  # EMA momentum of keys toward their tokens' mean hidden state
+    init_std: float = 0.02  # std of the normal init of linear weights
+
+    def __post_init__(self):
+        _require(self.ffn in FFN_KINDS, f"ffn: expected one of {FFN_KINDS}, got {self.ffn!r}")
+        _require(self.vocab_size >= 2, "vocab_size: expected >= 2")
+        _require(self.seq_len >= 2, "seq_len: expected >= 2")
+        _require(self.n_layer >= 1, "n_layer: expected >= 1")
+        _require(self.n_head >= 1 and self.d_model % self.n_head == 0,
+                 f"n_head: expected a divisor of d_model={self.d_model}, got {self.n_head}")
+        _require((self.d_model // self.n_head) % 2 == 0, "d_model / n_head: expected even (RoPE)")
+        _require(self.n_experts >= 1, "n_experts: expected >= 1")
+        _require(1 <= self.top_k <= self.n_experts,
+                 f"top_k: expected 1..n_experts={self.n_experts}, got {self.top_k}")
+        _require(self.expert_hidden >= 1, "expert_hidden: expected >= 1")
+        _require(self.router_temperature > 0, "router_temperature: expected > 0")
+        _require(-1.0 <= self.novelty_threshold <= 1.0, "novelty_threshold: expected in [-1, 1]")
+        _require(0.0 <= self.key_momentum <= 1.0, "key_momentum: expected in [0, 1]")
+        _require(self.init_std > 0, "init_std: expected > 0")
+
+    @property
+    def dense_hidden(self) -> int:
+        """Hidden width of the dense FFN: the same active FLOPs as top_k experts."""
+        return self.top_k * self.expert_hidden
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    domains: dict[str, str] = field(default_factory=dict)  # domain name -> .txt/.txt.gz/.jsonl/.parquet
+    val_fraction: float = 0.05  # share of records (by content hash) held out for validation
+    test_fraction: float = 0.05  # share of records held out for the final test
+    min_record_bytes: int = 256  # consecutive paragraphs are merged until a record has this many bytes
+    max_record_bytes: int = 2048  # longer paragraphs are cut at line boundaries
+    seed: int = 0  # salts the content hash that assigns records to splits
+
+    def __post_init__(self):
+        _require(len(self.domains) > 0, "domains: expected at least one domain")
+        for name in self.domains:
+            _require(name.replace("_", "").replace("-", "").isalnum(),
+                     f"domains: name {name!r} must be letters, digits, '-' or '_'")
+        _require(0 < self.val_fraction < 1, "val_fraction: expected in (0, 1)")
+        _require(0 < self.test_fraction < 1, "test_fraction: expected in (0, 1)")
+        _require(self.val_fraction + self.test_fraction < 1,
+                 "val_fraction + test_fraction: expected < 1")
+        _require(1 <= self.min_record_bytes <= self.max_record_bytes,
+                 "min_record_bytes: expected 1 <= min_record_bytes <= max_record_bytes")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    domains: tuple[str, ...] = ()  # domains to train on, sampled with equal probability
+    steps: int = 600  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    lr: float = 2e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms/embeddings)
+    betas: tuple[float, ...] = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_every: int = 100  # steps between validation passes
+    eval_windows: int = 32  # validation windows per domain (evenly spaced, deterministic)
+    precision: str = "auto"  # "auto" (bf16 autocast where the CPU/GPU supports it), "bf16" or "fp32"
+    seed: int = 0  # seeds init and batch sampling: same params -> same metrics
+    update_keys: bool = True  # EMA the KeyRouter keys during training
+
+    def __post_init__(self):
+        object.__setattr__(self, "domains", tuple(self.domains))
+        object.__setattr__(self, "betas", tuple(self.betas))
+        _require(len(self.domains) > 0, "domains: expected at least one domain")
+        _require(self.steps >= 1, "steps: expected >= 1")
+        _require(self.batch_size >= 1, "batch_size: expected >= 1")
+        _require(self.lr > 0, "lr: expected > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio: expected in [0, 1]")
+        _require(0 <= self.warmup_steps <= self.steps, "warmup_steps: expected in [0, steps]")
+        _require(self.weight_decay >= 0, "weight_decay: expected >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 "betas: expected two values in [0, 1)")
+        _require(self.grad_clip >= 0, "grad_clip: expected >= 0")
+        _require(self.eval_every >= 1, "eval_every: expected >= 1")
+        _require(self.eval_windows >= 1, "eval_windows: expected >= 1")
+        _require(self.precision in ("auto", "bf16", "fp32"),
+                 f"precision: expected auto, bf16 or fp32, got {self.precision!r}")

@@ -1,0 +1,110 @@
+"""ReLU² experts, the growable MoE layer and its token dispatch.
+
+Dispatch groups the N·k (token, expert) assignments by expert with one stable sort, runs each
+selected expert once on its contiguous slice, and scatter-adds the weighted outputs back. Only
+experts that received tokens run; the Python loop is over experts, never over tokens. Experts are
+separate modules (not slices of one stacked tensor) so that one expert can be frozen, trained or
+copied on its own and the pool can grow.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hst.config import ModelConfig
+from hst.router import KeyRouter, LearnedRouter, Routing
+
+
+class Expert(nn.Module):
+    """``down(relu(up(x))²)``"""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, n_layer: int) -> None:
+        """Normal init; the residual-facing ``down`` is scaled by 1/sqrt(2·n_layer) (GPT-2)."""
+        nn.init.normal_(self.up.weight, std=std)
+        nn.init.normal_(self.down.weight, std=std / (2 * n_layer) ** 0.5)
+
+
+def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+             experts: nn.ModuleList) -> torch.Tensor:
+    """Σ_j weights[n, j] · experts[expert_ids[n, j]](x[n]) for every token n.
+
+    x: (N, d); expert_ids, weights: (N, k).
+    """
+    n_tokens, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)  # (N·k,) assignment a belongs to token a // k
+    order = flat.argsort(stable=True)
+    token = order // k  # (N·k,) token of each assignment, grouped by expert
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    chunks = x.index_select(0, token).split(counts)
+    ys = torch.cat([experts[e](c) for e, c in enumerate(chunks) if counts[e] > 0])
+    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+    return ys.new_zeros(n_tokens, x.shape[1]).index_add_(0, token, ys)
+
+
+def reference_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                       experts: nn.ModuleList) -> torch.Tensor:
+    """The obvious masked loop (HF-Mixtral style): the yardstick for tests and the benchmark."""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        tok, slot = torch.where(expert_ids == e)
+        if tok.numel():
+            out[tok] += weights[tok, slot, None] * expert(x[tok])
+    return out
+
+
+class MoE(nn.Module):
+    """Router + expert pool. ``forward`` returns ``(output, routing)``."""
+
+    def __init__(self, cfg: ModelConfig, n_experts: int):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.ffn == "key":
+            self.router = KeyRouter(cfg.d_model, n_experts, cfg.top_k, cfg.router_temperature,
+                                    cfg.novelty_threshold, cfg.key_momentum)
+        else:
+            self.router = LearnedRouter(cfg.d_model, n_experts, cfg.top_k)
+        self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden) for _ in range(n_experts))
+
+    def forward(self, x: torch.Tensor, update_keys: bool = False) -> tuple[torch.Tensor, Routing]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (B·T, d)
+        routing = self.router(x)
+        if update_keys and isinstance(self.router, KeyRouter):
+            self.router.update_keys(x, routing.expert_ids)
+        out = dispatch(x, routing.expert_ids, routing.weights, self.experts)
+        return out.reshape(shape), routing
+
+    @torch.no_grad()
+    def add_expert(self, key: torch.Tensor, init: str = "copy_nearest") -> int:
+        """Append an expert with ``key``; return its index.
+
+        ``copy_nearest`` copies the weights of the expert whose key is most similar to ``key``;
+        ``random`` draws fresh weights. Tokens whose top-k does not include the new expert keep
+        exactly their previous routing, weights and output.
+        """
+        if not isinstance(self.router, KeyRouter):
+            raise ValueError("add_expert needs the key router (model.ffn: key)")
+        if init == "copy_nearest":
+            nearest = int(self.router.similarity(key[None]).argmax())
+            expert = copy.deepcopy(self.experts[nearest])
+        elif init == "random":
+            expert = Expert(self.cfg.d_model, self.cfg.expert_hidden).to(key.device)
+            expert.reset_parameters(self.cfg.init_std, self.cfg.n_layer)
+        else:
+            raise ValueError(f"add_expert: init must be 'copy_nearest' or 'random', got {init!r}")
+        self.router.add_key(key)
+        self.experts.append(expert)
+        return len(self.experts) - 1

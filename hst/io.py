@@ -1,0 +1,56 @@
+"""Atomic file output: write to a temporary sibling, then rename over the target.
+
+A crash or a bad input mid-write therefore never leaves a half-written artifact, and the
+previous version of the file stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    Works for files and directories (a directory target is swapped in after the old one is moved
+    aside, so readers never see a mix of old and new files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            old = tmp.parent / (path.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows of equal keys as CSV (the format ``dvc plots`` reads)."""
+    cols = list(rows[0]) if rows else []
+    lines = [",".join(cols)] + [",".join(_fmt(r[c]) for c in cols) for r in rows]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,65 @@
+"""Routing metrics: expert usage, Eff_K, and how differently domains route (TV, Jaccard).
+
+Pure functions over routing tables (``expert_ids`` of shape (N, k) per layer); usage counts every
+one of a token's k routed slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+
+def usage(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) share of routed slots that went to each expert (sums to 1)."""
+    counts = torch.bincount(expert_ids.reshape(-1), minlength=n_experts).double()
+    return counts / counts.sum()
+
+
+def eff_k(p: torch.Tensor) -> float:
+    """exp of the Shannon entropy (nats) of a usage distribution: 1 = collapse, E = uniform."""
+    p = p[p > 0]
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def cover_set(p: torch.Tensor, mass: float) -> set[int]:
+    """Smallest set of experts whose usage adds up to at least ``mass``."""
+    order = p.argsort(descending=True, stable=True)
+    cum = p[order].cumsum(0)
+    n = int((cum < mass - 1e-12).sum()) + 1
+    return set(order[:n].tolist())
+
+
+def jaccard_distance(a: set, b: set) -> float:
+    return 1.0 - len(a & b) / len(a | b) if a | b else 0.0
+
+
+def specialization(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list[int],
+                   cover: float = 0.8) -> list[dict]:
+    """Per layer: usage overall and per domain, Eff_K, and pairwise TV / Jaccard of cover sets."""
+    layers = []
+    for layer, n in enumerate(n_experts):
+        per_domain = {d: usage(ids[layer], n) for d, ids in ids_by_domain.items()}
+        overall = usage(torch.cat([ids[layer] for ids in ids_by_domain.values()]), n)
+        pairs = {}
+        for a, b in itertools.combinations(per_domain, 2):
+            pairs[f"{a}|{b}"] = {
+                "tv": total_variation(per_domain[a], per_domain[b]),
+                "jaccard": jaccard_distance(cover_set(per_domain[a], cover), cover_set(per_domain[b], cover)),
+            }
+        layers.append({
+            "layer": layer,
+            "usage": overall.tolist(),
+            "max_share": float(overall.max()),
+            "eff_k": eff_k(overall),
+            "domains": {d: {"usage": p.tolist(), "eff_k": eff_k(p),
+                            "cover_set": sorted(cover_set(p, cover))} for d, p in per_domain.items()},
+            "pairs": pairs,
+        })
+    return layers

@@ -1,0 +1,133 @@
+"""The HST language model: a decoder-only transformer whose FFN is dense, a learned MoE or HST's
+key-routed MoE.
+
+Attention is standard and dense (RoPE, QK-norm, causal ``scaled_dot_product_attention``);
+normalisation is parameter-free RMSNorm. ``forward`` returns logits, the loss when targets are
+given, and the routing of every token at every layer for the Smart Sampler and the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hst.config import ModelConfig
+from hst.experts import MoE, Expert
+from hst.router import Routing
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); rotates pairs (x[..., :hd/2], x[..., hd/2:])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, 3C) -> 3 × (B, H, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(norm(q), cos[:T], sin[:T]), apply_rope(norm(k), cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_experts: int):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.ffn = Expert(cfg.d_model, cfg.dense_hidden) if cfg.ffn == "dense" else MoE(cfg, n_experts)
+
+    def forward(self, x, cos, sin, update_keys: bool) -> tuple[torch.Tensor, Routing | None]:
+        x = x + self.attn(norm(x), cos, sin)
+        if isinstance(self.ffn, MoE):
+            y, routing = self.ffn(norm(x), update_keys)
+        else:
+            y, routing = self.ffn(norm(x)), None
+        return x + y, routing
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, vocab)
+    loss: torch.Tensor | None  # mean cross-entropy in nats when targets are given
+    routing: list[Routing | None]  # per layer, tokens flattened to B·T; None for the dense FFN
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_experts: list[int] | None = None):
+        super().__init__()
+        n_experts = list(n_experts) if n_experts is not None else [cfg.n_experts] * cfg.n_layer
+        if len(n_experts) != cfg.n_layer:
+            raise ValueError(f"n_experts: expected {cfg.n_layer} layer counts, got {len(n_experts)}")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, n) for n in n_experts)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        nn.init.normal_(self.wte.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.normal_(block.attn.proj.weight, std=std / (2 * self.cfg.n_layer) ** 0.5)
+            experts = [block.ffn] if isinstance(block.ffn, Expert) else block.ffn.experts
+            for expert in experts:
+                expert.reset_parameters(std, self.cfg.n_layer)
+            if isinstance(block.ffn, MoE) and hasattr(block.ffn.router, "gate"):
+                nn.init.normal_(block.ffn.router.gate.weight, std=std)
+
+    @property
+    def n_experts(self) -> list[int]:
+        """Experts per layer (1 per layer for the dense FFN)."""
+        return [len(b.ffn.experts) if isinstance(b.ffn, MoE) else 1 for b in self.blocks]
+
+    def moe(self, layer: int) -> MoE:
+        ffn = self.blocks[layer].ffn
+        if not isinstance(ffn, MoE):
+            raise ValueError(f"layer {layer} has a dense FFN, not a mixture of experts")
+        return ffn
+
+    def add_expert(self, layer: int, key: torch.Tensor, init: str = "copy_nearest") -> int:
+        return self.moe(layer).add_expert(key, init)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                update_keys: bool = False) -> ModelOutput:
+        T = idx.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}")
+        x = self.wte(idx)
+        routing = []
+        for block in self.blocks:
+            x, r = block(x, self.rope_cos, self.rope_sin, update_keys)
+            routing.append(r)
+        logits = self.lm_head(norm(x)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        return ModelOutput(logits, loss, routing)

@@ -1,0 +1,86 @@
+"""DVC stage `pretrain`: train the model from scratch on the pretrain domains.
+
+Writes the checkpoint, the metrics (final validation BPB per domain next to the unigram
+baseline, throughput, routing specialisation), training curves for ``dvc plots`` and a PNG of
+expert usage per domain and layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from hst import checkpoint, data, metrics, plots
+from hst.config import ModelConfig, TrainConfig, build
+from hst.io import write_csv, write_json
+from hst.model import GPT
+from hst.train import evaluate, train
+from stages.common import device, load_params, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--prepared", required=True, help="directory written by the prepare stage")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--metrics", required=True, help="JSON summary (DVC metric)")
+    ap.add_argument("--routing", required=True, help="JSON expert usage per layer and domain (DVC metric)")
+    ap.add_argument("--plots", required=True, help="directory for curves (CSV) and routing.png")
+    args = ap.parse_args()
+
+    model_sec, train_sec = load_params(args.params, "model", "pretrain")
+    mcfg = build(ModelConfig, model_sec, "params.yaml:model")
+    tcfg = build(TrainConfig, train_sec, "params.yaml:pretrain")
+    train_streams = {d: data.load_tokens(args.prepared, d, "train") for d in tcfg.domains}
+    val_streams = {d: data.load_tokens(args.prepared, d, "val") for d in tcfg.domains}
+
+    torch.manual_seed(tcfg.seed)
+    dev = device()
+    model = GPT(mcfg).to(dev)
+    t0 = time.perf_counter()
+    curves = train(model, tcfg, train_streams, val_streams, desc="pretrain")
+    wall = time.perf_counter() - t0
+    model.cpu()
+
+    final = {d: evaluate(model, t, tcfg.eval_windows) for d, t in val_streams.items()}
+    val_bpb = {d: e.bpb for d, e in final.items()}
+    # How much the last 20% of steps still improved validation BPB (from the eval nearest 80%).
+    at80 = min(curves["val"], key=lambda r: abs(r["step"] - 0.8 * tcfg.steps))
+    summary = {
+        "val_bpb": val_bpb,
+        "unigram_bpb": {d: data.unigram_bpb(train_streams[d], val_streams[d]) for d in tcfg.domains},
+        "last20_improvement": {d: at80[d] - val_bpb[d] for d in tcfg.domains},
+        "tokens_per_s": curves["tokens_per_s"],
+        "precision": curves["precision"],
+        "train_seconds": wall,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    routing = {}
+    if mcfg.ffn != "dense":
+        ids = {d: e.expert_ids for d, e in final.items()}
+        routing = {"layers": metrics.specialization(ids, model.n_experts)}
+        summary["routing"] = {f"layer{r['layer']}": {
+            "max_share": r["max_share"], "eff_k": r["eff_k"],
+            "mean_tv": _mean([p["tv"] for p in r["pairs"].values()]),
+            "mean_jaccard": _mean([p["jaccard"] for p in r["pairs"].values()])}
+            for r in routing["layers"]}
+        plots.usage_heatmap(routing["layers"], f"{args.plots}/routing.png",
+                            title=f"Expert usage after pretraining ({mcfg.ffn} router)")
+
+    checkpoint.save(args.checkpoint, model, {"stage": "pretrain", "train": dataclasses.asdict(tcfg),
+                                             "val_bpb": val_bpb})
+    write_csv(f"{args.plots}/train.csv", curves["train"])
+    write_csv(f"{args.plots}/val.csv", curves["val"])
+    write_json(args.routing, routing)
+    write_json(args.metrics, summary)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,33 @@
+import pytest
+
+from hst.config import ConfigError, ModelConfig, TrainConfig, build
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"params.yaml:model: unknown key\(s\) \['n_expert'\]"):
+        build(ModelConfig, {"n_expert": 8}, "params.yaml:model")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"n_experts": "8"}, "model.n_experts: expected int, got str"),
+    ({"n_experts": 2.5}, "model.n_experts: expected int"),
+    ({"router_temperature": True}, "model.router_temperature: expected float"),
+    ({"ffn": "sparse"}, "model.ffn: expected one of"),
+    ({"top_k": 9}, "model.top_k: expected 1..n_experts=8"),
+    ({"n_head": 3}, "model.n_head: expected a divisor"),
+])
+def test_wrong_types_and_ranges_are_named(section, message):
+    with pytest.raises(ConfigError, match=message):
+        build(ModelConfig, section, "model")
+
+
+def test_int_is_accepted_for_float_and_lists_for_tuples():
+    cfg = build(TrainConfig, {"domains": ["a", "b"], "lr": 1, "betas": [0.9, 0.99]}, "pretrain")
+    assert cfg.domains == ("a", "b") and cfg.lr == 1 and cfg.betas == (0.9, 0.99)
+    with pytest.raises(ConfigError, match="pretrain.domains: expected"):
+        build(TrainConfig, {"domains": "a"}, "pretrain")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(Exception):
+        ModelConfig().d_model = 3

@@ -1,0 +1,73 @@
+import dataclasses
+
+import pytest
+import torch
+
+from hst.model import GPT
+
+
+@pytest.mark.parametrize("ffn", ["key", "learned", "dense"])
+def test_forward_shapes_and_routing(tiny_cfg, ffn):
+    cfg = dataclasses.replace(tiny_cfg, ffn=ffn)
+    model = GPT(cfg)
+    idx = torch.randint(0, 256, (3, 20))
+    out = model(idx, idx)
+    assert out.logits.shape == (3, 20, 256) and out.loss.ndim == 0
+    assert len(out.routing) == cfg.n_layer
+    for r in out.routing:
+        if ffn == "dense":
+            assert r is None
+        else:
+            assert r.expert_ids.shape == (60, 2) and r.weights.shape == (60, 2)
+            assert r.max_sim.shape == (60,) and r.needs_new.dtype == torch.bool
+            assert r.belief.shape == (60, 4)
+
+
+def test_untrained_model_predicts_about_uniform(tiny_cfg):
+    idx = torch.randint(0, 256, (4, 32))
+    with torch.no_grad():
+        loss = GPT(tiny_cfg)(idx, idx).loss
+    assert abs(float(loss) - torch.log(torch.tensor(256.0))) < 0.1
+
+
+def test_causal_future_tokens_do_not_change_the_past(tiny_cfg):
+    model = GPT(tiny_cfg).eval()
+    a = torch.randint(0, 256, (1, 16))
+    b = a.clone()
+    b[0, 10:] = torch.randint(0, 256, (6,))
+    la, lb = model(a).logits, model(b).logits
+    assert torch.allclose(la[:, :10], lb[:, :10], atol=1e-6)
+    assert not torch.allclose(la[:, 10:], lb[:, 10:])
+
+
+def test_too_long_input_is_refused(tiny_cfg):
+    with pytest.raises(ValueError, match="seq_len"):
+        GPT(tiny_cfg)(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_dense_ffn_has_the_same_active_width(tiny_cfg):
+    dense = GPT(dataclasses.replace(tiny_cfg, ffn="dense"))
+    assert dense.blocks[0].ffn.up.out_features == tiny_cfg.top_k * tiny_cfg.expert_hidden
+    assert dense.n_experts == [1, 1]
+
+
+def test_add_expert_grows_one_layer(tiny_cfg):
+    model = GPT(tiny_cfg)
+    assert model.add_expert(1, torch.randn(32)) == 4
+    assert model.n_experts == [4, 5]
+    with pytest.raises(ValueError, match="dense"):
+        GPT(dataclasses.replace(tiny_cfg, ffn="dense")).add_expert(0, torch.randn(32))
+
+
+def test_a_few_steps_learn_a_repetitive_text(tiny_cfg):
+    model = GPT(tiny_cfg)
+    seq = torch.tensor(list(b"abcabcabcabcabcabcabcabcabcabcabcab"))[None]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = model(seq[:, :-1][:, :32], seq[:, 1:][:, :32], update_keys=True).loss
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.3 * first

@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hst.router import KeyRouter, LearnedRouter
+
+
+def make_router(**kw):
+    args = dict(d_model=8, n_experts=4, top_k=2, temperature=0.1, novelty_threshold=0.3, momentum=0.9)
+    args.update(kw)
+    return KeyRouter(**args)
+
+
+def test_key_routing_is_cosine_topk_with_tempered_softmax():
+    r = make_router()
+    x = torch.randn(20, 8) * 5
+    out = r(x)
+    sim = F.normalize(x, dim=-1) @ F.normalize(r.keys, dim=-1).T
+    top, idx = sim.sort(dim=-1, descending=True)
+    assert torch.equal(out.expert_ids, idx[:, :2])
+    assert torch.allclose(out.weights, F.softmax(top[:, :2] / 0.1, dim=-1))
+    assert torch.allclose(out.max_sim, top[:, 0])
+    assert torch.allclose(out.belief.sum(-1), torch.ones(20))
+
+
+def test_keys_are_a_buffer_and_get_no_gradient():
+    r = make_router()
+    assert "keys" in dict(r.named_buffers()) and not list(r.parameters())
+    x = torch.randn(10, 8, requires_grad=True)
+    r(x).weights[:, 0].sum().backward()
+    assert r.keys.grad is None
+    assert x.grad is not None and x.grad.abs().sum() > 0  # routing still shapes the residual stream
+
+
+def test_novelty_flag_marks_tokens_far_from_every_key():
+    r = make_router(n_experts=2, top_k=1)
+    r.keys.copy_(torch.eye(8)[:2])
+    x = torch.stack([torch.eye(8)[0], torch.eye(8)[1] + 0.1 * torch.eye(8)[2], torch.eye(8)[5]])
+    out = r(x)
+    assert out.needs_new.tolist() == [False, False, True]
+    assert torch.equal(out.needs_new, out.max_sim < 0.3)
+
+
+def test_ema_moves_routed_keys_toward_their_tokens_mean_and_leaves_others():
+    r = make_router(n_experts=3, top_k=1, momentum=0.9)
+    keys0 = r.keys.clone()
+    x = torch.randn(6, 8)
+    ids = torch.tensor([[0], [0], [2], [0], [2], [2]])
+    r.update_keys(x, ids)
+    xn = F.normalize(x, dim=-1)
+    for e in (0, 2):
+        target = F.normalize(xn[ids[:, 0] == e].mean(0), dim=-1)
+        want = F.normalize(0.9 * keys0[e] + 0.1 * target, dim=-1)
+        assert torch.allclose(r.keys[e], want, atol=1e-6)
+    assert torch.equal(r.keys[1], keys0[1])
+
+
+def test_repeated_ema_converges_to_the_tokens_direction():
+    r = make_router(n_experts=1, top_k=1, momentum=0.5)
+    target = F.normalize(torch.randn(8), dim=-1)
+    x = target + 0.01 * torch.randn(32, 8)
+    for _ in range(40):
+        r.update_keys(x, torch.zeros(32, 1, dtype=torch.long))
+    assert float(r.keys[0] @ target) > 0.999
+
+
+def test_learned_router_weights_renormalise_over_topk_and_gate_learns():
+    r = LearnedRouter(8, 4, top_k=2)
+    x = torch.randn(10, 8)
+    out = r(x)
+    assert torch.allclose(out.weights.sum(-1), torch.ones(10))
+    assert torch.equal(out.expert_ids, out.belief.topk(2).indices)
+    out.weights[:, 0].sum().backward()
+    assert r.gate.weight.grad is not None
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_topk_count(k):
+    assert make_router(top_k=k)(torch.randn(5, 8)).expert_ids.shape == (5, k)

@@ -1,0 +1,132 @@
+"""The stage CLIs on tiny inputs: outputs, one-line errors, artifacts left intact; and `dvc repro`."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hst import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = dict(seq_len=64, n_layer=2, n_head=2, d_model=32, ffn="key", n_experts=4, top_k=2,
+                  expert_hidden=32)
+
+
+def tiny_project(tmp: Path) -> Path:
+    """A copy of the project with a small slice of two real domains and tiny params."""
+    for name in ("hst", "stages", "flows"):
+        shutil.copytree(ROOT / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", tmp / "dvc.yaml")
+    (tmp / "data/corpus").mkdir(parents=True)
+    for name in ("shakespeare", "python"):
+        text = gzip.decompress((ROOT / f"data/corpus/{name}.txt.gz").read_bytes())[:60_000]
+        (tmp / f"data/corpus/{name}.txt").write_bytes(text[:text.rfind(b"\n\n")])
+    params = {
+        "prepare": {"domains": {"shakespeare": "data/corpus/shakespeare.txt", "python": "data/corpus/python.txt"},
+                    "val_fraction": 0.1, "test_fraction": 0.1, "min_record_bytes": 256,
+                    "max_record_bytes": 2048, "seed": 0},
+        "model": TINY_MODEL,
+        "pretrain": {"domains": ["shakespeare", "python"], "steps": 12, "batch_size": 4, "warmup_steps": 2,
+                     "eval_every": 6, "eval_windows": 4, "precision": "fp32"},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return tmp
+
+
+def stage(cwd: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(cwd)})
+
+
+def prepare(cwd):
+    return stage(cwd, "prepare", "--out", "data/prepared", "--manifest", "metrics/prepare.json")
+
+
+def error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_prepare_writes_splits_and_manifest(tmp_path):
+    proj = tiny_project(tmp_path)
+    assert prepare(proj).returncode == 0
+    manifest = json.loads((proj / "metrics/prepare.json").read_text())
+    assert set(manifest) == {"shakespeare", "python"}
+    for name, splits in manifest.items():
+        assert set(splits) == {"train", "val", "test"}
+        assert splits["train"]["bytes"] > 5 * splits["val"]["bytes"] > 0
+        assert (proj / f"data/prepared/{name}/val.parquet").is_file()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["prepare"].update(val_fractoin=0.1), "unknown key(s) ['val_fractoin']"),
+    (lambda p: p["prepare"].update(val_fraction="0.1"), "prepare.val_fraction: expected float"),
+    (lambda p: p["prepare"]["domains"].update(kjv="data/corpus/kjv.txt"), "kjv.txt: file not found"),
+])
+def test_prepare_bad_input_is_one_line_and_leaves_outputs(tmp_path, edit, message):
+    proj = tiny_project(tmp_path)
+    assert prepare(proj).returncode == 0
+    before = (proj / "data/prepared/python/train.parquet").read_bytes()
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    edit(params)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    assert message in error_line(prepare(proj))
+    assert (proj / "data/prepared/python/train.parquet").read_bytes() == before
+
+
+def test_prepare_non_utf8_domain_file(tmp_path):
+    proj = tiny_project(tmp_path)
+    (proj / "data/corpus/python.txt").write_bytes("Grüße aus Köln\n\n".encode("latin-1") * 100)
+    assert "python.txt: not UTF-8" in error_line(prepare(proj))
+
+
+def test_pretrain_writes_a_self_describing_checkpoint(tmp_path):
+    proj = tiny_project(tmp_path)
+    assert prepare(proj).returncode == 0
+    proc = stage(proj, "pretrain", "--prepared", "data/prepared", "--checkpoint", "models/pretrain.pt",
+                 "--metrics", "metrics/pretrain.json", "--routing", "metrics/pretrain_routing.json",
+                 "--plots", "plots/pretrain")
+    assert proc.returncode == 0, proc.stderr
+    model, meta = checkpoint.load(proj / "models/pretrain.pt")
+    assert model.n_experts == [4, 4] and meta["stage"] == "pretrain"
+    summary = json.loads((proj / "metrics/pretrain.json").read_text())
+    assert set(summary["val_bpb"]) == {"shakespeare", "python"}
+    assert set(summary["routing"]) == {"layer0", "layer1"}
+    assert (proj / "plots/pretrain/routing.png").read_bytes()[:4] == b"\x89PNG"
+    val = (proj / "plots/pretrain/val.csv").read_text().splitlines()
+    assert val[0] == "step,shakespeare,python" and len(val) == 3
+
+
+def test_pretrain_rejects_unknown_model_key(tmp_path):
+    proj = tiny_project(tmp_path)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["model"]["experts"] = 3
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "params.yaml:model: unknown key(s) ['experts']" in error_line(
+        stage(proj, "pretrain", "--prepared", "x", "--checkpoint", "y", "--metrics", "z",
+              "--routing", "r", "--plots", "p"))
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
+    proj = tiny_project(tmp_path)
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=proj, check=True, env=env)
+    first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (proj / "models/pretrain.pt").is_file() and (proj / "dvc.lock").is_file()
+    second = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
+    assert second.returncode == 0 and "didn't change" in second.stdout, second.stdout
+    assert "Running stage" not in second.stdout
+    torch.load(proj / "models/pretrain.pt", weights_only=True)

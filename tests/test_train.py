@@ -1,0 +1,83 @@
+import dataclasses
+
+import pytest
+import torch
+
+from hst.config import TrainConfig
+from hst.model import GPT
+from hst.train import autocast_dtype, evaluate, lr_at, sample_batch, train
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(domains=("a",), steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_batches_are_seeded_windows_of_the_streams():
+    streams = [torch.arange(100, dtype=torch.uint8), torch.arange(100, 200, dtype=torch.uint8)]
+    x1, y1 = sample_batch(streams, 8, 10, torch.Generator().manual_seed(3))
+    x2, _ = sample_batch(streams, 8, 10, torch.Generator().manual_seed(3))
+    assert torch.equal(x1, x2) and x1.shape == (8, 10)
+    assert torch.equal(x1[:, 1:], y1[:, :-1]) and torch.all(y1[:, -1] == x1[:, -1] + 1)
+
+
+def test_explicit_precisions():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+
+
+def tiny_run(cfg, seed, **kw):
+    text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 60), dtype=torch.uint8)
+    tcfg = TrainConfig(domains=("a",), steps=12, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=6,
+                       eval_windows=4, precision="fp32", seed=seed, **kw)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    curves = train(model, tcfg, {"a": text}, {"a": text[:400]})
+    return model, curves
+
+
+def test_training_is_deterministic_and_lowers_validation_bpb(tiny_cfg):
+    m1, c1 = tiny_run(tiny_cfg, 0)
+    _, c2 = tiny_run(tiny_cfg, 0)
+    assert c1["train"] == c2["train"] and c1["val"] == c2["val"]
+    assert [r["step"] for r in c1["val"]] == [6, 12]
+    text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 10), dtype=torch.uint8)
+    assert evaluate(m1, text, 4).bpb < evaluate(GPT(tiny_cfg), text, 4).bpb - 1.0
+
+
+def test_training_moves_keys_only_when_enabled(tiny_cfg):
+    torch.manual_seed(0)
+    init = [b.ffn.router.keys.clone() for b in GPT(tiny_cfg).blocks]
+    moved, _ = tiny_run(tiny_cfg, 0)
+    frozen, _ = tiny_run(tiny_cfg, 0, update_keys=False)
+    assert all(torch.equal(k, b.ffn.router.keys) for k, b in zip(init, frozen.blocks))
+    assert not all(torch.equal(k, b.ffn.router.keys) for k, b in zip(init, moved.blocks))
+
+
+def test_frozen_parameters_stay_bit_identical(tiny_cfg):
+    text = torch.tensor(list(b"abcdefgh" * 100), dtype=torch.uint8)
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.blocks[1].ffn.experts[2].parameters():
+        p.requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tcfg = TrainConfig(domains=("a",), steps=5, batch_size=4, warmup_steps=1, eval_every=5, eval_windows=2,
+                       precision="fp32", update_keys=False)
+    train(model, tcfg, {"a": text}, {"a": text})
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"blocks.1.ffn.experts.2.up.weight", "blocks.1.ffn.experts.2.down.weight"}
+
+
+def test_evaluate_returns_routing_per_layer(tiny_cfg):
+    text = torch.randint(0, 256, (500,), dtype=torch.uint8)
+    ev = evaluate(GPT(tiny_cfg), text, 3)
+    assert 7.5 < ev.bpb < 8.5
+    assert [t.shape for t in ev.expert_ids] == [(96, 2), (96, 2)]
+    dense = evaluate(GPT(dataclasses.replace(tiny_cfg, ffn="dense")), text, 3)
+    assert dense.expert_ids == [None, None]
