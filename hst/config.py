@@ -95,6 +95,7 @@ class ModelConfig:
     router_temperature: float = 0.1  # softmax(top-k similarity / temperature) gives expert weights
     novelty_threshold: float = 0.3  # a token whose best key similarity is below this needs a new expert
     key_momentum: float = 0.99  # EMA momentum of keys toward their tokens' mean hidden state
+    center_routing: bool = False  # route on hidden states minus their running mean (see docs/decisions.md)
     init_std: float = 0.02  # std of the normal init of linear weights
 
     def __post_init__(self):

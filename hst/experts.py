@@ -73,7 +73,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         if cfg.ffn == "key":
             self.router = KeyRouter(cfg.d_model, n_experts, cfg.top_k, cfg.router_temperature,
-                                    cfg.novelty_threshold, cfg.key_momentum)
+                                    cfg.novelty_threshold, cfg.key_momentum, cfg.center_routing)
         else:
             self.router = LearnedRouter(cfg.d_model, n_experts, cfg.top_k)
         self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden) for _ in range(n_experts))

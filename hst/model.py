@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hst.config import ModelConfig
-from hst.experts import MoE, Expert
-from hst.router import Routing
+from hst.experts import Expert, MoE
+from hst.router import LearnedRouter, Routing
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class GPT(nn.Module):
             experts = [block.ffn] if isinstance(block.ffn, Expert) else block.ffn.experts
             for expert in experts:
                 expert.reset_parameters(std, self.cfg.n_layer)
-            if isinstance(block.ffn, MoE) and hasattr(block.ffn.router, "gate"):
+            if isinstance(block.ffn, MoE) and isinstance(block.ffn.router, LearnedRouter):
                 nn.init.normal_(block.ffn.router.gate.weight, std=std)
 
     @property

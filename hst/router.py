@@ -32,9 +32,13 @@ class KeyRouter(nn.Module):
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, temperature: float,
-                 novelty_threshold: float, momentum: float):
+                 novelty_threshold: float, momentum: float, centered: bool = False):
         super().__init__()
         self.register_buffer("keys", F.normalize(torch.randn(n_experts, d_model), dim=-1))
+        # Running mean of the routed hidden states; subtracted before the cosine when ``centered``,
+        # because all hidden states share a large common direction (anisotropy).
+        self.register_buffer("center", torch.zeros(d_model))
+        self.centered = centered
         self.top_k = top_k
         self.temperature = temperature
         self.novelty_threshold = novelty_threshold
@@ -44,10 +48,15 @@ class KeyRouter(nn.Module):
     def n_experts(self) -> int:
         return self.keys.shape[0]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalized (and, if ``centered``, centred) fp32 hidden states keys are compared with."""
+        x = x.float()
+        return F.normalize(x - self.center if self.centered else x, dim=-1)
+
     def similarity(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N, E) cosine similarity to every key, in fp32."""
         with torch.autocast(x.device.type, enabled=False):
-            return F.normalize(x.float(), dim=-1) @ F.normalize(self.keys, dim=-1).T
+            return self.features(x) @ F.normalize(self.keys, dim=-1).T
 
     def forward(self, x: torch.Tensor) -> Routing:
         sim = self.similarity(x)
@@ -59,16 +68,17 @@ class KeyRouter(nn.Module):
 
     @torch.no_grad()
     def update_keys(self, x: torch.Tensor, expert_ids: torch.Tensor) -> None:
-        """EMA every key that received tokens toward the normalized mean of those tokens.
+        """EMA every key that received tokens toward the normalized mean of those tokens
+        (and the centre toward the mean hidden state, when centred).
 
         x: (N, d) hidden states that were routed; expert_ids: (N, k) their experts.
         """
-        xn = F.normalize(x.detach().float(), dim=-1)
-        k = expert_ids.shape[1]
-        sums = torch.zeros_like(self.keys).index_add_(0, expert_ids.reshape(-1), xn.repeat_interleave(k, 0))
-        counts = torch.bincount(expert_ids.reshape(-1), minlength=self.n_experts)
-        hit = counts > 0
-        target = F.normalize(sums[hit], dim=-1)
+        xn = self.features(x.detach())
+        if self.centered:
+            self.center.lerp_(x.detach().float().mean(0), 1 - self.momentum)
+        member = xn.new_zeros(len(xn), self.n_experts).scatter_(1, expert_ids, 1.0)  # (N, E)
+        hit = member.sum(0) > 0
+        target = F.normalize((member.T @ xn)[hit], dim=-1)  # normalized mean of each expert's tokens
         self.keys[hit] = F.normalize(self.momentum * self.keys[hit] + (1 - self.momentum) * target, dim=-1)
 
     def add_key(self, key: torch.Tensor) -> None:

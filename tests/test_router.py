@@ -77,3 +77,20 @@ def test_learned_router_weights_renormalise_over_topk_and_gate_learns():
 @pytest.mark.parametrize("k", [1, 3])
 def test_topk_count(k):
     assert make_router(top_k=k)(torch.randn(5, 8)).expert_ids.shape == (5, k)
+
+
+def test_centered_routing_subtracts_the_running_mean():
+    r = make_router(centered=True, momentum=0.5)
+    offset = torch.full((8,), 10.0)
+    x = torch.randn(64, 8) + offset
+    raw = make_router(momentum=0.5)
+    raw.keys.copy_(r.keys)
+    # Before any update the centre is zero: centred routing equals raw routing.
+    assert torch.equal(r(x).expert_ids, raw(x).expert_ids)
+    for _ in range(30):
+        r.update_keys(x, r(x).expert_ids)
+    assert torch.allclose(r.center, x.mean(0), atol=1e-3)
+    want = F.normalize(x - r.center, dim=-1) @ F.normalize(r.keys, dim=-1).T
+    assert torch.allclose(r.similarity(x), want, atol=1e-6)
+    # The shared offset dominates raw cosine (every token looks alike); centring removes it.
+    assert raw(x).max_sim.std() < r(x).max_sim.std()

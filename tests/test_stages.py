@@ -130,3 +130,12 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     assert second.returncode == 0 and "didn't change" in second.stdout, second.stdout
     assert "Running stage" not in second.stdout
     torch.load(proj / "models/pretrain.pt", weights_only=True)
+    # Bad params under `dvc repro`: the stage fails in one line and the outputs survive (persist).
+    before = (proj / "models/pretrain.pt").read_bytes()
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["pretrain"]["lr"] = "fast"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    bad = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "params.yaml:pretrain.lr: expected float" in bad.stdout + bad.stderr
+    assert (proj / "models/pretrain.pt").read_bytes() == before
+    assert (proj / "data/prepared/python/train.parquet").is_file()
