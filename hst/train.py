@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hst.config import TrainConfig
-from hst.data import window_starts
+from hst.data import DataError, window_starts
 from hst.model import GPT
 
 LN2 = math.log(2)
@@ -84,7 +84,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int =
     """Bits per byte and routing on evenly spaced windows, fp32, eval mode."""
     was_training = model.training
     model.eval()
-    windows = eval_windows(tokens, model.cfg.seq_len, n_windows)
+    windows = eval_windows(tokens, model.cfg.seq_len, n_windows).to(next(model.parameters()).device)
     total, ids = 0.0, []
     for chunk in windows.split(batch_size):
         out = model(chunk[:, :-1], chunk[:, 1:])
@@ -130,6 +130,10 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.precision, device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    for name, stream in {**train_streams, **val_streams}.items():
+        if len(stream) <= model.cfg.seq_len + 1:
+            raise DataError(f"domain {name!r}: {len(stream)} tokens, too few for windows of "
+                            f"seq_len={model.cfg.seq_len} + 1")
     streams = [train_streams[d] for d in cfg.domains]
     opt = make_optimizer(model, cfg)
     curves = {"train": [], "val": []}

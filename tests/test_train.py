@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hst.config import TrainConfig
+from hst.data import DataError
 from hst.model import GPT
 from hst.train import autocast_dtype, evaluate, lr_at, sample_batch, train
 
@@ -81,3 +82,10 @@ def test_evaluate_returns_routing_per_layer(tiny_cfg):
     assert [t.shape for t in ev.expert_ids] == [(96, 2), (96, 2)]
     dense = evaluate(GPT(dataclasses.replace(tiny_cfg, ffn="dense")), text, 3)
     assert dense.expert_ids == [None, None]
+
+
+def test_a_domain_shorter_than_one_window_is_a_clear_error(tiny_cfg):
+    tcfg = TrainConfig(domains=("a",), steps=2, warmup_steps=1, precision="fp32")
+    with pytest.raises(DataError, match="domain 'b': 10 tokens, too few"):
+        train(GPT(tiny_cfg), tcfg, {"a": torch.zeros(500, dtype=torch.uint8)},
+              {"b": torch.zeros(10, dtype=torch.uint8)})
