@@ -3,6 +3,7 @@
 Modules (flat, one concept each): ``config`` (typed configs), ``data`` (corpora, records,
 splits, byte tokens), ``router`` (KeyRouter, learned router), ``experts`` (ReLU² experts, MoE
 dispatch, growth), ``model`` (the transformer), ``train`` (training/eval loops), ``metrics``
-(routing metrics), ``checkpoint`` (self-describing checkpoints), ``plots`` (PNG figures),
+(routing metrics), ``sampler`` (Smart Sampler logging of routed records), ``coreset``
+(per-expert coresets), ``checkpoint`` (self-describing checkpoints), ``plots`` (PNG figures),
 ``io`` (atomic writes). Importing the package has no side effects.
 """

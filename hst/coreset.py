@@ -1,0 +1,45 @@
+"""Per-expert coresets (seed §5.2): an expert's new records mixed with old data routed to it.
+
+Both inputs are Smart Sampler tables (``hst.sampler.SCHEMA``): the new records of a cycle and the
+index of old training records routed through the current model (seed §11.5). An expert is a
+(layer, expert id) pair; a record belongs to it when that expert is its primary one at that layer.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+
+def primary(table: pa.Table, layer: int) -> pd.Series:
+    """Primary expert of every record at ``layer``."""
+    return pd.Series([p[layer] for p in table["primary_expert"].to_pylist()], dtype="int64")
+
+
+def select_experts(new: pa.Table, n_layers: int, min_new_data: int) -> list[tuple[int, int, int]]:
+    """``(layer, expert, n_new)`` for every expert that is primary for ≥ ``min_new_data`` new records."""
+    out = []
+    for layer in range(n_layers):
+        for expert, n in sorted(primary(new, layer).value_counts().items()):
+            if n >= min_new_data:
+                out.append((layer, int(expert), int(n)))
+    return out
+
+
+def build_coreset(new: pa.Table, old_index: pa.Table, layer: int, expert: int,
+                  new_old_ratio: float = 0.2, seed: int = 0) -> pd.DataFrame:
+    """New records of (layer, expert) plus old records routed to it, new:total = ``new_old_ratio``.
+
+    Old records are sampled without replacement (seeded); if too few are routed to the expert, all
+    of them are used and the shortfall shows in the result's ``kind`` counts. Columns:
+    ``record_id``, ``source``, ``kind`` ("new"/"old"), ``text``.
+    """
+    if not 0 < new_old_ratio <= 1:
+        raise ValueError(f"new_old_ratio: expected in (0, 1], got {new_old_ratio}")
+    cols = ["record_id", "source", "text"]
+    fresh = new.select(cols).to_pandas()[primary(new, layer).to_numpy() == expert]
+    pool = old_index.select(cols).to_pandas()[primary(old_index, layer).to_numpy() == expert]
+    n_old = min(round(len(fresh) * (1 - new_old_ratio) / new_old_ratio), len(pool))
+    old = pool.sample(n=n_old, random_state=seed) if n_old else pool.iloc[:0]
+    return pd.concat([fresh.assign(kind="new"), old.assign(kind="old")], ignore_index=True)[
+        ["record_id", "source", "kind", "text"]]

@@ -1,0 +1,139 @@
+"""The Smart Sampler (seed §5): logs text with its routing during inference, outside the model graph.
+
+Each record is stored once, as one Parquet row:
+
+| column | type | meaning |
+| --- | --- | --- |
+| ``record_id`` | string | content hash of ``text`` (stable across runs) |
+| ``source`` | string | where the text came from (domain name or file) |
+| ``timestamp`` | float64 | unix seconds when it was routed |
+| ``text`` | string | the record itself |
+| ``n_tokens`` | int32 | byte tokens routed |
+| ``expert_counts`` | list<map<int32, int32>> | per layer ``{expert_id: token_count}`` over the k routed slots |
+| ``primary_expert`` | list<int32> | per layer the expert with the most slots (ties: lowest id) |
+| ``novel_share`` | list<float32> | per layer share of tokens flagged ``needs_new`` |
+| ``mean_max_sim`` | list<float32> | per layer mean best-key similarity |
+
+Buffers flush to ``<dir>/buffer-<seq>.parquet`` atomically. A record whose id is already in the
+directory is not logged again, so re-running collection over the same texts adds nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from hst.data import DataError, encode, record_id
+from hst.io import atomic_path
+from hst.model import GPT
+from hst.router import Routing
+
+SCHEMA = pa.schema([
+    ("record_id", pa.string()),
+    ("source", pa.string()),
+    ("timestamp", pa.float64()),
+    ("text", pa.string()),
+    ("n_tokens", pa.int32()),
+    ("expert_counts", pa.list_(pa.map_(pa.int32(), pa.int32()))),
+    ("primary_expert", pa.list_(pa.int32())),
+    ("novel_share", pa.list_(pa.float32())),
+    ("mean_max_sim", pa.list_(pa.float32())),
+])
+
+
+def summarize(routing: list[Routing], n_experts: list[int]) -> dict:
+    """Per-layer routing summary of one record's tokens (the routing of those tokens only)."""
+    counts, primary, novel, sim = [], [], [], []
+    for r, n in zip(routing, n_experts):
+        c = torch.bincount(r.expert_ids.reshape(-1), minlength=n)
+        counts.append({int(e): int(c[e]) for e in c.nonzero().flatten()})
+        primary.append(int(c.argmax()))  # argmax returns the first maximum: ties go to the lowest id
+        novel.append(float(r.needs_new.float().mean()))
+        sim.append(float(r.max_sim.mean()))
+    return {"expert_counts": counts, "primary_expert": primary, "novel_share": novel, "mean_max_sim": sim}
+
+
+@torch.no_grad()
+def route_record(model: GPT, text: str) -> tuple[int, list[Routing]]:
+    """Route a record's bytes through the model in consecutive windows of ``seq_len``."""
+    tokens = encode([text]).long()
+    if len(tokens) == 0:
+        raise DataError("cannot route an empty record")
+    was_training = model.training
+    model.eval()
+    per_window = [model(w[None].to(next(model.parameters()).device)).routing
+                  for w in tokens.split(model.cfg.seq_len)]
+    model.train(was_training)
+    merged = [Routing(*(torch.cat(parts) for parts in zip(*layer))) for layer in zip(*per_window)]
+    return len(tokens), merged
+
+
+def existing_ids(buffer_dir: str | Path) -> set[str]:
+    ids: set[str] = set()
+    for path in sorted(Path(buffer_dir).glob("buffer-*.parquet")):
+        ids.update(read_buffer(path, columns=["record_id"])["record_id"].to_pylist())
+    return ids
+
+
+def read_buffer(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Smart Sampler buffer ({e})") from None
+    missing = set(columns or SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise DataError(f"{path}: Smart Sampler buffer lacks columns {sorted(missing)}")
+    return table
+
+
+def load_records(buffer_dir: str | Path) -> pa.Table:
+    """Every record logged in ``buffer_dir`` (all buffer files, in flush order)."""
+    paths = sorted(Path(buffer_dir).glob("buffer-*.parquet"))
+    if not paths:
+        return SCHEMA.empty_table()
+    return pa.concat_tables([read_buffer(p).select(SCHEMA.names).cast(SCHEMA) for p in paths])
+
+
+class SmartSampler:
+    """Buffers routed records and flushes them to Parquet; use as a context manager."""
+
+    def __init__(self, buffer_dir: str | Path, flush_every: int = 256):
+        self.buffer_dir = Path(buffer_dir)
+        self.buffer_dir.mkdir(parents=True, exist_ok=True)
+        self.flush_every = flush_every
+        self.seen = existing_ids(self.buffer_dir)
+        self.pending: list[dict] = []
+
+    def record(self, model: GPT, text: str, source: str) -> bool:
+        """Route ``text`` and buffer it; False if this record was already logged."""
+        rid = record_id(text)
+        if rid in self.seen:
+            return False
+        n_tokens, routing = route_record(model, text)
+        self.pending.append({"record_id": rid, "source": source, "timestamp": time.time(), "text": text,
+                             "n_tokens": n_tokens, **summarize(routing, model.n_experts)})
+        self.seen.add(rid)
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+        return True
+
+    def flush(self) -> Path | None:
+        if not self.pending:
+            return None
+        rows = [{**r, "expert_counts": [list(c.items()) for c in r["expert_counts"]]} for r in self.pending]
+        seq = len(list(self.buffer_dir.glob("buffer-*.parquet")))
+        path = self.buffer_dir / f"buffer-{seq:06d}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        self.pending = []
+        return path
+
+    def __enter__(self) -> "SmartSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from hst import sampler
+from hst.data import DataError, record_id
+from hst.model import GPT
+from hst.router import Routing
+
+TEXTS = [f"record {i}: " + "lorem ipsum dolor sit amet " * (i + 1) for i in range(5)]
+
+
+def routing(ids, novel, sim):
+    ids = torch.tensor(ids)
+    n = len(ids)
+    return Routing(ids, torch.full(ids.shape, 0.5), torch.tensor(sim), torch.tensor(novel), torch.zeros(n, 4))
+
+
+def test_summarize_counts_slots_and_breaks_ties_low():
+    r0 = routing([[0, 1], [1, 2], [1, 0]], [True, False, False], [0.1, 0.5, 0.6])
+    r1 = routing([[3, 2], [2, 3], [0, 1]], [False, False, False], [0.9, 0.9, 0.9])
+    s = sampler.summarize([r0, r1], [4, 4])
+    assert s["expert_counts"] == [{0: 2, 1: 3, 2: 1}, {0: 1, 1: 1, 2: 2, 3: 2}]
+    assert s["primary_expert"] == [1, 2]
+    assert s["novel_share"] == pytest.approx([1 / 3, 0.0])
+    assert s["mean_max_sim"] == pytest.approx([0.4, 0.9])
+
+
+def test_route_record_covers_every_byte_in_windows(tiny_cfg):
+    model = GPT(tiny_cfg)
+    text = "x" * 70 + "ü"  # 72 bytes: windows of 32, 32, 8
+    n, routing_ = sampler.route_record(model, text)
+    assert n == 72 and [r.expert_ids.shape for r in routing_] == [(72, 2), (72, 2)]
+    with torch.no_grad():
+        direct = model(torch.tensor(list(text.encode()))[None, 32:64]).routing
+    assert torch.equal(routing_[1].expert_ids[32:64], direct[1].expert_ids)
+
+
+def test_records_are_flushed_atomically_and_logged_exactly_once(tiny_cfg, tmp_path):
+    model = GPT(tiny_cfg)
+    with sampler.SmartSampler(tmp_path, flush_every=2) as s:
+        assert all(s.record(model, t, "demo") for t in TEXTS)
+        assert not s.record(model, TEXTS[0], "demo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "buffer-000000.parquet", "buffer-000001.parquet", "buffer-000002.parquet"]
+    table = sampler.load_records(tmp_path)
+    assert table.schema == sampler.SCHEMA
+    assert table["record_id"].to_pylist() == [record_id(t) for t in TEXTS]
+    assert table["n_tokens"].to_pylist() == [len(t.encode()) for t in TEXTS]
+    counts = table["expert_counts"].to_pylist()[0]
+    assert len(counts) == 2 and sum(c for _, c in counts[0]) == 2 * len(TEXTS[0])
+    # A second run over the same texts (and one new text) logs only the new one.
+    with sampler.SmartSampler(tmp_path) as again:
+        assert [again.record(model, t, "demo") for t in TEXTS + ["new text"]] == [False] * 5 + [True]
+    assert sampler.load_records(tmp_path).num_rows == 6
+
+
+def test_records_routed_before_an_error_are_not_lost(tiny_cfg, tmp_path):
+    model = GPT(tiny_cfg)
+    with pytest.raises(DataError):
+        with sampler.SmartSampler(tmp_path) as s:
+            s.record(model, TEXTS[0], "demo")
+            s.record(model, "", "demo")
+    assert sampler.load_records(tmp_path).num_rows == 1
+
+
+def test_corrupt_buffer_is_a_clear_error(tmp_path):
+    (tmp_path / "buffer-000000.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="buffer-000000.parquet: not a readable Smart Sampler buffer"):
+        sampler.load_records(tmp_path)
