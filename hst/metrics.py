@@ -1,4 +1,5 @@
-"""Routing metrics: expert usage, Eff_K, and how differently domains route (TV, Jaccard).
+"""Routing metrics: expert usage, Eff_K, how differently domains route (TV, Jaccard, ITJD), and
+RMI, the mutual information between domain and routed expert.
 
 Pure functions over routing tables (``expert_ids`` of shape (N, k) per layer); usage counts every
 one of a token's k routed slots.
@@ -40,6 +41,26 @@ def jaccard_distance(a: set, b: set) -> float:
     return 1.0 - len(a & b) / len(a | b) if a | b else 0.0
 
 
+def itjd(usage_by_domain: dict[str, torch.Tensor], mass: float = 0.9) -> float:
+    """Mean pairwise Jaccard distance between the domains' expert sets covering ``mass`` of their usage."""
+    sets = [cover_set(p, mass) for p in usage_by_domain.values()]
+    pairs = list(itertools.combinations(sets, 2))
+    return sum(jaccard_distance(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
+
+
+def rmi(ids_by_domain: dict[str, torch.Tensor], n_experts: int) -> float:
+    """I(domain; routed expert) / H(domain), over all routed slots: 0 = routing ignores the
+    domain, 1 = the expert determines the domain."""
+    joint = torch.stack([torch.bincount(ids.reshape(-1), minlength=n_experts).double()
+                         for ids in ids_by_domain.values()])  # (D, E) slot counts
+    joint = joint / joint.sum()
+    pd, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nz = joint > 0
+    mi = float((joint[nz] * (joint[nz] / (pd @ pe)[nz]).log()).sum())
+    h = float(-(pd[pd > 0] * pd[pd > 0].log()).sum())
+    return mi / h if h > 0 else 0.0
+
+
 def specialization(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list[int],
                    cover: float = 0.8) -> list[dict]:
     """Per layer: usage overall and per domain, Eff_K, and pairwise TV / Jaccard of cover sets."""
@@ -61,5 +82,7 @@ def specialization(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list
             "domains": {d: {"usage": p.tolist(), "eff_k": eff_k(p),
                             "cover_set": sorted(cover_set(p, cover))} for d, p in per_domain.items()},
             "pairs": pairs,
+            "itjd": itjd(per_domain),
+            "rmi": rmi({d: ids[layer] for d, ids in ids_by_domain.items()}, n),
         })
     return layers

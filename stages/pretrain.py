@@ -63,7 +63,7 @@ def main() -> None:
         ids = {d: e.expert_ids for d, e in final.items()}
         routing = {"layers": metrics.specialization(ids, model.n_experts)}
         summary["routing"] = {f"layer{r['layer']}": {
-            "max_share": r["max_share"], "eff_k": r["eff_k"],
+            "max_share": r["max_share"], "eff_k": r["eff_k"], "itjd": r["itjd"], "rmi": r["rmi"],
             "mean_tv": _mean([p["tv"] for p in r["pairs"].values()]),
             "mean_jaccard": _mean([p["jaccard"] for p in r["pairs"].values()])}
             for r in routing["layers"]}

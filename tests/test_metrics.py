@@ -35,4 +35,28 @@ def test_specialization_of_disjoint_domains():
     assert layer["eff_k"] == pytest.approx(4.0)
     assert layer["max_share"] == pytest.approx(0.25)
     assert layer["domains"]["a"]["eff_k"] == pytest.approx(2.0)
+    assert layer["itjd"] == pytest.approx(1.0) and layer["rmi"] == pytest.approx(1.0)
     assert math.isclose(sum(layer["usage"]), 1.0)
+
+
+def test_itjd_of_known_cover_sets():
+    usage = {"a": torch.tensor([0.5, 0.5, 0, 0]), "b": torch.tensor([0, 0.5, 0.5, 0]),
+             "c": torch.tensor([0, 0, 0, 1.0])}
+    # sets {0,1}, {1,2}, {3}: distances 2/3, 1, 1
+    assert metrics.itjd(usage, 0.9) == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert metrics.itjd({"a": usage["a"]}) == 0.0
+
+
+def test_rmi_is_one_for_disjoint_routing_and_zero_for_identical():
+    a, b = torch.tensor([[0, 1]] * 10), torch.tensor([[2, 3]] * 10)
+    assert metrics.rmi({"a": a, "b": b}, 4) == pytest.approx(1.0)
+    assert metrics.rmi({"a": a, "b": a.clone()}, 4) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rmi_hand_computed():
+    # domain a: experts 0,0,0,1 ; domain b: experts 1,1,1,1 (slots of k=1)
+    a, b = torch.tensor([[0], [0], [0], [1]]), torch.tensor([[1], [1], [1], [1]])
+    joint = {("a", 0): 3 / 8, ("a", 1): 1 / 8, ("b", 1): 4 / 8}
+    pd, pe = {"a": 0.5, "b": 0.5}, {0: 3 / 8, 1: 5 / 8}
+    mi = sum(p * math.log(p / (pd[d] * pe[e])) for (d, e), p in joint.items())
+    assert metrics.rmi({"a": a, "b": b}, 2) == pytest.approx(mi / math.log(2))
