@@ -84,6 +84,7 @@ class MoE(nn.Module):
         routing = self.router(x)
         if update_keys and isinstance(self.router, KeyRouter):
             self.router.update_keys(x, routing.expert_ids)
+            self.router.update_center(x)
         out = dispatch(x, routing.expert_ids, routing.weights, self.experts)
         return out.reshape(shape), routing
 

@@ -68,18 +68,21 @@ class KeyRouter(nn.Module):
 
     @torch.no_grad()
     def update_keys(self, x: torch.Tensor, expert_ids: torch.Tensor) -> None:
-        """EMA every key that received tokens toward the normalized mean of those tokens
-        (and the centre toward the mean hidden state, when centred).
+        """EMA every key that received tokens toward the normalized mean of those tokens.
 
         x: (N, d) hidden states that were routed; expert_ids: (N, k) their experts.
         """
         xn = self.features(x.detach())
-        if self.centered:
-            self.center.lerp_(x.detach().float().mean(0), 1 - self.momentum)
         member = xn.new_zeros(len(xn), self.n_experts).scatter_(1, expert_ids, 1.0)  # (N, E)
         hit = member.sum(0) > 0
         target = F.normalize((member.T @ xn)[hit], dim=-1)  # normalized mean of each expert's tokens
         self.keys[hit] = F.normalize(self.momentum * self.keys[hit] + (1 - self.momentum) * target, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, x: torch.Tensor) -> None:
+        """EMA the centre toward the mean hidden state (only used when ``centered``)."""
+        if self.centered:
+            self.center.lerp_(x.detach().float().mean(0), 1 - self.momentum)
 
     def add_key(self, key: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, F.normalize(key.float(), dim=-1)[None].to(self.keys)])

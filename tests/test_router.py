@@ -89,6 +89,7 @@ def test_centered_routing_subtracts_the_running_mean():
     assert torch.equal(r(x).expert_ids, raw(x).expert_ids)
     for _ in range(30):
         r.update_keys(x, r(x).expert_ids)
+        r.update_center(x)
     assert torch.allclose(r.center, x.mean(0), atol=1e-3)
     want = F.normalize(x - r.center, dim=-1) @ F.normalize(r.keys, dim=-1).T
     assert torch.allclose(r.similarity(x), want, atol=1e-6)
