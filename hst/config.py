@@ -145,7 +145,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    domains: tuple[str, ...] = ()  # domains to train on, sampled with equal probability
+    domains: tuple[str, ...] = ()  # domains to train on, sampled with equal probability (pretraining)
     steps: int = 600  # optimizer steps
     batch_size: int = 16  # sequences per step
     lr: float = 2e-3  # peak learning rate
@@ -163,7 +163,6 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "domains", tuple(self.domains))
         object.__setattr__(self, "betas", tuple(self.betas))
-        _require(len(self.domains) > 0, "domains: expected at least one domain")
         _require(self.steps >= 1, "steps: expected >= 1")
         _require(self.batch_size >= 1, "batch_size: expected >= 1")
         _require(self.lr > 0, "lr: expected > 0")
@@ -177,3 +176,43 @@ class TrainConfig:
         _require(self.eval_windows >= 1, "eval_windows: expected >= 1")
         _require(self.precision in ("auto", "bf16", "fp32"),
                  f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
+
+
+CYCLE_MODES = ("experts", "full", "full_replay")
+
+
+@dataclass(frozen=True)
+class CycleConfig:
+    mode: str = "experts"  # "experts" (HST: per-expert coreset finetuning), "full" (finetune everything on
+    #                        the new data: the forgetting reference), "full_replay" (everything, new + old data)
+    incoming_records: int = 300  # records of the cycle's domain (train split) collected as new data
+    index_records: int = 200  # old train records per learned domain routed into the expert index
+    min_new_data: int = 10  # an expert is consolidated when it is primary for at least this many new records
+    new_old_ratio: float = 0.2  # share of new records in a coreset / replay mix (0.2 -> 1 new : 4 old)
+    eval_windows: int = 32  # validation windows per domain for BPB and routing stability
+    seed: int = 0  # seeds record sampling and coreset draws
+
+    def __post_init__(self):
+        _require(self.mode in CYCLE_MODES, f"mode: expected one of {CYCLE_MODES}, got {self.mode!r}")
+        _require(self.incoming_records >= 1, "incoming_records: expected >= 1")
+        _require(self.index_records >= 1, "index_records: expected >= 1")
+        _require(self.min_new_data >= 1, "min_new_data: expected >= 1")
+        _require(0 < self.new_old_ratio <= 1, "new_old_ratio: expected in (0, 1]")
+        _require(self.eval_windows >= 1, "eval_windows: expected >= 1")
+
+
+@dataclass(frozen=True)
+class GrowConfig:
+    enabled: bool = True  # run the growth check at all
+    batch_records: int = 16  # records per novelty batch, in collection order
+    min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
+    novel_share: float = 0.5  # p: share of tokens with max key similarity below model.novelty_threshold
+    init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
+    steps: int = 40  # optimizer steps training only the new experts on the novel records
+
+    def __post_init__(self):
+        _require(self.batch_records >= 1, "batch_records: expected >= 1")
+        _require(self.min_batches >= 1, "min_batches: expected >= 1")
+        _require(0 <= self.novel_share <= 1, "novel_share: expected in [0, 1]")
+        _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
+        _require(self.steps >= 0, "steps: expected >= 0")

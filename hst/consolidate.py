@@ -19,13 +19,14 @@ from hst.train import eval_windows, train
 
 
 @contextmanager
-def only_trainable(model: GPT, layer: int, expert: int):
-    """Freeze every parameter except those of ``(layer, expert)``; restore the flags afterwards."""
+def only_trainable(model: GPT, experts: list[tuple[int, int]]):
+    """Freeze every parameter except those of the ``(layer, expert)`` pairs; restore the flags after."""
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in model.moe(layer).experts[expert].parameters():
-        p.requires_grad_(True)
+    for layer, expert in experts:
+        for p in model.moe(layer).experts[expert].parameters():
+            p.requires_grad_(True)
     try:
         yield
     finally:
@@ -56,7 +57,7 @@ def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tenso
     Returns the training curves.
     """
     cfg = dataclasses.replace(cfg, domains=("coreset",), update_keys=False)
-    with only_trainable(model, layer, expert):
+    with only_trainable(model, [(layer, expert)]):
         curves = train(model, cfg, {"coreset": coreset}, {}, desc=f"consolidate L{layer}/E{expert}")
     router = model.moe(layer).router
     if isinstance(router, KeyRouter):

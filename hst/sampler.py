@@ -49,6 +49,8 @@ def summarize(routing: list[Routing], n_experts: list[int]) -> dict:
     """Per-layer routing summary of one record's tokens (the routing of those tokens only)."""
     counts, primary, novel, sim = [], [], [], []
     for r, n in zip(routing, n_experts):
+        if r is None:  # dense FFN: nothing to log
+            continue
         c = torch.bincount(r.expert_ids.reshape(-1), minlength=n)
         counts.append({int(e): int(c[e]) for e in c.nonzero().flatten()})
         primary.append(int(c.argmax()))  # argmax returns the first maximum: ties go to the lowest id
@@ -68,8 +70,23 @@ def route_record(model: GPT, text: str) -> tuple[int, list[Routing]]:
     per_window = [model(w[None].to(next(model.parameters()).device)).routing
                   for w in tokens.split(model.cfg.seq_len)]
     model.train(was_training)
-    merged = [Routing(*(torch.cat(parts) for parts in zip(*layer))) for layer in zip(*per_window)]
+    merged = [None if layer[0] is None else Routing(*(torch.cat(parts) for parts in zip(*layer)))
+              for layer in zip(*per_window)]
     return len(tokens), merged
+
+
+def make_row(model: GPT, text: str, source: str) -> dict:
+    """One Smart Sampler row (see the schema above) for ``text`` routed through ``model``."""
+    n_tokens, routing = route_record(model, text)
+    return {"record_id": record_id(text), "source": source, "timestamp": time.time(), "text": text,
+            "n_tokens": n_tokens, **summarize(routing, model.n_experts)}
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """Write rows atomically as one Parquet file with the Smart Sampler schema."""
+    rows = [{**r, "expert_counts": [list(c.items()) for c in r["expert_counts"]]} for r in rows]
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
 
 
 def existing_ids(buffer_dir: str | Path) -> set[str]:
@@ -113,9 +130,7 @@ class SmartSampler:
         rid = record_id(text)
         if rid in self.seen:
             return False
-        n_tokens, routing = route_record(model, text)
-        self.pending.append({"record_id": rid, "source": source, "timestamp": time.time(), "text": text,
-                             "n_tokens": n_tokens, **summarize(routing, model.n_experts)})
+        self.pending.append(make_row(model, text, source))
         self.seen.add(rid)
         if len(self.pending) >= self.flush_every:
             self.flush()
@@ -124,11 +139,9 @@ class SmartSampler:
     def flush(self) -> Path | None:
         if not self.pending:
             return None
-        rows = [{**r, "expert_counts": [list(c.items()) for c in r["expert_counts"]]} for r in self.pending]
         seq = len(list(self.buffer_dir.glob("buffer-*.parquet")))
         path = self.buffer_dir / f"buffer-{seq:06d}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        write_rows(path, self.pending)
         self.pending = []
         return path
 

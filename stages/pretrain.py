@@ -14,7 +14,7 @@ import time
 import torch
 
 from hst import checkpoint, data, metrics, plots
-from hst.config import ModelConfig, TrainConfig, build
+from hst.config import ConfigError, ModelConfig, TrainConfig, build
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.train import evaluate, train
@@ -34,6 +34,8 @@ def main() -> None:
     model_sec, train_sec = load_params(args.params, "model", "pretrain")
     mcfg = build(ModelConfig, model_sec, "params.yaml:model")
     tcfg = build(TrainConfig, train_sec, "params.yaml:pretrain")
+    if not tcfg.domains:
+        raise ConfigError("params.yaml:pretrain.domains: expected at least one domain")
     train_streams = {d: data.load_tokens(args.prepared, d, "train") for d in tcfg.domains}
     val_streams = {d: data.load_tokens(args.prepared, d, "val") for d in tcfg.domains}
 

@@ -36,7 +36,7 @@ def test_consolidation_changes_only_the_selected_expert_and_its_key(tiny_cfg):
 
 def test_only_trainable_freezes_the_rest(tiny_cfg):
     model = GPT(tiny_cfg)
-    with only_trainable(model, 0, 3):
+    with only_trainable(model, [(0, 3)]):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"blocks.0.ffn.experts.3.up.weight", "blocks.0.ffn.experts.3.down.weight"}
     assert all(p.requires_grad for p in model.parameters())

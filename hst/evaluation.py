@@ -1,0 +1,78 @@
+"""Continual-learning evaluation (seed §10): BPB matrix, forgetting, absorption, routing stability.
+
+BPB is "lower is better", so forgetting on domain d is the relative rise ``(after - before) /
+before`` and absorption is the drop ``before - after`` on the new domain. The R matrix has one row
+per checkpoint (pretrain, then every cycle) and one column per domain.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hst import metrics
+from hst.model import GPT
+from hst.train import Evaluation, evaluate
+
+
+def forgetting_label(f: float) -> str:
+    """none (< 2 %), mild (2–5 %), adjust (> 5 %): the seed's thresholds."""
+    return "none" if f < 0.02 else "mild" if f <= 0.05 else "adjust"
+
+
+def evaluate_domains(model: GPT, val: dict[str, torch.Tensor], n_windows: int) -> dict[str, Evaluation]:
+    return {d: evaluate(model, t, n_windows) for d, t in val.items()}
+
+
+def routing_stability(before: list[torch.Tensor | None], after: list[torch.Tensor | None]) -> list[float]:
+    """Per layer, the share of tokens whose top-k expert *set* is the same before and after."""
+    out = []
+    for b, a in zip(before, after):
+        if b is None or a is None:
+            continue
+        out.append(float((b.sort(-1).values == a.sort(-1).values).all(-1).double().mean()))
+    return out
+
+
+def cycle_report(history: list[dict], name: str, new_domain: str, old_domains: list[str],
+                 before: dict[str, Evaluation], after: dict[str, Evaluation], n_experts: list[int]) -> dict:
+    """Everything ``evaluate`` writes for one cycle.
+
+    history: earlier R-matrix rows ``{"name", "bpb": {domain: bpb}}``, oldest first (the last one is
+    the checkpoint this cycle started from).
+    """
+    bpb_before = {d: e.bpb for d, e in before.items()}
+    bpb_after = {d: e.bpb for d, e in after.items()}
+    rows = history + [{"name": name, "bpb": bpb_after}]
+    forgetting = {d: (bpb_after[d] - bpb_before[d]) / bpb_before[d] for d in old_domains}
+    best = {d: min(r["bpb"][d] for r in history) for d in old_domains}
+    forgetting_best = {d: (bpb_after[d] - best[d]) / best[d] for d in old_domains}
+    stab_before = [torch.cat(layer) if layer[0] is not None else None
+                   for layer in zip(*(before[d].expert_ids for d in old_domains))]
+    stab_after = [torch.cat(layer) if layer[0] is not None else None
+                  for layer in zip(*(after[d].expert_ids for d in old_domains))]
+    stability = routing_stability(stab_before, stab_after)
+    usage = {d: e.expert_ids for d, e in after.items()}
+    layers = metrics.specialization(usage, n_experts) if stab_after and stab_after[0] is not None else []
+    return {
+        "name": name,
+        "domain": new_domain,
+        "old_domains": old_domains,
+        "history": rows,
+        "bpb_before": bpb_before,
+        "bpb": bpb_after,
+        "forgetting": forgetting,
+        "forgetting_label": {d: forgetting_label(f) for d, f in forgetting.items()},
+        "forgetting_vs_best": forgetting_best,
+        "avg_forgetting": sum(forgetting.values()) / len(forgetting),
+        "worst_forgetting": max(forgetting.values()),
+        "absorption": bpb_before[new_domain] - bpb_after[new_domain],
+        # Mean BPB change on old domains (+ = improved): backward transfer of this cycle.
+        "backward_transfer": sum(bpb_before[d] - bpb_after[d] for d in old_domains) / len(old_domains),
+        # How far earlier learning got the new domain below 8 bits (an untrained byte model).
+        "forward_transfer": 8.0 - bpb_before[new_domain],
+        "routing_stability": stability,
+        "routing_stability_mean": sum(stability) / len(stability) if stability else None,
+        "experts_per_layer": n_experts,
+        "eff_k": [layer["eff_k"] for layer in layers],
+        "usage": layers,
+    }
