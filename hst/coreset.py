@@ -34,12 +34,19 @@ def build_coreset(new: pa.Table, old_index: pa.Table, layer: int, expert: int,
     of them are used and the shortfall shows in the result's ``kind`` counts. Columns:
     ``record_id``, ``source``, ``kind`` ("new"/"old"), ``text``.
     """
+    return mix(new.filter(pa.array(primary(new, layer).to_numpy() == expert)),
+               old_index.filter(pa.array(primary(old_index, layer).to_numpy() == expert)),
+               new_old_ratio, seed)
+
+
+def mix(new: pa.Table, old: pa.Table, new_old_ratio: float, seed: int = 0) -> pd.DataFrame:
+    """All ``new`` records plus a seeded sample of ``old`` ones so that new:total = ``new_old_ratio``
+    (all old ones if there are too few; none for a ratio of 1)."""
     if not 0 < new_old_ratio <= 1:
         raise ValueError(f"new_old_ratio: expected in (0, 1], got {new_old_ratio}")
     cols = ["record_id", "source", "text"]
-    fresh = new.select(cols).to_pandas()[primary(new, layer).to_numpy() == expert]
-    pool = old_index.select(cols).to_pandas()[primary(old_index, layer).to_numpy() == expert]
+    fresh, pool = new.select(cols).to_pandas(), old.select(cols).to_pandas()
     n_old = min(round(len(fresh) * (1 - new_old_ratio) / new_old_ratio), len(pool))
-    old = pool.sample(n=n_old, random_state=seed) if n_old else pool.iloc[:0]
-    return pd.concat([fresh.assign(kind="new"), old.assign(kind="old")], ignore_index=True)[
+    picked = pool.sample(n=n_old, random_state=seed) if n_old else pool.iloc[:0]
+    return pd.concat([fresh.assign(kind="new"), picked.assign(kind="old")], ignore_index=True)[
         ["record_id", "source", "kind", "text"]]

@@ -156,6 +156,11 @@ def split_path(prepared: str | Path, domain: str, split: str) -> Path:
     return Path(prepared) / domain / f"{split}.parquet"
 
 
+def prepared_domains(prepared: str | Path) -> list[str]:
+    """Domains present in a prepared directory, sorted."""
+    return sorted(p.name for p in Path(prepared).iterdir() if (p / "val.parquet").is_file())
+
+
 def load_records(prepared: str | Path, domain: str, split: str) -> list[str]:
     path = split_path(prepared, domain, split)
     if not path.is_file():

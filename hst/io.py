@@ -45,9 +45,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rows of equal keys as CSV (the format ``dvc plots`` reads)."""
-    cols = list(rows[0]) if rows else []
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows of equal keys as CSV (the format ``dvc plots`` reads); ``columns`` names them when
+    there may be no rows."""
+    cols = columns or (list(rows[0]) if rows else [])
     lines = [",".join(cols)] + [",".join(_fmt(r[c]) for c in cols) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
 

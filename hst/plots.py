@@ -29,3 +29,25 @@ def usage_heatmap(layers: list[dict], path: str | Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def forgetting_matrix(history: list[dict], path: str | Path, title: str) -> None:
+    """Rows = checkpoints (pretrain, cycles), columns = domains; colour = relative BPB change
+    against the first row (red = worse), with the BPB written in each cell."""
+    domains = list(history[0]["bpb"])
+    base = [history[0]["bpb"][d] for d in domains]
+    rel = [[(row["bpb"][d] - b) / b for d, b in zip(domains, base)] for row in history]
+    lim = max(0.05, max(abs(v) for r in rel for v in r))
+    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 0.5 * len(history) + 1.6))
+    im = ax.imshow(rel, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    for i, row in enumerate(history):
+        for j, d in enumerate(domains):
+            ax.text(j, i, f"{row['bpb'][d]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(domains)), domains, fontsize=8, rotation=30)
+    ax.set_yticks(range(len(history)), [r["name"] for r in history], fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="BPB change vs. first row")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -45,3 +45,11 @@ def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cycle_domain(cycles: dict, key: str) -> str:
+    """The incoming domain of cycle ``key`` in the ``cycles`` params section."""
+    item = cycles.get(key)
+    if not isinstance(item, dict) or not isinstance(item.get("domain"), str):
+        raise ConfigError(f"params.yaml:cycles.{key}: expected a mapping with a string 'domain'")
+    return item["domain"]

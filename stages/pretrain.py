@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--metrics", required=True, help="JSON summary (DVC metric)")
     ap.add_argument("--routing", required=True, help="JSON expert usage per layer and domain (DVC metric)")
     ap.add_argument("--plots", required=True, help="directory for curves (CSV) and routing.png")
+    ap.add_argument("--eval", required=True, help="JSON: BPB on every prepared domain (row 0 of the R matrix)")
     args = ap.parse_args()
 
     model_sec, train_sec = load_params(args.params, "model", "pretrain")
@@ -72,8 +73,12 @@ def main() -> None:
         plots.usage_heatmap(routing["layers"], f"{args.plots}/routing.png",
                             title=f"Expert usage after pretraining ({mcfg.ffn} router)")
 
+    all_bpb = {d: val_bpb[d] if d in val_bpb else evaluate(model, data.load_tokens(args.prepared, d, "val"),
+                                                                 tcfg.eval_windows).bpb
+               for d in data.prepared_domains(args.prepared)}
     checkpoint.save(args.checkpoint, model, {"stage": "pretrain", "train": dataclasses.asdict(tcfg),
-                                             "val_bpb": val_bpb})
+                                             "learned_domains": list(tcfg.domains), "consumed": []})
+    write_json(args.eval, {"name": "pretrain", "history": [{"name": "pretrain", "bpb": all_bpb}]})
     write_csv(f"{args.plots}/train.csv", curves["train"])
     write_csv(f"{args.plots}/val.csv", curves["val"])
     write_json(args.routing, routing)

@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
-from hst import checkpoint
+from hst import checkpoint, data, sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
+DOMAINS = ("shakespeare", "python", "kjv", "german")
 TINY_MODEL = dict(seq_len=64, n_layer=2, n_head=2, d_model=32, ffn="key", n_experts=4, top_k=2,
-                  expert_hidden=32)
+                  expert_hidden=32, novelty_threshold=1.0)  # every token novel: growth is forced
 
 
 def tiny_project(tmp: Path) -> Path:
@@ -26,16 +27,23 @@ def tiny_project(tmp: Path) -> Path:
         shutil.copytree(ROOT / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", tmp / "dvc.yaml")
     (tmp / "data/corpus").mkdir(parents=True)
-    for name in ("shakespeare", "python"):
+    for name in DOMAINS:
         text = gzip.decompress((ROOT / f"data/corpus/{name}.txt.gz").read_bytes())[:60_000]
         (tmp / f"data/corpus/{name}.txt").write_bytes(text[:text.rfind(b"\n\n")])
     params = {
-        "prepare": {"domains": {"shakespeare": "data/corpus/shakespeare.txt", "python": "data/corpus/python.txt"},
+        "prepare": {"domains": {d: f"data/corpus/{d}.txt" for d in DOMAINS},
                     "val_fraction": 0.1, "test_fraction": 0.1, "min_record_bytes": 256,
                     "max_record_bytes": 2048, "seed": 0},
         "model": TINY_MODEL,
         "pretrain": {"domains": ["shakespeare", "python"], "steps": 12, "batch_size": 4, "warmup_steps": 2,
                      "eval_every": 6, "eval_windows": 4, "precision": "fp32"},
+        "cycles": {"c1": {"domain": "kjv", "prev": "pretrain"}, "c2": {"domain": "german", "prev": "c1"}},
+        "cycle": {"mode": "experts", "incoming_records": 40, "index_records": 30, "min_new_data": 3,
+                  "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0},
+        "consolidate": {"steps": 12, "batch_size": 4, "lr": 0.001, "warmup_steps": 1, "eval_every": 100,
+                        "eval_windows": 2, "precision": "fp32"},
+        "grow": {"enabled": True, "batch_records": 8, "min_batches": 2, "novel_share": 0.5,
+                 "init": "copy_nearest", "steps": 4},
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp
@@ -61,7 +69,7 @@ def test_prepare_writes_splits_and_manifest(tmp_path):
     proj = tiny_project(tmp_path)
     assert prepare(proj).returncode == 0
     manifest = json.loads((proj / "metrics/prepare.json").read_text())
-    assert set(manifest) == {"shakespeare", "python"}
+    assert set(manifest) == set(DOMAINS)
     for name, splits in manifest.items():
         assert set(splits) == {"train", "val", "test"}
         assert splits["train"]["bytes"] > 5 * splits["val"]["bytes"] > 0
@@ -71,7 +79,7 @@ def test_prepare_writes_splits_and_manifest(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["prepare"].update(val_fractoin=0.1), "unknown key(s) ['val_fractoin']"),
     (lambda p: p["prepare"].update(val_fraction="0.1"), "prepare.val_fraction: expected float"),
-    (lambda p: p["prepare"]["domains"].update(kjv="data/corpus/kjv.txt"), "kjv.txt: file not found"),
+    (lambda p: p["prepare"]["domains"].update(legal="data/corpus/legal.txt"), "legal.txt: file not found"),
 ])
 def test_prepare_bad_input_is_one_line_and_leaves_outputs(tmp_path, edit, message):
     proj = tiny_project(tmp_path)
@@ -95,7 +103,7 @@ def test_pretrain_writes_a_self_describing_checkpoint(tmp_path):
     assert prepare(proj).returncode == 0
     proc = stage(proj, "pretrain", "--prepared", "data/prepared", "--checkpoint", "models/pretrain.pt",
                  "--metrics", "metrics/pretrain.json", "--routing", "metrics/pretrain_routing.json",
-                 "--plots", "plots/pretrain")
+                 "--plots", "plots/pretrain", "--eval", "metrics/eval/pretrain.json")
     assert proc.returncode == 0, proc.stderr
     model, meta = checkpoint.load(proj / "models/pretrain.pt")
     assert model.n_experts == [4, 4] and meta["stage"] == "pretrain"
@@ -114,7 +122,53 @@ def test_pretrain_rejects_unknown_model_key(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     assert "params.yaml:model: unknown key(s) ['experts']" in error_line(
         stage(proj, "pretrain", "--prepared", "x", "--checkpoint", "y", "--metrics", "z",
-              "--routing", "r", "--plots", "p"))
+              "--routing", "r", "--plots", "p", "--eval", "e"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny project with prepared data and a pretrained checkpoint."""
+    proj = tiny_project(tmp_path_factory.mktemp("proj"))
+    assert prepare(proj).returncode == 0
+    proc = stage(proj, "pretrain", "--prepared", "data/prepared", "--checkpoint", "models/pretrain.pt",
+                 "--metrics", "metrics/pretrain.json", "--routing", "metrics/pretrain_routing.json",
+                 "--plots", "plots/pretrain", "--eval", "metrics/eval/pretrain.json")
+    assert proc.returncode == 0, proc.stderr
+    return proj
+
+
+def collect(proj, ckpt, out, params):
+    return stage(proj, "collect", "--params", str(params), "--cycle", "c1", "--checkpoint", ckpt,
+                 "--prepared", "data/prepared", "--out", out)
+
+
+def test_collect_never_consumes_a_record_twice(pretrained, tmp_path):
+    proj = pretrained
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["cycle"]["incoming_records"] = 10
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert collect(proj, "models/pretrain.pt", str(tmp_path / "b1"), tmp_path / "params.yaml").returncode == 0
+    first = sampler.load_records(tmp_path / "b1")
+    assert first.num_rows == 10 and set(first["source"].to_pylist()) == {"kjv"}
+    # The model that learned cycle 1 lists its records as consumed; the next cycle skips them.
+    model, meta = checkpoint.load(proj / "models/pretrain.pt")
+    checkpoint.save(tmp_path / "after_c1.pt", model, {**meta, "consumed": first["record_id"].to_pylist()})
+    assert collect(proj, str(tmp_path / "after_c1.pt"), str(tmp_path / "b2"), tmp_path / "params.yaml").returncode == 0
+    second = set(sampler.load_records(tmp_path / "b2")["record_id"].to_pylist())
+    assert len(second) == 10 and not second & set(first["record_id"].to_pylist())
+    all_ids = [data.record_id(r) for r in data.load_records(proj / "data/prepared", "kjv", "train")]
+    checkpoint.save(tmp_path / "all.pt", model, {**meta, "consumed": all_ids})
+    proc = collect(proj, str(tmp_path / "all.pt"), str(tmp_path / "b3"), tmp_path / "params.yaml")
+    assert "no incoming records for domain 'kjv'" in error_line(proc)
+
+
+def test_coreset_reports_a_corrupt_buffer_in_one_line(pretrained, tmp_path):
+    (tmp_path / "buf").mkdir()
+    (tmp_path / "buf/buffer-000000.parquet").write_bytes(b"PAR1 broken")
+    proc = stage(pretrained, "coreset", "--buffer", str(tmp_path / "buf"), "--index", str(tmp_path / "i.parquet"),
+                 "--out", str(tmp_path / "cs"))
+    assert "buffer-000000.parquet: not a readable Smart Sampler buffer" in error_line(proc)
+    assert not (tmp_path / "cs").exists()
 
 
 @pytest.mark.slow
@@ -126,6 +180,15 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert (proj / "models/pretrain.pt").is_file() and (proj / "dvc.lock").is_file()
+    # Two chained cycles ran; growth was forced (novelty_threshold 1.0) and added one expert a cycle.
+    c1, c2 = (json.loads((proj / f"metrics/eval/{c}.json").read_text()) for c in ("c1", "c2"))
+    assert [r["name"] for r in c2["history"]] == ["pretrain", "c1", "c2"]
+    assert c1["old_domains"] == ["shakespeare", "python"] and c2["old_domains"] == ["shakespeare", "python", "kjv"]
+    assert c1["experts_per_layer"] == [5, 5] and c2["experts_per_layer"] == [6, 6]
+    assert checkpoint.load(proj / "models/c2.pt")[0].n_experts == [6, 6]
+    assert (proj / "plots/cycles/c2/forgetting.png").is_file() and (proj / "plots/cycles/c2/usage.png").is_file()
+    dag = subprocess.run([*dvc, "dag", "--md"], cwd=proj, capture_output=True, text=True, env=env).stdout
+    assert "consolidate@c1" in dag and "evaluate@c2" in dag
     second = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert second.returncode == 0 and "didn't change" in second.stdout, second.stdout
     assert "Running stage" not in second.stdout

@@ -1,0 +1,54 @@
+"""DVC stage `coreset`: build the training sets of the cycle's consolidation.
+
+mode ``experts`` (HST): for every (layer, expert) that is primary for at least ``min_new_data`` new
+records, its new records plus old index records routed to it at ``new_old_ratio`` ->
+``L<layer>_E<expert>.parquet``. mode ``full``: all new records -> ``all.parquet``. mode
+``full_replay``: all new records plus a random sample of old index records at ``new_old_ratio``
+-> ``all.parquet``. ``selection.json`` lists every coreset with its new/old counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hst import coreset, sampler
+from hst.config import CycleConfig, build
+from hst.io import atomic_path, write_json
+from stages.common import load_params, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--buffer", required=True, help="Smart Sampler buffer of the cycle")
+    ap.add_argument("--index", required=True, help="expert index of old data")
+    ap.add_argument("--out", required=True, help="directory of coreset Parquet files")
+    args = ap.parse_args()
+
+    (cycle_sec,) = load_params(args.params, "cycle")
+    cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    new = sampler.load_records(args.buffer)
+    old = sampler.read_buffer(args.index)
+    if cfg.mode == "experts":
+        n_layers = len(new["primary_expert"][0].as_py())
+        sets = {f"L{layer}_E{expert}": (layer, expert, coreset.build_coreset(
+                    new, old, layer, expert, cfg.new_old_ratio, cfg.seed))
+                for layer, expert, _ in coreset.select_experts(new, n_layers, cfg.min_new_data)}
+    else:
+        ratio = cfg.new_old_ratio if cfg.mode == "full_replay" else 1.0
+        sets = {"all": (None, None, coreset.mix(new, old, ratio, cfg.seed))}
+    with atomic_path(args.out) as tmp:
+        tmp.mkdir()
+        for name, (_, _, df) in sets.items():
+            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp / f"{name}.parquet")
+        write_json(tmp / "selection.json", [
+            {"name": name, "layer": layer, "expert": expert,
+             "new": int((df.kind == "new").sum()), "old": int((df.kind == "old").sum())}
+            for name, (layer, expert, df) in sets.items()])
+
+
+if __name__ == "__main__":
+    run(main)

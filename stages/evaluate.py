@@ -1,0 +1,57 @@
+"""DVC stage `evaluate`: compare the checkpoints before and after a cycle on every domain.
+
+Writes the cycle's metrics (BPB row of the R matrix, forgetting per old domain against the start
+of the cycle and against the best BPB it ever had, labels, absorption, routing stability on the old
+domains' validation data, backward/forward transfer, experts per layer, novelty rate, Eff_K) and two
+PNGs: expert usage per domain and the forgetting matrix so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hst import checkpoint, data, evaluation, plots, sampler
+from hst.config import CycleConfig, build
+from hst.io import write_json
+from stages.common import cycle_domain, load_params, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--cycle", required=True)
+    ap.add_argument("--before", required=True, help="checkpoint the cycle started from")
+    ap.add_argument("--after", required=True, help="the cycle's final checkpoint")
+    ap.add_argument("--history", required=True, help="evaluation JSON of the previous checkpoint")
+    ap.add_argument("--buffer", required=True)
+    ap.add_argument("--prepared", required=True)
+    ap.add_argument("--out", required=True, help="this cycle's evaluation JSON (DVC metric)")
+    ap.add_argument("--plots", required=True, help="directory for the PNGs")
+    args = ap.parse_args()
+
+    cycle_sec, cycles = load_params(args.params, "cycle", "cycles")
+    cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    domain = cycle_domain(cycles, args.cycle)
+    before, meta = checkpoint.load(args.before)
+    after, _ = checkpoint.load(args.after)
+    history = json.loads(Path(args.history).read_text())["history"]
+    domains = list(history[0]["bpb"])
+    val = {d: data.load_tokens(args.prepared, d, "val") for d in domains}
+    report = evaluation.cycle_report(
+        history, args.cycle, domain, list(meta["learned_domains"]),
+        evaluation.evaluate_domains(before, val, cfg.eval_windows),
+        evaluation.evaluate_domains(after, val, cfg.eval_windows), after.n_experts)
+    novel = sampler.load_records(args.buffer)["novel_share"].to_pylist()
+    report["novelty_rate"] = [sum(col) / len(col) for col in zip(*novel)] if novel and novel[0] else []
+    if report["usage"]:
+        plots.usage_heatmap(report["usage"], f"{args.plots}/usage.png",
+                            title=f"Expert usage after cycle {args.cycle} (new: {domain})")
+    plots.forgetting_matrix(report["history"], f"{args.plots}/forgetting.png",
+                            title=f"BPB change vs. pretraining, through cycle {args.cycle}")
+    write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    run(main)
