@@ -59,10 +59,38 @@ def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tenso
     cfg = dataclasses.replace(cfg, domains=("coreset",), update_keys=False)
     with only_trainable(model, [(layer, expert)]):
         curves = train(model, cfg, {"coreset": coreset}, {}, desc=f"consolidate L{layer}/E{expert}")
+    _ema_key(model, layer, expert, new, key_windows)
+    return curves
+
+
+def _ema_key(model: GPT, layer: int, expert: int, new: torch.Tensor, key_windows: int = 16) -> None:
+    """One EMA step of the expert's key toward the new tokens routed to it (key router only)."""
     router = model.moe(layer).router
     if isinstance(router, KeyRouter):
         x = ffn_inputs(model, new, layer, key_windows)
         mine = (router(x).expert_ids == expert).any(-1)
         if mine.any():
             router.update_keys(x[mine], torch.full((int(mine.sum()), 1), expert))
-    return curves
+
+
+def consolidate_experts(model: GPT, sets: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+                        cfg: TrainConfig, joint: bool = False) -> list[dict]:
+    """Consolidate several experts; ``sets`` holds ``(layer, expert, coreset, new)`` token streams in
+    the order to train them. The step budget ``cfg.steps`` is split evenly across the experts.
+
+    ``joint=True`` is the alternative we measured and rejected (docs/decisions.md): all experts
+    unfrozen together and trained for the whole budget on the union of their coresets.
+    Returns the training curves, one per trained set.
+    """
+    if joint:
+        jcfg = dataclasses.replace(cfg, domains=tuple(f"{l}/{e}" for l, e, _, _ in sets), update_keys=False)
+        with only_trainable(model, [(l, e) for l, e, _, _ in sets]):
+            curves = train(model, jcfg, {f"{l}/{e}": c for l, e, c, _ in sets}, {}, desc="consolidate jointly")
+        for layer, expert, _, new in sets:
+            _ema_key(model, layer, expert, new)
+        return [curves]
+    steps = max(cfg.steps // max(len(sets), 1), 1)
+    return [consolidate_expert(model, layer, expert, coreset, new,
+                               dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps),
+                                                   seed=cfg.seed + i))
+            for i, (layer, expert, coreset, new) in enumerate(sets)]

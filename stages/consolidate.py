@@ -4,7 +4,7 @@ mode ``experts`` (HST): for every selected (layer, expert), layer by layer and b
 everything else, finetune that expert on its coreset, then EMA its key toward the new records
 routed to it. The cycle's step budget (``consolidate.steps``) is split evenly across the selected
 experts, so every mode trains on the same number of tokens. modes ``full``/``full_replay``: the
-whole model trains on ``all.parquet`` (the dense baselines).
+whole model trains on ``all.parquet`` for the whole budget (the dense baselines).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from hst import checkpoint, data, sampler
 from hst.config import ConfigError, CycleConfig, TrainConfig, build
-from hst.consolidate import consolidate_expert
+from hst.consolidate import consolidate_experts
 from hst.io import write_csv, write_json
 from hst.train import train
 from stages.common import load_params, run
@@ -43,28 +43,27 @@ def main() -> None:
         raise ConfigError("params.yaml:cycle.mode: 'experts' needs model.ffn key or learned (use full or full_replay)")
     selection = json.loads((Path(args.coresets) / "selection.json").read_text())
     new = sampler.load_records(args.buffer)
+    sets = [(entry, data.encode(pq.read_table(Path(args.coresets) / f"{entry['name']}.parquet")
+                                .column("text").to_pylist())) for entry in selection]
+    if cfg.mode == "experts":
+        texts, primaries = new["text"].to_pylist(), new["primary_expert"].to_pylist()
+        curves = consolidate_experts(model, [
+            (e["layer"], e["expert"], tokens,
+             data.encode([t for t, p in zip(texts, primaries) if p[e["layer"]] == e["expert"]]))
+            for e, tokens in sets], tcfg)
+    else:
+        ((_, tokens),) = sets
+        curves = [train(model, dataclasses.replace(tcfg, domains=("all",)), {"all": tokens}, {}, desc="finetune")]
     rows, trained = [], []
-    steps = max(tcfg.steps // max(len(selection), 1), 1)
-    for i, entry in enumerate(selection):
-        texts = pq.read_table(Path(args.coresets) / f"{entry['name']}.parquet").column("text").to_pylist()
-        tokens = data.encode(texts)
-        run_cfg = dataclasses.replace(tcfg, steps=steps, warmup_steps=min(tcfg.warmup_steps, steps),
-                                      seed=tcfg.seed + i)
-        if cfg.mode == "experts":
-            layer, expert = entry["layer"], entry["expert"]
-            mine = [t for t, p in zip(new["text"].to_pylist(), new["primary_expert"].to_pylist()) if p[layer] == expert]
-            curves = consolidate_expert(model, layer, expert, tokens, data.encode(mine), run_cfg)
-        else:
-            curves = train(model, dataclasses.replace(run_cfg, domains=("all",)), {"all": tokens}, {},
-                           desc="finetune")
-        trained.append({**entry, "steps": steps, "final_train_bpb": curves["train"][-1]["train_bpb"]})
-        rows += [{"step": len(rows) + 1, "train_bpb": r["train_bpb"], "coreset": entry["name"]} for r in curves["train"]]
+    for (entry, _), c in zip(sets, curves):
+        trained.append({**entry, "steps": len(c["train"]), "final_train_bpb": c["train"][-1]["train_bpb"]})
+        rows += [{"step": len(rows) + 1, "train_bpb": r["train_bpb"], "coreset": entry["name"]} for r in c["train"]]
 
     meta = {**meta, "stage": "consolidate", "consumed": sorted(set(meta.get("consumed", [])) | set(new["record_id"].to_pylist()))}
     checkpoint.save(args.out, model, meta)
     write_csv(args.curves, rows)
-    write_json(args.metrics, {"mode": cfg.mode, "experts_trained": len(trained), "steps_per_set": steps,
-                              "tokens": steps * tcfg.batch_size * model.cfg.seq_len * len(trained), "sets": trained})
+    write_json(args.metrics, {"mode": cfg.mode, "experts_trained": len(trained) if cfg.mode == "experts" else 0,
+                              "tokens": len(rows) * tcfg.batch_size * model.cfg.seq_len, "sets": trained})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 import torch
 
 from hst.config import TrainConfig
-from hst.consolidate import consolidate_expert, ffn_inputs, only_trainable
+from hst.consolidate import consolidate_expert, consolidate_experts, ffn_inputs, only_trainable
 from hst.model import GPT
 from hst.train import evaluate
 
@@ -44,3 +44,16 @@ def test_only_trainable_freezes_the_rest(tiny_cfg):
 
 def test_ffn_inputs_shape(tiny_cfg):
     assert ffn_inputs(GPT(tiny_cfg), TEXT, 0, 3).shape == (3 * 32, 32)
+
+
+def test_consolidating_several_experts_sequentially_or_jointly_touches_only_them(tiny_cfg):
+    for joint in (False, True):
+        torch.manual_seed(0)
+        model = GPT(tiny_cfg)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        curves = consolidate_experts(model, [(0, 1, TEXT, TEXT), (1, 2, TEXT, TEXT)], CFG, joint=joint)
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        weights = {k for k in changed if "experts" in k}
+        assert weights == {f"blocks.{l}.ffn.experts.{e}.{w}.weight" for l, e in [(0, 1), (1, 2)] for w in ("up", "down")}
+        assert changed - weights <= {"blocks.0.ffn.router.keys", "blocks.1.ffn.router.keys"}
+        assert sum(len(c["train"]) for c in curves) == (15 if joint else 14)  # budget split evenly: 7 + 7

@@ -1,0 +1,63 @@
+"""Measure the consolidation designs we rejected against the one the pipeline uses, on one cycle's
+artifacts (after `dvc repro` has produced them):
+
+  bottom-up  layer by layer from the bottom, by expert id (the pipeline's order)
+  top-down   the same experts, top layer first
+  joint      all selected experts unfrozen together, the whole budget on the union of coresets
+
+    python scripts/consolidation_order.py --cycle c1_kjv
+
+Prints a markdown table: average / worst forgetting on the old domains, absorption on the new one,
+mean routing stability. Same coresets, same step budget, same seed for every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from hst import checkpoint, data, evaluation, sampler
+from hst.config import CycleConfig, TrainConfig
+from hst.consolidate import consolidate_experts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cycle", required=True)
+    args = ap.parse_args()
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    item = params["cycles"][args.cycle]
+    tcfg, ccfg = TrainConfig(**params["consolidate"]), CycleConfig(**params["cycle"])
+    root = Path("cycles") / args.cycle
+    selection = json.loads((root / "coresets/selection.json").read_text())
+    new = sampler.load_records(root / "buffer")
+    texts, primaries = new["text"].to_pylist(), new["primary_expert"].to_pylist()
+    sets = [(e["layer"], e["expert"],
+             data.encode(pq.read_table(root / f"coresets/{e['name']}.parquet").column("text").to_pylist()),
+             data.encode([t for t, p in zip(texts, primaries) if p[e["layer"]] == e["expert"]]))
+            for e in selection]
+    start, meta = checkpoint.load(f"models/{item['prev']}.pt")
+    domains = [*meta["learned_domains"], item["domain"]]
+    val = {d: data.load_tokens("data/prepared", d, "val") for d in domains}
+    before = evaluation.evaluate_domains(start, val, ccfg.eval_windows)
+    history = [{"name": "start", "bpb": {d: e.bpb for d, e in before.items()}}]
+    print("| variant | avg forgetting | worst forgetting | absorption | routing stability | seconds |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, order, joint in [("bottom-up", sets, False), ("top-down", sets[::-1], False), ("joint", sets, True)]:
+        model, _ = checkpoint.load(f"models/{item['prev']}.pt")
+        t0 = time.perf_counter()
+        consolidate_experts(model, order, tcfg, joint=joint)
+        seconds = time.perf_counter() - t0
+        r = evaluation.cycle_report(history, name, item["domain"], list(meta["learned_domains"]), before,
+                                    evaluation.evaluate_domains(model, val, ccfg.eval_windows), model.n_experts)
+        print(f"| {name} | {100 * r['avg_forgetting']:+.2f} % | {100 * r['worst_forgetting']:+.2f} % | "
+              f"{r['absorption']:.3f} | {100 * r['routing_stability_mean']:.1f} % | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
