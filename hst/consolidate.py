@@ -15,7 +15,7 @@ import torch
 from hst.config import TrainConfig
 from hst.model import GPT
 from hst.router import KeyRouter
-from hst.train import eval_windows, train
+from hst.train import eval_mode, eval_windows, train
 
 
 @contextmanager
@@ -39,13 +39,11 @@ def ffn_inputs(model: GPT, tokens: torch.Tensor, layer: int, n_windows: int) -> 
     """(N, d) hidden states entering ``layer``'s MoE for evenly spaced windows of ``tokens``."""
     captured = []
     hook = model.moe(layer).register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
-    was_training = model.training
-    model.eval()
     try:
-        model(eval_windows(tokens, model.cfg.seq_len, n_windows)[:, :-1])
+        with eval_mode(model):
+            model(eval_windows(tokens, model.cfg.seq_len, n_windows)[:, :-1])
     finally:
         hook.remove()
-        model.train(was_training)
     return torch.cat(captured)
 
 

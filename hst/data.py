@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,11 @@ def load_records(prepared: str | Path, domain: str, split: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: missing; is {domain!r} listed in prepare.domains and prepared?")
     return read_parquet_column(path, "text")
+
+
+def sample_records(records: list[str], n: int, seed: str) -> list[str]:
+    """Up to ``n`` records drawn without replacement, reproducibly for the same ``seed``."""
+    return random.Random(seed).sample(records, min(n, len(records)))
 
 
 def encode(records: list[str]) -> torch.Tensor:

@@ -31,6 +31,7 @@ from hst.data import DataError, encode, record_id
 from hst.io import atomic_path
 from hst.model import GPT
 from hst.router import Routing
+from hst.train import eval_mode
 
 SCHEMA = pa.schema([
     ("record_id", pa.string()),
@@ -65,11 +66,9 @@ def route_record(model: GPT, text: str) -> tuple[int, list[Routing]]:
     tokens = encode([text]).long()
     if len(tokens) == 0:
         raise DataError("cannot route an empty record")
-    was_training = model.training
-    model.eval()
-    per_window = [model(w[None].to(next(model.parameters()).device)).routing
-                  for w in tokens.split(model.cfg.seq_len)]
-    model.train(was_training)
+    with eval_mode(model):
+        per_window = [model(w[None].to(next(model.parameters()).device)).routing
+                      for w in tokens.split(model.cfg.seq_len)]
     merged = [None if layer[0] is None else Routing(*(torch.cat(parts) for parts in zip(*layer)))
               for layer in zip(*per_window)]
     return len(tokens), merged

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 import torch
@@ -74,6 +75,17 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, n_windows: int) -> torch.Te
     return torch.stack([tokens[s:s + seq_len + 1] for s in window_starts(len(tokens), seq_len, n_windows)]).long()
 
 
+@contextmanager
+def eval_mode(model: GPT):
+    """Run a block in eval mode and restore the previous mode afterwards, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class Evaluation(NamedTuple):
     bpb: float  # bits per byte
     expert_ids: list[torch.Tensor | None]  # per layer (N, k) routed experts of every evaluated token
@@ -82,15 +94,13 @@ class Evaluation(NamedTuple):
 @torch.no_grad()
 def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int = 32) -> Evaluation:
     """Bits per byte and routing on evenly spaced windows, fp32, eval mode."""
-    was_training = model.training
-    model.eval()
     windows = eval_windows(tokens, model.cfg.seq_len, n_windows).to(next(model.parameters()).device)
     total, ids = 0.0, []
-    for chunk in windows.split(batch_size):
-        out = model(chunk[:, :-1], chunk[:, 1:])
-        total += float(out.loss) * len(chunk)
-        ids.append([r.expert_ids if r is not None else None for r in out.routing])
-    model.train(was_training)
+    with eval_mode(model):
+        for chunk in windows.split(batch_size):
+            out = model(chunk[:, :-1], chunk[:, 1:])
+            total += float(out.loss) * len(chunk)
+            ids.append([r.expert_ids if r is not None else None for r in out.routing])
     per_layer = [None if layer[0] is None else torch.cat(layer) for layer in zip(*ids)]
     return Evaluation(total / len(windows) / LN2, per_layer)
 

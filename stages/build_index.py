@@ -6,7 +6,6 @@ per layer. Rebuilt whenever the checkpoint changes.
 from __future__ import annotations
 
 import argparse
-import random
 
 from tqdm import tqdm
 
@@ -29,7 +28,7 @@ def main() -> None:
     rows = []
     for domain in meta["learned_domains"]:
         records = data.load_records(args.prepared, domain, "train")
-        picked = random.Random(f"{cfg.seed}:{domain}").sample(records, min(cfg.index_records, len(records)))
+        picked = data.sample_records(records, cfg.index_records, f"{cfg.seed}:{domain}")
         rows += [sampler.make_row(model, text, domain) for text in tqdm(picked, desc=f"index {domain}")]
     sampler.write_rows(args.out, rows)
 

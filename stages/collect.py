@@ -8,7 +8,6 @@ are skipped, so no record is consumed twice; the buffer directory is written who
 from __future__ import annotations
 
 import argparse
-import random
 
 from tqdm import tqdm
 
@@ -37,7 +36,7 @@ def main() -> None:
     if not records:
         raise DataError(f"cycle {args.cycle!r}: no incoming records for domain {domain!r} "
                         f"(empty, or all already consumed by earlier cycles)")
-    incoming = random.Random(f"{cfg.seed}:{args.cycle}").sample(records, min(cfg.incoming_records, len(records)))
+    incoming = data.sample_records(records, cfg.incoming_records, f"{cfg.seed}:{args.cycle}")
     with atomic_path(args.out) as tmp, sampler.SmartSampler(tmp) as smart:
         for text in tqdm(incoming, desc=f"collect {domain}"):
             smart.record(model, text, domain)
