@@ -93,7 +93,6 @@ class ModelConfig:
     top_k: int = 2  # experts each token runs through; the dense FFN gets top_k * expert_hidden
     expert_hidden: int = 256  # hidden width of one ReLU² expert
     router_temperature: float = 0.1  # softmax(top-k similarity / temperature) gives expert weights
-    novelty_threshold: float = 0.3  # a token whose best key similarity is below this needs a new expert
     key_momentum: float = 0.99  # EMA momentum of keys toward their tokens' mean hidden state
     center_routing: bool = False  # route on hidden states minus their running mean (see docs/decisions.md)
     init_std: float = 0.02  # std of the normal init of linear weights
@@ -111,7 +110,6 @@ class ModelConfig:
                  f"top_k: expected 1..n_experts={self.n_experts}, got {self.top_k}")
         _require(self.expert_hidden >= 1, "expert_hidden: expected >= 1")
         _require(self.router_temperature > 0, "router_temperature: expected > 0")
-        _require(-1.0 <= self.novelty_threshold <= 1.0, "novelty_threshold: expected in [-1, 1]")
         _require(0.0 <= self.key_momentum <= 1.0, "key_momentum: expected in [0, 1]")
         _require(self.init_std > 0, "init_std: expected > 0")
 
@@ -204,15 +202,21 @@ class CycleConfig:
 @dataclass(frozen=True)
 class GrowConfig:
     enabled: bool = True  # run the growth check at all
+    quantile: float = 0.99  # a record is novel when its BPB exceeds this quantile of the held-in index's BPB
     batch_records: int = 16  # records per novelty batch, in collection order
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
-    novel_share: float = 0.5  # p: share of tokens with max key similarity below model.novelty_threshold
+    novel_share: float = 0.5  # p: share of novel records in a batch
+    gate_fpr: float = 0.01  # share of held-in tokens a new expert's gate may let through (calibrates its bias)
+    gate_windows: int = 64  # windows of novel and of held-in records the gate is fitted on
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
     steps: int = 40  # optimizer steps training only the new experts on the novel records
 
     def __post_init__(self):
+        _require(0 < self.quantile < 1, "quantile: expected in (0, 1)")
         _require(self.batch_records >= 1, "batch_records: expected >= 1")
         _require(self.min_batches >= 1, "min_batches: expected >= 1")
         _require(0 <= self.novel_share <= 1, "novel_share: expected in [0, 1]")
+        _require(0 < self.gate_fpr < 1, "gate_fpr: expected in (0, 1)")
+        _require(self.gate_windows >= 2, "gate_windows: expected >= 2")
         _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
         _require(self.steps >= 0, "steps: expected >= 0")

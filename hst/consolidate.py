@@ -35,10 +35,11 @@ def only_trainable(model: GPT, experts: list[tuple[int, int]]):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def ffn_inputs(model: GPT, tokens: torch.Tensor, layer: int, n_windows: int) -> torch.Tensor:
-    """(N, d) hidden states entering ``layer``'s MoE for evenly spaced windows of ``tokens``."""
+    """(windows, T, d) hidden states entering ``layer``'s MoE for evenly spaced windows of ``tokens``."""
     captured = []
-    hook = model.moe(layer).register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    hook = model.moe(layer).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     try:
         with eval_mode(model):
             model(eval_windows(tokens, model.cfg.seq_len, n_windows)[:, :-1])
@@ -67,6 +68,7 @@ def _ema_key(model: GPT, layer: int, expert: int, new: torch.Tensor, key_windows
     if isinstance(router, KeyRouter):
         x = ffn_inputs(model, new, layer, key_windows)
         mine = (router(x).expert_ids == expert).any(-1)
+        x = x.reshape(-1, x.shape[-1])  # (windows·T, d), the order routing flattens to
         if mine.any():
             router.update_keys(x[mine], torch.full((int(mine.sum()), 1), expert))
 

@@ -33,7 +33,7 @@ def routing_stability(before: list[torch.Tensor | None], after: list[torch.Tenso
     return out
 
 
-def _routing_of(evals: dict[str, Evaluation], domains: list[str]) -> list[torch.Tensor | None]:
+def routing_of(evals: dict[str, Evaluation], domains: list[str]) -> list[torch.Tensor | None]:
     """Per layer, the routed experts of every evaluated token of ``domains`` (None for dense)."""
     return [torch.cat(layer) if layer[0] is not None else None
             for layer in zip(*(evals[d].expert_ids for d in domains))]
@@ -52,7 +52,7 @@ def cycle_report(history: list[dict], name: str, new_domain: str, old_domains: l
     forgetting = {d: (bpb_after[d] - bpb_before[d]) / bpb_before[d] for d in old_domains}
     best = {d: min(r["bpb"][d] for r in history) for d in old_domains}
     forgetting_best = {d: (bpb_after[d] - best[d]) / best[d] for d in old_domains}
-    stab_before, stab_after = (_routing_of(ev, old_domains) for ev in (before, after))
+    stab_before, stab_after = (routing_of(ev, old_domains) for ev in (before, after))
     stability = routing_stability(stab_before, stab_after)
     usage = {d: e.expert_ids for d, e in after.items()}
     layers = metrics.specialization(usage, n_experts) if stab_after and stab_after[0] is not None else []

@@ -73,15 +73,15 @@ class MoE(nn.Module):
         self.cfg = cfg
         if cfg.ffn == "key":
             self.router = KeyRouter(cfg.d_model, n_experts, cfg.top_k, cfg.router_temperature,
-                                    cfg.novelty_threshold, cfg.key_momentum, cfg.center_routing)
+                                    cfg.key_momentum, cfg.center_routing)
         else:
             self.router = LearnedRouter(cfg.d_model, n_experts, cfg.top_k)
         self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden) for _ in range(n_experts))
 
     def forward(self, x: torch.Tensor, update_keys: bool = False) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (B·T, d)
         routing = self.router(x)
+        x = x.reshape(-1, shape[-1])  # (B·T, d)
         if update_keys and isinstance(self.router, KeyRouter):
             self.router.update_keys(x, routing.expert_ids)
             self.router.update_center(x)
@@ -89,12 +89,14 @@ class MoE(nn.Module):
         return out.reshape(shape), routing
 
     @torch.no_grad()
-    def add_expert(self, key: torch.Tensor, init: str = "copy_nearest") -> int:
-        """Append an expert with ``key``; return its index.
+    def add_expert(self, key: torch.Tensor, init: str = "copy_nearest",
+                   gate: tuple[torch.Tensor, float] | None = None) -> int:
+        """Append an expert with ``key`` (and growth ``gate``, see :class:`KeyRouter`); return its index.
 
         ``copy_nearest`` copies the weights of the expert whose key is most similar to ``key``;
-        ``random`` draws fresh weights. Tokens whose top-k does not include the new expert keep
-        exactly their previous routing, weights and output.
+        ``random`` draws fresh weights. Tokens whose top-k does not include the new expert — in
+        particular every token whose gate is closed — keep exactly their previous routing, weights
+        and output.
         """
         if not isinstance(self.router, KeyRouter):
             raise ValueError("add_expert needs the key router (model.ffn: key)")
@@ -106,6 +108,6 @@ class MoE(nn.Module):
             expert.reset_parameters(self.cfg.init_std, self.cfg.n_layer)
         else:
             raise ValueError(f"add_expert: init must be 'copy_nearest' or 'random', got {init!r}")
-        self.router.add_key(key)
+        self.router.add_key(key, gate)
         self.experts.append(expert)
         return len(self.experts) - 1

@@ -113,8 +113,9 @@ class GPT(nn.Module):
             raise ValueError(f"layer {layer} has a dense FFN, not a mixture of experts")
         return ffn
 
-    def add_expert(self, layer: int, key: torch.Tensor, init: str = "copy_nearest") -> int:
-        return self.moe(layer).add_expert(key, init)
+    def add_expert(self, layer: int, key: torch.Tensor, init: str = "copy_nearest",
+                   gate: tuple[torch.Tensor, float] | None = None) -> int:
+        return self.moe(layer).add_expert(key, init, gate)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 update_keys: bool = False) -> ModelOutput:

@@ -1,8 +1,8 @@
-"""Routers: the HST KeyRouter (fixed keys, cosine top-k, novelty flag) and a learned Linear router.
+"""Routers: the HST KeyRouter (fixed keys, cosine top-k, growth gates) and a learned Linear router.
 
-Both map FFN inputs ``x`` of shape (N, d) to a :class:`Routing`. Routing is computed in fp32
-even under autocast, so that routing decisions (and routing-stability metrics) do not depend on
-the training precision.
+Both map FFN inputs ``x`` of shape (B, T, d) — or (T, d), one sequence — to a :class:`Routing`
+over the B·T tokens. Routing is computed in fp32 even under autocast, so that routing decisions
+(and routing-stability metrics) do not depend on the training precision.
 """
 
 from __future__ import annotations
@@ -20,8 +20,19 @@ class Routing(NamedTuple):
     expert_ids: torch.Tensor  # (N, k) int64, best first
     weights: torch.Tensor  # (N, k) mixing weights, sum to 1 per token
     max_sim: torch.Tensor  # (N,) best key cosine similarity (key router) or best probability (learned)
-    needs_new: torch.Tensor  # (N,) bool: no existing expert matches this token well enough
     belief: torch.Tensor  # (N, E) the router's distribution over all experts
+
+
+def causal_mean(s: torch.Tensor) -> torch.Tensor:
+    """Running mean along the sequence axis 1: token t averages positions 0..t of its sequence."""
+    steps = torch.arange(1, s.shape[1] + 1, device=s.device, dtype=s.dtype)
+    return s.cumsum(1) / steps.view(1, -1, *([1] * (s.dim() - 2)))
+
+
+def gate_open(features: torch.Tensor, w: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """Growth gates on (B, T, d) features: open where the causal running mean of ``features @ w``
+    plus ``b`` is positive. ``w``: (d, G) and ``b``: (G,) give (B, T, G); ``w``: (d,) gives (B, T)."""
+    return causal_mean(features @ w.to(features.dtype)) + b > 0
 
 
 class KeyRouter(nn.Module):
@@ -29,19 +40,26 @@ class KeyRouter(nn.Module):
 
     Keys move only through :meth:`update_keys`, an EMA toward the normalized mean of the
     (normalized) hidden states routed to each expert.
+
+    Experts added by growth carry a gate: expert e is eligible for a token only when the causal
+    running mean of ``features · gate_w[e]`` over the token's sequence so far, plus ``gate_b[e]``,
+    is positive. A single token is a weak domain signal (a byte); its context is a strong one, and
+    the running mean uses no future tokens. Experts present from the start are always eligible
+    (``gate_w = 0, gate_b = 1``), so a token whose gates are closed routes exactly as before growth.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, temperature: float,
-                 novelty_threshold: float, momentum: float, centered: bool = False):
+                 momentum: float, centered: bool = False):
         super().__init__()
         self.register_buffer("keys", F.normalize(torch.randn(n_experts, d_model), dim=-1))
+        self.register_buffer("gate_w", torch.zeros(n_experts, d_model))
+        self.register_buffer("gate_b", torch.ones(n_experts))
         # Running mean of the routed hidden states; subtracted before the cosine when ``centered``,
         # because all hidden states share a large common direction (anisotropy).
         self.register_buffer("center", torch.zeros(d_model))
         self.centered = centered
         self.top_k = top_k
         self.temperature = temperature
-        self.novelty_threshold = novelty_threshold
         self.momentum = momentum
 
     @property
@@ -58,13 +76,19 @@ class KeyRouter(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self.features(x) @ F.normalize(self.keys, dim=-1).T
 
+    def eligible(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) features -> (B, T, E) bool: which experts' gates are open for each token."""
+        return gate_open(f, self.gate_w.T, self.gate_b)
+
     def forward(self, x: torch.Tensor) -> Routing:
-        sim = self.similarity(x)
+        with torch.autocast(x.device.type, enabled=False):
+            f = self.features(x if x.dim() == 3 else x[None])  # (B, T, d)
+            sim = f.reshape(-1, f.shape[-1]) @ F.normalize(self.keys, dim=-1).T  # (B·T, E)
+            sim = sim.masked_fill(~self.eligible(f).reshape(sim.shape), float("-inf"))
         top_sim, top_idx = sim.topk(self.top_k, dim=-1)
         weights = F.softmax(top_sim / self.temperature, dim=-1)
-        max_sim = top_sim[:, 0]
         belief = F.softmax(sim / self.temperature, dim=-1)
-        return Routing(top_idx, weights, max_sim, max_sim < self.novelty_threshold, belief)
+        return Routing(top_idx, weights, top_sim[:, 0], belief)
 
     @torch.no_grad()
     def update_keys(self, x: torch.Tensor, expert_ids: torch.Tensor) -> None:
@@ -84,8 +108,12 @@ class KeyRouter(nn.Module):
         if self.centered:
             self.center.lerp_(x.detach().float().mean(0), 1 - self.momentum)
 
-    def add_key(self, key: torch.Tensor) -> None:
+    def add_key(self, key: torch.Tensor, gate: tuple[torch.Tensor, float] | None = None) -> None:
+        """Append a key; ``gate = (w, b)`` makes the new expert eligible only where the gate opens."""
+        w, b = gate if gate is not None else (torch.zeros_like(self.keys[0]), 1.0)
         self.keys = torch.cat([self.keys, F.normalize(key.float(), dim=-1)[None].to(self.keys)])
+        self.gate_w = torch.cat([self.gate_w, w.float()[None].to(self.gate_w)])
+        self.gate_b = torch.cat([self.gate_b, self.gate_b.new_tensor([b])])
 
 
 class LearnedRouter(nn.Module):
@@ -102,8 +130,7 @@ class LearnedRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         with torch.autocast(x.device.type, enabled=False):
-            probs = F.softmax(self.gate(x.float()), dim=-1)
+            probs = F.softmax(self.gate(x.reshape(-1, x.shape[-1]).float()), dim=-1)
         top_p, top_idx = probs.topk(self.top_k, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
-        max_p = top_p[:, 0]
-        return Routing(top_idx, weights, max_p, torch.zeros_like(max_p, dtype=torch.bool), probs)
+        return Routing(top_idx, weights, top_p[:, 0], probs)

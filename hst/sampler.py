@@ -11,8 +11,8 @@ Each record is stored once, as one Parquet row:
 | ``n_tokens`` | int32 | byte tokens routed |
 | ``expert_counts`` | list<map<int32, int32>> | per layer ``{expert_id: token_count}`` over the k routed slots |
 | ``primary_expert`` | list<int32> | per layer the expert with the most slots (ties: lowest id) |
-| ``novel_share`` | list<float32> | per layer share of tokens flagged ``needs_new`` |
 | ``mean_max_sim`` | list<float32> | per layer mean best-key similarity |
+| ``bpb`` | float32 | the model's surprise: bits per byte predicting the record (the novelty score) |
 
 Buffers flush to ``<dir>/buffer-<seq>.parquet`` atomically. A record whose id is already in the
 directory is not logged again, so re-running collection over the same texts adds nothing.
@@ -20,12 +20,14 @@ directory is not logged again, so re-running collection over the same texts adds
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from hst.data import DataError, encode, record_id
 from hst.io import atomic_path
@@ -41,44 +43,52 @@ SCHEMA = pa.schema([
     ("n_tokens", pa.int32()),
     ("expert_counts", pa.list_(pa.map_(pa.int32(), pa.int32()))),
     ("primary_expert", pa.list_(pa.int32())),
-    ("novel_share", pa.list_(pa.float32())),
     ("mean_max_sim", pa.list_(pa.float32())),
+    ("bpb", pa.float32()),
 ])
 
 
 def summarize(routing: list[Routing], n_experts: list[int]) -> dict:
     """Per-layer routing summary of one record's tokens (the routing of those tokens only)."""
-    counts, primary, novel, sim = [], [], [], []
+    counts, primary, sim = [], [], []
     for r, n in zip(routing, n_experts):
         if r is None:  # dense FFN: nothing to log
             continue
         c = torch.bincount(r.expert_ids.reshape(-1), minlength=n)
         counts.append({int(e): int(c[e]) for e in c.nonzero().flatten()})
         primary.append(int(c.argmax()))  # argmax returns the first maximum: ties go to the lowest id
-        novel.append(float(r.needs_new.float().mean()))
         sim.append(float(r.max_sim.mean()))
-    return {"expert_counts": counts, "primary_expert": primary, "novel_share": novel, "mean_max_sim": sim}
+    return {"expert_counts": counts, "primary_expert": primary, "mean_max_sim": sim}
 
 
 @torch.no_grad()
-def route_record(model: GPT, text: str) -> tuple[int, list[Routing]]:
-    """Route a record's bytes through the model in consecutive windows of ``seq_len``."""
+def route_record(model: GPT, text: str) -> tuple[int, list[Routing], float]:
+    """Route a record's bytes through the model in consecutive windows of ``seq_len``.
+
+    Also returns the record's surprise: bits per byte of predicting every byte after the first
+    from the bytes before it in its window (0 for a one-byte record: nothing to predict).
+    """
     tokens = encode([text]).long()
     if len(tokens) == 0:
         raise DataError("cannot route an empty record")
+    device = next(model.parameters()).device
+    per_window, nll = [], 0.0
     with eval_mode(model):
-        per_window = [model(w[None].to(next(model.parameters()).device)).routing
-                      for w in tokens.split(model.cfg.seq_len)]
+        for start in range(0, len(tokens), model.cfg.seq_len):
+            out = model(tokens[start:start + model.cfg.seq_len][None].to(device))
+            per_window.append(out.routing)
+            nxt = tokens[start + 1:start + 1 + model.cfg.seq_len].to(device)  # the byte each position predicts
+            nll += float(F.cross_entropy(out.logits[0, :len(nxt)], nxt, reduction="sum"))
     merged = [None if layer[0] is None else Routing(*(torch.cat(parts) for parts in zip(*layer)))
               for layer in zip(*per_window)]
-    return len(tokens), merged
+    return len(tokens), merged, nll / max(len(tokens) - 1, 1) / math.log(2)
 
 
 def make_row(model: GPT, text: str, source: str) -> dict:
     """One Smart Sampler row (see the schema above) for ``text`` routed through ``model``."""
-    n_tokens, routing = route_record(model, text)
+    n_tokens, routing, bpb = route_record(model, text)
     return {"record_id": record_id(text), "source": source, "timestamp": time.time(), "text": text,
-            "n_tokens": n_tokens, **summarize(routing, model.n_experts)}
+            "n_tokens": n_tokens, **summarize(routing, model.n_experts), "bpb": bpb}
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hst import checkpoint, data, evaluation, plots, sampler
+from hst import checkpoint, data, evaluation, plots
 from hst.config import CycleConfig, build
 from hst.io import write_json
 from stages.common import cycle_domain, load_params, run
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--before", required=True, help="checkpoint the cycle started from")
     ap.add_argument("--after", required=True, help="the cycle's final checkpoint")
     ap.add_argument("--history", required=True, help="evaluation JSON of the previous checkpoint")
-    ap.add_argument("--buffer", required=True)
+    ap.add_argument("--grow", required=True, help="the cycle's grow metrics (novelty statistics)")
     ap.add_argument("--prepared", required=True)
     ap.add_argument("--out", required=True, help="this cycle's evaluation JSON (DVC metric)")
     ap.add_argument("--plots", required=True, help="directory for the PNGs")
@@ -43,8 +43,7 @@ def main() -> None:
         history, args.cycle, domain, list(meta["learned_domains"]),
         evaluation.evaluate_domains(before, val, cfg.eval_windows),
         evaluation.evaluate_domains(after, val, cfg.eval_windows), after.n_experts)
-    novel = sampler.load_records(args.buffer)["novel_share"].to_pylist()
-    report["novelty_rate"] = [sum(col) / len(col) for col in zip(*novel)] if novel and novel[0] else []
+    report["novelty_rate"] = json.loads(Path(args.grow).read_text())["novel_record_share"]
     if report["usage"]:
         plots.usage_heatmap(report["usage"], f"{args.plots}/usage.png",
                             title=f"Expert usage after cycle {args.cycle} (new: {domain})")

@@ -1,20 +1,20 @@
-"""DVC stage `grow`: the seed's expert-growth recipe (§3.3), deciding per layer from the cycle's
-Smart Sampler records.
+"""DVC stage `grow`: decide from the cycle's Smart Sampler records whether the incoming data is
+novel, and if so add one gated expert per layer and train only the new experts on it.
 
-A layer grows when the share of novel tokens (best key similarity below
-``model.novelty_threshold``) exceeds ``grow.novel_share`` in ``grow.min_batches`` consecutive
-batches of ``grow.batch_records`` records. The new expert's key is the normalized mean of the
-unrouted hidden states, its weights copied from the nearest expert (or random); then only the new
-experts train on the records of the triggering data. The decision and the novelty statistics per
-layer go to the metrics either way. The output checkpoint is the cycle's final model.
+A record is novel when its surprise (BPB under the cycle-start model, logged by `collect`) exceeds
+the ``grow.quantile`` of the held-in index records' BPB (`build_index`, same model). Growth
+triggers when ``grow.min_batches`` consecutive batches of ``grow.batch_records`` records have more
+than ``grow.novel_share`` novel ones. Each new expert's gate is calibrated to let through only
+``grow.gate_fpr`` of held-in tokens; the routing stability of the learned domains' validation
+tokens across growth is measured and reported. The output checkpoint is the cycle's final model.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from hst import checkpoint, data, grow, sampler
-from hst.config import GrowConfig, TrainConfig, build
+from hst import checkpoint, data, evaluation, grow, novelty, sampler
+from hst.config import CycleConfig, GrowConfig, TrainConfig, build
 from hst.io import write_csv, write_json
 from stages.common import cycle_domain, load_params, run
 
@@ -25,34 +25,44 @@ def main() -> None:
     ap.add_argument("--cycle", required=True)
     ap.add_argument("--checkpoint", required=True, help="consolidated checkpoint")
     ap.add_argument("--buffer", required=True)
+    ap.add_argument("--index", required=True, help="the cycle's index of held-in records")
+    ap.add_argument("--prepared", required=True)
     ap.add_argument("--out", required=True, help="the cycle's final checkpoint")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--curves", required=True)
     args = ap.parse_args()
 
-    grow_sec, train_sec, cycles = load_params(args.params, "grow", "consolidate", "cycles")
+    grow_sec, train_sec, cycle_sec, cycles = load_params(args.params, "grow", "consolidate", "cycle", "cycles")
     cfg = build(GrowConfig, grow_sec, "params.yaml:grow")
     tcfg = build(TrainConfig, train_sec, "params.yaml:consolidate")
+    ccfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     domain = cycle_domain(cycles, args.cycle)
     model, meta = checkpoint.load(args.checkpoint)
     new = sampler.load_records(args.buffer)
-    novel = new["novel_share"].to_pylist()
-    n_tokens = new["n_tokens"].to_pylist()
-    layers = []
-    for layer in range(len(novel[0]) if model.cfg.ffn == "key" else 0):
-        shares = grow.batch_novelty([s[layer] for s in novel], n_tokens, cfg.batch_records)
-        layers.append({"layer": layer, "novel_share": sum(shares) / len(shares), "max_batch_share": max(shares),
-                       "triggered": cfg.enabled and grow.triggered(shares, cfg.novel_share, cfg.min_batches)})
-    grown, curves = [], {}
-    to_grow = [s["layer"] for s in layers if s["triggered"]]
-    if to_grow:
-        grown, curves = grow.grow(model, to_grow, data.encode(new["text"].to_pylist()), cfg, tcfg)
+    index = sampler.read_buffer(args.index, columns=["text", "bpb"])
+    limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)
+    is_novel = [b > limit for b in new["bpb"].to_pylist()]
+    shares = novelty.batch_shares(is_novel, cfg.batch_records)
+    trigger = novelty.first_trigger(shares, cfg.novel_share, cfg.min_batches)
+    report = {"applicable": model.cfg.ffn == "key", "threshold_bpb": limit,
+              "novel_record_share": sum(is_novel) / max(len(is_novel), 1), "batch_shares": shares,
+              "records_until_detection": None if trigger is None else min((trigger + 1) * cfg.batch_records, len(is_novel)),
+              "triggered": cfg.enabled and model.cfg.ffn == "key" and trigger is not None}
+    grown, curves, gates, stability = [], {}, [], []
+    if report["triggered"]:
+        val = {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]}
+        before = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
+        texts = [t for t, flag in zip(new["text"].to_pylist(), is_novel) if flag]
+        grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(texts),
+                                         data.encode(index["text"].to_pylist()), cfg, tcfg)
+        after = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
+        stability = evaluation.routing_stability(evaluation.routing_of(before, list(val)),
+                                                 evaluation.routing_of(after, list(val)))
     meta = {**meta, "stage": "grow", "cycle": args.cycle,
             "learned_domains": [*meta["learned_domains"], domain]}
     checkpoint.save(args.out, model, meta)
     write_csv(args.curves, curves.get("train", []), columns=["step", "train_bpb", "lr"])
-    write_json(args.metrics, {"applicable": model.cfg.ffn == "key", "layers": layers,
-                              "grown": [{"layer": l, "expert": e} for l, e in grown],
+    write_json(args.metrics, {**report, "grown": gates, "old_routing_stability": stability,
                               "experts_per_layer": model.n_experts})
 
 

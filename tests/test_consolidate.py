@@ -43,7 +43,7 @@ def test_only_trainable_freezes_the_rest(tiny_cfg):
 
 
 def test_ffn_inputs_shape(tiny_cfg):
-    assert ffn_inputs(GPT(tiny_cfg), TEXT, 0, 3).shape == (3 * 32, 32)
+    assert ffn_inputs(GPT(tiny_cfg), TEXT, 0, 3).shape == (3, 32, 32)
 
 
 def test_consolidating_several_experts_sequentially_or_jointly_touches_only_them(tiny_cfg):

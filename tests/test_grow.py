@@ -1,45 +1,51 @@
-import dataclasses
-
 import torch
 
-from hst import grow
+from hst import data, grow
 from hst.config import GrowConfig, TrainConfig
+from hst.consolidate import ffn_inputs
+from hst.evaluation import routing_stability
 from hst.model import GPT
+from hst.train import evaluate
 
-TEXT = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du ".encode() * 30), dtype=torch.uint8)
-
-
-def test_batch_novelty_is_token_weighted():
-    assert grow.batch_novelty([1.0, 0.0, 0.5], [10, 30, 20], 2) == [0.25, 0.5]
-
-
-def test_trigger_needs_m_consecutive_batches_above_p():
-    assert grow.triggered([0.6, 0.7, 0.8], 0.5, 3)
-    assert not grow.triggered([0.6, 0.4, 0.8, 0.9], 0.5, 3)
-    assert grow.triggered([0.6, 0.4, 0.8, 0.9, 0.7], 0.5, 3)
+NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
+                      dtype=torch.uint8)
+HELD_IN = data.encode(["def f(x):\n    return x + 1\n" * 20, "To be, or not to be, that is the question. " * 20])
+TCFG = TrainConfig(batch_size=4, warmup_steps=1, eval_every=5, eval_windows=2, precision="fp32")
 
 
-def test_forced_growth_adds_experts_and_trains_only_them(tiny_cfg):
-    # A threshold above every similarity marks every token novel: growth is forced.
-    model = GPT(dataclasses.replace(tiny_cfg, novelty_threshold=1.0))
+def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
+    model = GPT(tiny_cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = GrowConfig(steps=5)
-    tcfg = TrainConfig(batch_size=4, warmup_steps=1, eval_every=5, eval_windows=2, precision="fp32")
-    added, curves = grow.grow(model, [0, 1], TEXT, cfg, tcfg, n_windows=4)
+    added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(steps=5, gate_windows=8), TCFG)
     assert added == [(0, 4), (1, 4)] and model.n_experts == [5, 5]
+    assert [s["expert"] for s in stats] == [4, 4]
     after = model.state_dict()
     for k, v in before.items():
-        if "router.keys" in k:
-            assert torch.equal(after[k][:4], v)  # old keys untouched, one key appended
+        if k.split(".")[-1] in ("keys", "gate_w", "gate_b"):
+            assert torch.equal(after[k][:4], v), k  # old keys and gates untouched, one appended
         else:
             assert torch.equal(after[k], v), k
     assert not torch.equal(after["blocks.0.ffn.experts.4.up.weight"], before["blocks.0.ffn.experts.0.up.weight"])
+    assert after["blocks.0.ffn.router.gate_w"][4].abs().sum() > 0  # the new expert carries a gate
     assert len(curves["train"]) == 5
 
 
-def test_new_key_is_the_mean_of_unrouted_states(tiny_cfg):
-    model = GPT(dataclasses.replace(tiny_cfg, novelty_threshold=1.0))
-    states = grow.unrouted_states(model, TEXT, 1, 4)
-    grow.grow(model, [1], TEXT, GrowConfig(steps=0), TrainConfig(), n_windows=4)
-    want = torch.nn.functional.normalize(states.mean(0), dim=-1)
-    assert torch.allclose(model.moe(1).router.keys[-1], want, atol=1e-6)
+def test_gates_keep_held_in_routing_and_admit_novel_tokens(tiny_cfg):
+    model = GPT(tiny_cfg)
+    old = evaluate(model, HELD_IN, 8).expert_ids
+    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(steps=0, gate_windows=8, gate_fpr=0.02), TCFG)
+    assert all(s["held_in_tokens_passing"] <= 0.05 and s["novel_tokens_passing"] > 0.5 for s in stats)
+    # Held-in tokens whose gates stay closed keep their routing (untrained new experts change nothing else).
+    assert min(routing_stability(old, evaluate(model, HELD_IN, 8).expert_ids)) >= 0.95
+    new_ids = evaluate(model, NOVEL, 8).expert_ids
+    assert all((ids == 4).any(-1).float().mean() > 0.3 for ids in new_ids)
+
+
+def test_new_key_is_the_mean_of_the_novel_tokens_passing_the_gate(tiny_cfg):
+    model = GPT(tiny_cfg)
+    router = model.moe(1).router
+    feats = router.features(ffn_inputs(model, NOVEL, 1, 8))
+    grow.grow(model, [1], NOVEL, HELD_IN, GrowConfig(steps=0, gate_windows=8), TCFG)
+    passing = router.eligible(feats)[..., -1]
+    want = torch.nn.functional.normalize(feats[passing].mean(0), dim=-1)
+    assert torch.allclose(router.keys[-1], want, atol=1e-5)

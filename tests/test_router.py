@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hst.router import KeyRouter, LearnedRouter
+from hst.router import KeyRouter, LearnedRouter, causal_mean, gate_open
 
 
 def make_router(**kw):
-    args = dict(d_model=8, n_experts=4, top_k=2, temperature=0.1, novelty_threshold=0.3, momentum=0.9)
+    args = dict(d_model=8, n_experts=4, top_k=2, temperature=0.1, momentum=0.9)
     args.update(kw)
     return KeyRouter(**args)
 
@@ -32,13 +32,47 @@ def test_keys_are_a_buffer_and_get_no_gradient():
     assert x.grad is not None and x.grad.abs().sum() > 0  # routing still shapes the residual stream
 
 
-def test_novelty_flag_marks_tokens_far_from_every_key():
+def test_causal_mean_averages_each_prefix():
+    s = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 6.0]])
+    assert torch.allclose(causal_mean(s), torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 2.0]]))
+    assert causal_mean(torch.ones(2, 3, 4)).shape == (2, 3, 4)
+
+
+def test_gated_expert_is_eligible_only_where_its_gate_opens():
+    r = make_router(n_experts=3, top_k=2)
+    before = make_router(n_experts=3, top_k=2)
+    before.keys.copy_(r.keys)
+    w = torch.zeros(8)
+    w[0] = 1.0
+    r.add_key(w.clone(), gate=(w, -0.5))  # open where the running mean of feature 0 exceeds 0.5
+    x = torch.randn(2, 6, 8)
+    x[0, :, 0] = -5.0  # sequence 0: feature 0 strongly negative -> gate closed everywhere
+    x[1, :, 0] = 50.0  # sequence 1: feature 0 dominates -> gate open, and the new key is the best match
+    out, ref = r(x), before(x)
+    closed = slice(0, 6)  # the tokens of sequence 0
+    assert torch.equal(out.expert_ids[closed], ref.expert_ids[closed])
+    assert torch.equal(out.weights[closed], ref.weights[closed])
+    assert torch.equal(out.belief[closed, :3], ref.belief[closed]) and (out.belief[closed, 3] == 0).all()
+    assert (out.expert_ids[6:] == 3).any(-1).all()
+    assert torch.equal(r.eligible(r.features(x))[..., 3], gate_open(r.features(x), w, -0.5))
+
+
+def test_gate_looks_only_at_earlier_tokens():
     r = make_router(n_experts=2, top_k=1)
-    r.keys.copy_(torch.eye(8)[:2])
-    x = torch.stack([torch.eye(8)[0], torch.eye(8)[1] + 0.1 * torch.eye(8)[2], torch.eye(8)[5]])
-    out = r(x)
-    assert out.needs_new.tolist() == [False, False, True]
-    assert torch.equal(out.needs_new, out.max_sim < 0.3)
+    w = torch.zeros(8)
+    w[0] = 1.0
+    r.add_key(torch.ones(8), gate=(w, -0.2))
+    x = torch.randn(1, 10, 8)
+    changed = x.clone()
+    changed[0, 6:, 0] = 100.0  # a burst late in the sequence cannot open the gate for earlier tokens
+    a, b = r.eligible(r.features(x)), r.eligible(r.features(changed))
+    assert torch.equal(a[0, :6], b[0, :6])
+
+
+def test_experts_without_a_gate_are_always_eligible():
+    r = make_router()
+    r.add_key(torch.randn(8))
+    assert r.eligible(r.features(torch.randn(3, 5, 8))).all()
 
 
 def test_ema_moves_routed_keys_toward_their_tokens_mean_and_leaves_others():

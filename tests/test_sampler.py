@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -9,30 +11,34 @@ from hst.router import Routing
 TEXTS = [f"record {i}: " + "lorem ipsum dolor sit amet " * (i + 1) for i in range(5)]
 
 
-def routing(ids, novel, sim):
+def routing(ids, sim):
     ids = torch.tensor(ids)
-    n = len(ids)
-    return Routing(ids, torch.full(ids.shape, 0.5), torch.tensor(sim), torch.tensor(novel), torch.zeros(n, 4))
+    return Routing(ids, torch.full(ids.shape, 0.5), torch.tensor(sim), torch.zeros(len(ids), 4))
 
 
 def test_summarize_counts_slots_and_breaks_ties_low():
-    r0 = routing([[0, 1], [1, 2], [1, 0]], [True, False, False], [0.1, 0.5, 0.6])
-    r1 = routing([[3, 2], [2, 3], [0, 1]], [False, False, False], [0.9, 0.9, 0.9])
+    r0 = routing([[0, 1], [1, 2], [1, 0]], [0.1, 0.5, 0.6])
+    r1 = routing([[3, 2], [2, 3], [0, 1]], [0.9, 0.9, 0.9])
     s = sampler.summarize([r0, r1], [4, 4])
     assert s["expert_counts"] == [{0: 2, 1: 3, 2: 1}, {0: 1, 1: 1, 2: 2, 3: 2}]
     assert s["primary_expert"] == [1, 2]
-    assert s["novel_share"] == pytest.approx([1 / 3, 0.0])
     assert s["mean_max_sim"] == pytest.approx([0.4, 0.9])
 
 
 def test_route_record_covers_every_byte_in_windows(tiny_cfg):
     model = GPT(tiny_cfg)
     text = "x" * 70 + "ü"  # 72 bytes: windows of 32, 32, 8
-    n, routing_ = sampler.route_record(model, text)
+    n, routing_, bpb = sampler.route_record(model, text)
     assert n == 72 and [r.expert_ids.shape for r in routing_] == [(72, 2), (72, 2)]
+    tokens = torch.tensor(list(text.encode()))
     with torch.no_grad():
-        direct = model(torch.tensor(list(text.encode()))[None, 32:64]).routing
+        direct = model(tokens[None, 32:64]).routing
+        # Surprise: every byte after the first, predicted from the earlier bytes of its window.
+        nll = sum(float(torch.nn.functional.cross_entropy(model(tokens[None, s:s + 32]).logits[0, :len(y)], y,
+                                                          reduction="sum"))
+                  for s in (0, 32, 64) for y in [tokens[s + 1:s + 33]])
     assert torch.equal(routing_[1].expert_ids[32:64], direct[1].expert_ids)
+    assert bpb == pytest.approx(nll / 71 / math.log(2), rel=1e-5)
 
 
 def test_records_are_flushed_atomically_and_logged_exactly_once(tiny_cfg, tmp_path):

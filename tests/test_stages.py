@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DOMAINS = ("shakespeare", "python", "kjv", "german")
 TINY_MODEL = dict(seq_len=64, n_layer=2, n_head=2, d_model=32, ffn="key", n_experts=4, top_k=2,
-                  expert_hidden=32, novelty_threshold=1.0)  # every token novel: growth is forced
+                  expert_hidden=32)
 
 
 def tiny_project(tmp: Path) -> Path:
@@ -42,8 +42,9 @@ def tiny_project(tmp: Path) -> Path:
                   "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0},
         "consolidate": {"steps": 12, "batch_size": 4, "lr": 0.001, "warmup_steps": 1, "eval_every": 100,
                         "eval_windows": 2, "precision": "fp32"},
-        "grow": {"enabled": True, "batch_records": 8, "min_batches": 2, "novel_share": 0.5,
-                 "init": "copy_nearest", "steps": 4},
+        # Any batch with a record above the lowest held-in BPB triggers: growth is forced.
+        "grow": {"enabled": True, "quantile": 1e-6, "batch_records": 8, "min_batches": 1, "novel_share": 0.0,
+                 "gate_windows": 4, "init": "copy_nearest", "steps": 4},
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp
@@ -180,7 +181,7 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert (proj / "models/pretrain.pt").is_file() and (proj / "dvc.lock").is_file()
-    # Two chained cycles ran; growth was forced (novelty_threshold 1.0) and added one expert a cycle.
+    # Two chained cycles ran; growth was forced (grow.quantile ~0) and added one expert a cycle.
     c1, c2 = (json.loads((proj / f"metrics/eval/{c}.json").read_text()) for c in ("c1", "c2"))
     assert [r["name"] for r in c2["history"]] == ["pretrain", "c1", "c2"]
     assert c1["old_domains"] == ["shakespeare", "python"] and c2["old_domains"] == ["shakespeare", "python", "kjv"]

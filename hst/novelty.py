@@ -1,0 +1,69 @@
+"""Novelty detection: when does incoming data call for a new expert, and which tokens may use it.
+
+Two levels, measured in ``docs/decisions.md`` (raw max-cosine and Mahalanobis scores on hidden
+states did not separate a new domain; see ``FINDINGS.md``):
+
+- **Record level — surprise.** A record's novelty score is its BPB under the current model (the
+  Smart Sampler logs it as ``bpb``). A record is novel when its BPB exceeds a high quantile of the
+  BPB of held-in records (the cycle's index of learned domains); growth triggers when ``M``
+  consecutive batches of records have more than a share ``p`` of novel ones.
+- **Token level — a growth gate.** A new expert gets a linear gate (Fisher discriminant between
+  held-in and novel hidden states, on the router's features) whose bias is calibrated so that only
+  a share ``fpr`` of held-in tokens pass; :func:`hst.router.gate_open` applies it to the causal
+  running mean of the score along each sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hst.router import causal_mean, gate_open
+
+
+def auroc(negative: list[float], positive: list[float]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    neg, pos = torch.tensor(negative, dtype=torch.float64), torch.tensor(positive, dtype=torch.float64)
+    if len(neg) == 0 or len(pos) == 0:
+        raise ValueError("auroc needs at least one negative and one positive score")
+    greater = (pos[:, None] > neg[None]).double().sum() + 0.5 * (pos[:, None] == neg[None]).double().sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def threshold(reference: list[float], quantile: float) -> float:
+    """The novelty threshold: ``quantile`` of the held-in reference scores."""
+    if not reference:
+        raise ValueError("no held-in reference scores to set a novelty threshold from")
+    return float(torch.quantile(torch.tensor(reference, dtype=torch.float64), quantile))
+
+
+def batch_shares(novel: list[bool], batch_records: int) -> list[float]:
+    """Share of novel records in each consecutive batch of ``batch_records`` (the last may be short)."""
+    return [sum(novel[i:i + batch_records]) / len(novel[i:i + batch_records])
+            for i in range(0, len(novel), batch_records)]
+
+
+def first_trigger(shares: list[float], p: float, m: int) -> int | None:
+    """Index of the batch that completes ``m`` consecutive batches with share above ``p``, or None."""
+    run = 0
+    for i, share in enumerate(shares):
+        run = run + 1 if share > p else 0
+        if run >= m:
+            return i
+    return None
+
+
+def fit_gate(held_in: torch.Tensor, novel: torch.Tensor, fpr: float,
+             shrinkage: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """A gate ``(w, b)`` for a new expert from router features of shape (windows, T, d).
+
+    ``w`` is the Fisher discriminant direction (pooled covariance, shrunk toward its mean variance
+    by ``shrinkage`` so it is invertible); ``b`` puts the share ``fpr`` of held-in tokens' causal
+    running-mean scores above zero.
+    """
+    d = held_in.shape[-1]
+    old, new = held_in.reshape(-1, d).double(), novel.reshape(-1, d).double()
+    cov = (torch.cov(old.T) + torch.cov(new.T)) / 2
+    cov += shrinkage * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
+    w = torch.linalg.solve(cov, new.mean(0) - old.mean(0))
+    b = -float(torch.quantile(causal_mean(held_in.double() @ w).flatten(), 1 - fpr))
+    return w.float(), b
