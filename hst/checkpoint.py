@@ -16,7 +16,7 @@ from hst.config import ConfigError, HSTError, ModelConfig
 from hst.io import atomic_path
 from hst.model import GPT
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: key routers carry growth gates (gate_w, gate_b)
 
 
 class CheckpointError(HSTError):
