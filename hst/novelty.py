@@ -10,14 +10,14 @@ states did not separate a new domain; see ``FINDINGS.md``):
 - **Token level — a growth gate.** A new expert gets a linear gate (Fisher discriminant between
   held-in and novel hidden states, on the router's features) whose bias is calibrated so that only
   a share ``fpr`` of held-in tokens pass; :func:`hst.router.gate_open` applies it to the causal
-  running mean of the score along each sequence.
+  running mean of the score along each sequence (which starts at the held-in mean).
 """
 
 from __future__ import annotations
 
 import torch
 
-from hst.router import causal_mean, gate_open
+from hst.router import GATE_PRIOR_TOKENS, causal_mean
 
 
 def auroc(negative: list[float], positive: list[float]) -> float:
@@ -53,17 +53,19 @@ def first_trigger(shares: list[float], p: float, m: int) -> int | None:
 
 
 def fit_gate(held_in: torch.Tensor, novel: torch.Tensor, fpr: float,
-             shrinkage: float = 1e-3) -> tuple[torch.Tensor, float]:
-    """A gate ``(w, b)`` for a new expert from router features of shape (windows, T, d).
+             shrinkage: float = 1e-3) -> tuple[torch.Tensor, float, float]:
+    """A gate ``(w, shift, b)`` for a new expert (see :func:`hst.router.gate_open`) from router
+    features of shape (windows, T, d).
 
     ``w`` is the Fisher discriminant direction (pooled covariance, shrunk toward its mean variance
-    by ``shrinkage`` so it is invertible); ``b`` puts the share ``fpr`` of held-in tokens' causal
-    running-mean scores above zero.
+    by ``shrinkage`` so it is invertible); ``shift`` is the held-in tokens' mean score; ``b`` puts
+    the share ``fpr`` of held-in tokens' causal running-mean scores above zero.
     """
     d = held_in.shape[-1]
     old, new = held_in.reshape(-1, d).double(), novel.reshape(-1, d).double()
     cov = (torch.cov(old.T) + torch.cov(new.T)) / 2
     cov += shrinkage * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
     w = torch.linalg.solve(cov, new.mean(0) - old.mean(0))
-    b = -float(torch.quantile(causal_mean(held_in.double() @ w).flatten(), 1 - fpr))
-    return w.float(), b
+    shift = float(old.mean(0) @ w)
+    running = causal_mean(held_in.double() @ w - shift, GATE_PRIOR_TOKENS)
+    return w.float(), shift, -float(torch.quantile(running.flatten(), 1 - fpr))

@@ -21,7 +21,7 @@ def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
     assert [s["expert"] for s in stats] == [4, 4]
     after = model.state_dict()
     for k, v in before.items():
-        if k.split(".")[-1] in ("keys", "gate_w", "gate_b"):
+        if k.split(".")[-1] in ("keys", "gate_w", "gate_shift", "gate_b"):
             assert torch.equal(after[k][:4], v), k  # old keys and gates untouched, one appended
         else:
             assert torch.equal(after[k], v), k

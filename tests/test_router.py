@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hst.router import KeyRouter, LearnedRouter, causal_mean, gate_open
+from hst.router import GATE_PRIOR_TOKENS, KeyRouter, LearnedRouter, causal_mean, gate_open
 
 
 def make_router(**kw):
@@ -36,6 +36,8 @@ def test_causal_mean_averages_each_prefix():
     s = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 6.0]])
     assert torch.allclose(causal_mean(s), torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 2.0]]))
     assert causal_mean(torch.ones(2, 3, 4)).shape == (2, 3, 4)
+    # prior pseudo-observations of 0 pull the first positions toward 0
+    assert torch.allclose(causal_mean(torch.tensor([[2.0, 2.0]]), prior=2), torch.tensor([[2 / 3, 1.0]]))
 
 
 def test_gated_expert_is_eligible_only_where_its_gate_opens():
@@ -44,24 +46,25 @@ def test_gated_expert_is_eligible_only_where_its_gate_opens():
     before.keys.copy_(r.keys)
     w = torch.zeros(8)
     w[0] = 1.0
-    r.add_key(w.clone(), gate=(w, -0.5))  # open where the running mean of feature 0 exceeds 0.5
-    x = torch.randn(2, 6, 8)
+    r.add_key(w.clone(), gate=(w, 0.0, -0.5))  # open where the running mean of feature 0 exceeds 0.5
+    x = torch.randn(2, 12, 8)
     x[0, :, 0] = -5.0  # sequence 0: feature 0 strongly negative -> gate closed everywhere
     x[1, :, 0] = 50.0  # sequence 1: feature 0 dominates -> gate open, and the new key is the best match
     out, ref = r(x), before(x)
-    closed = slice(0, 6)  # the tokens of sequence 0
+    closed = slice(0, 12)  # the tokens of sequence 0
     assert torch.equal(out.expert_ids[closed], ref.expert_ids[closed])
     assert torch.equal(out.weights[closed], ref.weights[closed])
     assert torch.equal(out.belief[closed, :3], ref.belief[closed]) and (out.belief[closed, 3] == 0).all()
-    assert (out.expert_ids[6:] == 3).any(-1).all()
-    assert torch.equal(r.eligible(r.features(x))[..., 3], gate_open(r.features(x), w, -0.5))
+    # In sequence 1 the running mean (which starts from GATE_PRIOR_TOKENS zeros) passes 0.5 later on.
+    assert (out.expert_ids[12 + 2 * GATE_PRIOR_TOKENS:] == 3).any(-1).all()
+    assert torch.equal(r.eligible(r.features(x))[..., 3], gate_open(r.features(x), w, 0.0, -0.5))
 
 
 def test_gate_looks_only_at_earlier_tokens():
     r = make_router(n_experts=2, top_k=1)
     w = torch.zeros(8)
     w[0] = 1.0
-    r.add_key(torch.ones(8), gate=(w, -0.2))
+    r.add_key(torch.ones(8), gate=(w, 0.0, -0.2))
     x = torch.randn(1, 10, 8)
     changed = x.clone()
     changed[0, 6:, 0] = 100.0  # a burst late in the sequence cannot open the gate for earlier tokens
