@@ -39,11 +39,15 @@ def tiny_project(tmp: Path) -> Path:
                      "eval_every": 6, "eval_windows": 4, "precision": "fp32"},
         "cycles": {"c1": {"domain": "kjv", "prev": "pretrain"}, "c2": {"domain": "german", "prev": "c1"}},
         "cycle": {"mode": "experts", "incoming_records": 40, "index_records": 30, "min_new_data": 3,
-                  "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0},
+                  "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0, "consolidation": "sequential"},
         "consolidate": {"steps": 12, "batch_size": 4, "lr": 0.001, "warmup_steps": 1, "eval_every": 100,
                         "eval_windows": 2, "precision": "fp32"},
         "grow": {"enabled": True, "batch_records": 8, "min_batches": 2, "novel_share": 0.5,
                  "init": "copy_nearest", "steps": 4},
+        # A tiny model forgets far more than 5 % in a cycle; the flow tests set their own gate.
+        "gate": {"max_forgetting": 10.0, "min_routing_stability": 0.0},
+        "tracking": {"experiment": "tiny", "registered_model": "tiny"},
+        "flow": {"retries": 0, "retry_delay_seconds": 0},
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp
