@@ -114,19 +114,18 @@ def _stage_cmd(project: Path, target: str) -> str:
     from dvc.repo import Repo
 
     with Repo(str(project)) as repo:
-        (stage,) = repo.stage.collect(target)
+        (stage,) = repo.stage.collect(f"{project / 'dvc.yaml'}:{target}")
         return stage.cmd
 
 
 @flow(name="learn_consolidate_cycle", flow_run_name="cycle {cycle}")
 def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: int, retry_delay: float) -> dict:
-    """One cycle: its stages in order; returns the gate decision and the MLflow run of the cycle."""
+    """One cycle: its stages in order; returns the gate decision, the MLflow run of the cycle and
+    what each stage did ("ran" or "skipped")."""
     run = stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay)
-    for stage in CYCLE_STAGES:
-        if stage == "consolidate" and parallel:
-            parallel_consolidate(project, cycle, retries, retry_delay)
-        else:
-            run(project, f"{stage}@{cycle}")
+    done = {stage: parallel_consolidate(project, cycle, retries, retry_delay)
+            if stage == "consolidate" and parallel else run(project, f"{stage}@{cycle}")
+            for stage in CYCLE_STAGES}
     root = Path(project)
     gate = json.loads((root / f"metrics/gate/{cycle}.json").read_text())
     mlflow = json.loads((root / f"metrics/cycles/{cycle}/mlflow.json").read_text())
@@ -137,7 +136,7 @@ def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: i
         logger.warning(f"cycle {cycle} failed its gate ({'; '.join(gate['reasons'])}); champion stays {gate['champion']}")
     return {"cycle": cycle, "passed": gate["passed"], "reasons": gate["reasons"], "alarms": gate["alarms"],
             "champion": gate["champion"], "run_id": mlflow["run_id"], "parent_run_id": mlflow["parent_run_id"],
-            "champion_version": mlflow["champion_version"]}
+            "champion_version": mlflow["champion_version"], "stages": done}
 
 
 @flow(name="continual_learning", log_prints=True)
