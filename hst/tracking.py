@@ -134,6 +134,9 @@ def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, check
                  champion: Path, gate: dict) -> tuple[str, str]:
     """Register this cycle's checkpoint; point ``champion`` at the version equal to the champion file.
 
+    A version's source is an artifact folder holding just that checkpoint, so
+    ``mlflow.artifacts.download_artifacts("models:/<name>@champion")`` fetches it.
+
     A passing cycle's checkpoint *is* the champion file, so the alias moves to it; a failing one
     leaves the alias on the previous champion's version. Only when the registry has no version of
     the champion file (the first tracked cycle fails) is that file registered from this run.
@@ -144,7 +147,7 @@ def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, check
         client.create_registered_model(name)
     run = client.get_run(run_id)
     version = client.create_model_version(
-        name, f"{run.info.artifact_uri}/checkpoint/{checkpoint.name}", run_id,
+        name, f"{run.info.artifact_uri}/checkpoint", run_id,
         tags={"cycle": cycle, "md5": md5(checkpoint), "gate": "passed" if gate["passed"] else "failed"}).version
     target = md5(champion)
     try:
@@ -159,7 +162,7 @@ def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, check
     else:
         client.log_artifact(run_id, str(champion), "champion")
         champ = client.create_model_version(
-            name, f"{run.info.artifact_uri}/champion/{champion.name}", run_id,
+            name, f"{run.info.artifact_uri}/champion", run_id,
             tags={"cycle": gate["champion"], "md5": target, "gate": "champion before tracking"}).version
     client.set_registered_model_alias(name, CHAMPION, champ)
     client.set_tag(run_id, "champion_version", champ)

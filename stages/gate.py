@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="the champion after this cycle")
     ap.add_argument("--report", required=True, help="JSON: decision, reasons, alarms, champion name")
     args = ap.parse_args()
+    if args.eval and not (args.previous and args.previous_report):
+        ap.error("--eval needs --previous and --previous-report")
 
     (gate_sec,) = load_params(args.params, "gate")
     cfg = build(GateConfig, gate_sec, "params.yaml:gate")

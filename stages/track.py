@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from hst import tracking
-from hst.config import TrackingConfig, build
+from hst.config import CycleConfig, ModelConfig, TrackingConfig, build
 from hst.io import write_json
 from stages.common import load_params, run
 
@@ -45,8 +45,8 @@ def main() -> None:
     args = ap.parse_args()
 
     tracking_sec, model_sec, cycle_sec, cycles = load_params(args.params, "tracking", "model", "cycle", "cycles")
-    names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(model_sec.get("ffn", "key"),
-                                                                                cycle_sec.get("mode", "experts"))
+    names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(
+        build(ModelConfig, model_sec, "params.yaml:model").ffn, build(CycleConfig, cycle_sec, "params.yaml:cycle").mode)
     params = yaml.safe_load(Path(args.params).read_text())
     key = hashlib.sha256(json.dumps({s: params.get(s) for s in SEQUENCE_SECTIONS}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]

@@ -31,3 +31,15 @@ def test_int_is_accepted_for_float_and_lists_for_tuples():
 def test_configs_are_frozen():
     with pytest.raises(Exception):
         ModelConfig().d_model = 3
+
+
+def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
+    from hst.config import FlowConfig, TrackingConfig
+
+    assert TrackingConfig().resolve("dense", "full") == TrackingConfig("hst-dense-full", "hst-dense-full")
+    assert TrackingConfig("mine").resolve("key", "experts").registered_model == "mine"
+    with pytest.raises(ConfigError, match="params.yaml:flow.min_inbox_bytes: expected >= 1"):
+        build(FlowConfig, {"min_inbox_bytes": 0}, "params.yaml:flow")
+    with pytest.raises(ConfigError, match="cycle.consolidation: expected sequential or parallel"):
+        from hst.config import CycleConfig
+        build(CycleConfig, {"consolidation": "async"}, "params.yaml:cycle")

@@ -206,3 +206,30 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     assert bad.returncode != 0 and "params.yaml:pretrain.lr: expected float" in bad.stdout + bad.stderr
     assert (proj / "models/pretrain.pt").read_bytes() == before
     assert (proj / "data/prepared/python/train.parquet").is_file()
+
+
+def gate(cwd, params, *args):
+    return stage(cwd, "gate", "--params", str(params), "--cycle", "c1", "--candidate", "c1.pt", "--eval", "eval.json",
+                 "--previous", "pretrain.champion.pt", "--previous-report", "pretrain.gate.json",
+                 "--out", "c1.champion.pt", "--report", "c1.gate.json", *args)
+
+
+@pytest.mark.parametrize("forgetting, stability, passed", [(0.04, 0.95, True), (0.06, 0.95, False), (0.0, 0.85, False)])
+def test_gate_promotes_only_a_passing_cycle(tmp_path, forgetting, stability, passed):
+    (tmp_path / "params.yaml").write_text("gate: {max_forgetting: 0.05, min_routing_stability: 0.9}\n")
+    (tmp_path / "c1.pt").write_bytes(b"new model")
+    (tmp_path / "pretrain.champion.pt").write_bytes(b"old champion")
+    (tmp_path / "pretrain.gate.json").write_text(json.dumps({"champion": "pretrain"}))
+    (tmp_path / "eval.json").write_text(json.dumps({"forgetting": {"python": forgetting}, "routing_stability_mean": stability}))
+    proc = gate(tmp_path, tmp_path / "params.yaml")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "c1.gate.json").read_text())
+    assert report["passed"] is passed and report["champion"] == ("c1" if passed else "pretrain")
+    assert (tmp_path / "c1.champion.pt").read_bytes() == (b"new model" if passed else b"old champion")
+    assert bool(report["reasons"]) is not passed
+
+
+def test_gate_rejects_bad_params_in_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("gate: {max_forgetting: -1}\n")
+    assert "params.yaml:gate.max_forgetting: expected >= 0" in error_line(gate(tmp_path, tmp_path / "params.yaml"))
+    assert not (tmp_path / "c1.champion.pt").exists()

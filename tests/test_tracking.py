@@ -49,7 +49,7 @@ def test_cycles_are_child_runs_with_metrics_at_their_step_and_a_failed_gate_keep
     assert sorted(versions.values()) == ["c1", "c2"]
     champion = client.get_model_version_by_alias("hst-test", "champion")
     assert str(champion.version) == first["version"] == second["champion_version"] and champion.tags["cycle"] == "c1"
-    assert Path(champion.source).read_bytes() == b"model one"
+    assert (Path(champion.source) / "c1.pt").read_bytes() == b"model one"
 
 
 def test_first_tracked_cycle_failing_registers_the_champion_it_started_from(tmp_path):
@@ -57,4 +57,4 @@ def test_first_tracked_cycle_failing_registers_the_champion_it_started_from(tmp_
     out = _log(tmp_path, uri, "c2", 2, False, b"model two", b"model one")
     champion = MlflowClient(uri, uri).get_model_version_by_alias("hst-test", "champion")
     assert str(champion.version) == out["champion_version"] != out["version"]
-    assert Path(champion.source).read_bytes() == b"model one"
+    assert (Path(champion.source) / "c2.champion.pt").read_bytes() == b"model one"
