@@ -94,3 +94,33 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(tmp
     again = cl.continual_learning(str(proj), return_state=True)
     assert set(again.result()[0]["stages"].values()) == {"skipped"}
     assert len(client.search_runs([run.info.experiment_id])) == 2  # the parent and c1
+
+
+def test_inbox_flow_turns_a_full_inbox_into_one_new_cycle(tmp_path, monkeypatch):
+    from prefect.states import Completed
+
+    from flows import inbox as inbox_flow
+
+    params = tmp_path / "params.yaml"
+    params.write_text("# keep me\nprepare:\n  domains:\n    kjv: data/corpus/kjv.txt.gz\n"
+                      "cycles:\n  c1_kjv: {domain: kjv, prev: pretrain}\n"
+                      "flow: {inbox: data/inbox, min_inbox_bytes: 1000}\n")
+    box = tmp_path / "data/inbox"
+    box.mkdir(parents=True)
+    (box / "a.txt").write_text("first " * 100)
+    runs = []
+    monkeypatch.setattr(inbox_flow, "continual_learning",
+                        lambda project, params, return_state: runs.append(project) or Completed(message="ran"))
+    assert "600 of 1000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    (box / "b.txt").write_text("second " * 100)
+    assert inbox_flow.inbox_flow(str(tmp_path), return_state=True).message == "ran"
+    new = yaml.safe_load(params.read_text())
+    assert new["cycles"]["c2_inbox1"] == {"domain": "inbox1", "prev": "c1_kjv"}
+    assert new["prepare"]["domains"]["inbox1"] == "data/corpus/inbox/inbox1.txt"
+    assert params.read_text().startswith("# keep me")
+    assert (tmp_path / "data/corpus/inbox/inbox1.txt").read_text() == "first " * 100 + "\n\n" + "second " * 100 + "\n"
+    # The same files dropped again are not learned twice: no new cycle, no new run.
+    (box / "a.txt").write_text("first " * 100)
+    (box / "b.txt").write_text("second " * 100)
+    assert "0 of 1000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    assert len(runs) == 1 and list(yaml.safe_load(params.read_text())["cycles"]) == ["c1_kjv", "c2_inbox1"]
