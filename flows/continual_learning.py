@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dvc.repo import Repo
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
@@ -39,7 +40,7 @@ class StageFailed(RuntimeError):
     """A DVC stage exited with an error; the message names the stage and its last error line."""
 
 
-def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     # The stages' `python` is this interpreter, whether or not its environment is activated.
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(project),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
@@ -48,7 +49,7 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 def run_stage(project: Path, target: str) -> str:
     """``dvc repro --single-item target``: "ran" or "skipped" (up to date); StageFailed otherwise."""
-    proc = dvc(project, "repro", "--single-item", target)
+    proc = run_dvc(project, "repro", "--single-item", target)
     logger = get_run_logger()
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip():
@@ -86,7 +87,7 @@ def merge_task(project: str, cycle: str, args, inputs: consolidate_stage.Inputs,
     """Merge the experts into the start model, write the stage's outputs, record them with `dvc commit`."""
     merge_expert_states(inputs.model, [state for state, _ in parts])
     consolidate_stage.save(args, inputs, [curves for _, curves in parts])
-    done = dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
+    done = run_dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
     if done.returncode != 0:
         raise StageFailed(f"consolidate@{cycle}: dvc commit failed: {done.stderr.strip()}")
     return "ran"
@@ -95,7 +96,7 @@ def merge_task(project: str, cycle: str, args, inputs: consolidate_stage.Inputs,
 def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: float) -> str:
     """The consolidate stage with its selected experts as mapped tasks (skipped when up to date)."""
     root, target = Path(project), f"consolidate@{cycle}"
-    if "up to date" in dvc(root, "status", target).stdout:
+    if "up to date" in run_dvc(root, "status", target).stdout:
         return "skipped"
     args = consolidate_stage.parse(shlex.split(_stage_cmd(root, target))[3:])  # drop "python -m stages.consolidate"
     for name, value in vars(args).items():  # every argument is a path relative to the project, as under dvc
@@ -111,8 +112,6 @@ def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: fl
 
 def _stage_cmd(project: Path, target: str) -> str:
     """The command dvc.yaml gives ``target`` (templates resolved), via DVC's own API."""
-    from dvc.repo import Repo
-
     with Repo(str(project)) as repo:
         (stage,) = repo.stage.collect(f"{project / 'dvc.yaml'}:{target}")
         return stage.cmd
