@@ -189,8 +189,12 @@ class CycleConfig:
     new_old_ratio: float = 0.2  # share of new records in a coreset / replay mix (0.2 -> 1 new : 4 old)
     eval_windows: int = 32  # validation windows per domain for BPB and routing stability
     seed: int = 0  # seeds record sampling and coreset draws
+    consolidation: str = "sequential"  # "sequential": experts one after another, bottom-up; "parallel": each
+    #                                    from the cycle's start model, merged (the flow maps them as tasks)
 
     def __post_init__(self):
+        _require(self.consolidation in ("sequential", "parallel"),
+                 f"consolidation: expected sequential or parallel, got {self.consolidation!r}")
         _require(self.mode in CYCLE_MODES, f"mode: expected one of {CYCLE_MODES}, got {self.mode!r}")
         _require(self.incoming_records >= 1, "incoming_records: expected >= 1")
         _require(self.index_records >= 1, "index_records: expected >= 1")
@@ -220,3 +224,42 @@ class GrowConfig:
         _require(self.gate_windows >= 2, "gate_windows: expected >= 2")
         _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
         _require(self.steps >= 0, "steps: expected >= 0")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_forgetting: float = 0.05  # promote only if forgetting on every old domain (vs the cycle's start) is <= this
+    min_routing_stability: float = 0.90  # ... and mean routing stability on the old domains is >= this
+
+    def __post_init__(self):
+        _require(self.max_forgetting >= 0, "max_forgetting: expected >= 0")
+        _require(0 <= self.min_routing_stability <= 1, "min_routing_stability: expected in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = ""  # MLflow experiment of the scenario; "" -> "hst-<model.ffn>-<cycle.mode>"
+    registered_model: str = ""  # registered model holding every cycle's checkpoint; "" -> the experiment name
+
+    def resolve(self, ffn: str, mode: str) -> "TrackingConfig":
+        """The names with the scenario defaults filled in: one experiment per (model.ffn, cycle.mode)."""
+        experiment = self.experiment or f"hst-{ffn}-{mode}"
+        return TrackingConfig(experiment, self.registered_model or experiment)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    retries: int = 1  # a failed stage task is retried this many times (transient failures) before the flow fails
+    retry_delay_seconds: float = 10.0  # wait between retries
+    cron: str = ""  # schedule of the served continual_learning deployment (cron syntax); "" -> interval_seconds
+    interval_seconds: int = 86400  # schedule when cron is empty
+    inbox: str = "data/inbox"  # text files dropped here become the next cycle (the inbox deployment)
+    min_inbox_bytes: int = 200_000  # ... once at least this many bytes have arrived
+    inbox_interval_seconds: int = 300  # how often the inbox deployment looks
+
+    def __post_init__(self):
+        _require(self.retries >= 0, "retries: expected >= 0")
+        _require(self.retry_delay_seconds >= 0, "retry_delay_seconds: expected >= 0")
+        _require(self.interval_seconds >= 1, "interval_seconds: expected >= 1")
+        _require(self.min_inbox_bytes >= 1, "min_inbox_bytes: expected >= 1")
+        _require(self.inbox_interval_seconds >= 1, "inbox_interval_seconds: expected >= 1")

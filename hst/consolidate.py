@@ -7,6 +7,7 @@ layer's keys live in that layer's own hidden-state space.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import contextmanager
 
@@ -75,8 +76,9 @@ def _ema_key(model: GPT, layer: int, expert: int, new: torch.Tensor, key_windows
 
 def consolidate_experts(model: GPT, sets: list[tuple[int, int, torch.Tensor, torch.Tensor]],
                         cfg: TrainConfig, joint: bool = False) -> list[dict]:
-    """Consolidate several experts; ``sets`` holds ``(layer, expert, coreset, new)`` token streams in
-    the order to train them. The step budget ``cfg.steps`` is split evenly across the experts.
+    """Consolidate several experts one after the other; ``sets`` holds ``(layer, expert, coreset,
+    new)`` token streams in the order to train them, so each expert trains on the hidden states its
+    predecessors' updates produce. The step budget ``cfg.steps`` is split evenly across the experts.
 
     ``joint=True`` is the alternative we measured and rejected (docs/decisions.md): all experts
     unfrozen together and trained for the whole budget on the union of their coresets.
@@ -89,8 +91,50 @@ def consolidate_experts(model: GPT, sets: list[tuple[int, int, torch.Tensor, tor
         for layer, expert, _, new in sets:
             _ema_key(model, layer, expert, new)
         return [curves]
-    steps = max(cfg.steps // max(len(sets), 1), 1)
-    return [consolidate_expert(model, layer, expert, coreset, new,
-                               dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps),
-                                                   seed=cfg.seed + i))
+    return [consolidate_expert(model, layer, expert, coreset, new, expert_budget(cfg, i, len(sets)))
             for i, (layer, expert, coreset, new) in enumerate(sets)]
+
+
+def expert_budget(cfg: TrainConfig, i: int, n: int) -> TrainConfig:
+    """The training config of the ``i``-th of ``n`` experts: an even share of the steps, its own seed."""
+    steps = max(cfg.steps // max(n, 1), 1)
+    return dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps), seed=cfg.seed + i)
+
+
+def consolidate_part(model: GPT, i: int, n: int, one_set: tuple[int, int, torch.Tensor, torch.Tensor],
+                     cfg: TrainConfig) -> tuple[dict, dict]:
+    """The parallel path's unit of work: consolidate the ``i``-th of ``n`` sets on a private copy of
+    ``model`` (left untouched); return that expert's new state (see :func:`expert_state`) and its curves.
+    Parts of one start model are independent, so they can run in any order or at once."""
+    layer, expert, coreset, new = one_set
+    work = copy.deepcopy(model)
+    curves = consolidate_expert(work, layer, expert, coreset, new, expert_budget(cfg, i, n))
+    return expert_state(work, layer, expert), curves
+
+
+def consolidate_parallel(model: GPT, sets: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+                         cfg: TrainConfig) -> list[dict]:
+    """Every expert consolidated from the same start ``model`` (:func:`consolidate_part`), then merged
+    into it; in-process equivalent of the flow's mapped tasks. Returns the curves, one per set."""
+    parts = [consolidate_part(model, i, len(sets), s, cfg) for i, s in enumerate(sets)]
+    merge_expert_states(model, [state for state, _ in parts])
+    return [curves for _, curves in parts]
+
+
+def expert_state(model: GPT, layer: int, expert: int) -> dict:
+    """Everything consolidating ``(layer, expert)`` may change: the expert's tensors and its key."""
+    moe = model.moe(layer)
+    keys = getattr(moe.router, "keys", None)
+    return {"layer": layer, "expert": expert,
+            "weights": {k: v.detach().clone() for k, v in moe.experts[expert].state_dict().items()},
+            "key": None if keys is None else keys[expert].clone()}
+
+
+def merge_expert_states(model: GPT, states: list[dict]) -> None:
+    """Write each state into its own expert; they touch disjoint tensors, so the order is irrelevant."""
+    with torch.no_grad():
+        for s in states:
+            moe = model.moe(s["layer"])
+            moe.experts[s["expert"]].load_state_dict(s["weights"])
+            if s["key"] is not None:
+                moe.router.keys[s["expert"]] = s["key"]

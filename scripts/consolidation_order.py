@@ -4,6 +4,7 @@ artifacts (after `dvc repro` has produced them):
   bottom-up  layer by layer from the bottom, by expert id (the pipeline's order)
   top-down   the same experts, top layer first
   joint      all selected experts unfrozen together, the whole budget on the union of coresets
+  parallel   every expert from the cycle's start model, merged (cycle.consolidation: parallel)
 
     python scripts/consolidation_order.py --cycle c1_kjv
 
@@ -23,12 +24,14 @@ import yaml
 
 from hst import checkpoint, data, evaluation, sampler
 from hst.config import CycleConfig, TrainConfig
-from hst.consolidate import consolidate_experts
+from hst.consolidate import consolidate_experts, consolidate_parallel
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycle", required=True)
+    ap.add_argument("--variants", nargs="+", default=["bottom-up", "top-down", "joint", "parallel"],
+                    choices=["bottom-up", "top-down", "joint", "parallel"])
     args = ap.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
     item = params["cycles"][args.cycle]
@@ -41,17 +44,21 @@ def main() -> None:
              data.encode(pq.read_table(root / f"coresets/{e['name']}.parquet").column("text").to_pylist()),
              data.encode([t for t, p in zip(texts, primaries) if p[e["layer"]] == e["expert"]]))
             for e in selection]
-    start, meta = checkpoint.load(f"models/{item['prev']}.pt")
+    start, meta = checkpoint.load(f"models/{item['prev']}.champion.pt")
     domains = [*meta["learned_domains"], item["domain"]]
     val = {d: data.load_tokens("data/prepared", d, "val") for d in domains}
     before = evaluation.evaluate_domains(start, val, ccfg.eval_windows)
     history = [{"name": "start", "bpb": {d: e.bpb for d, e in before.items()}}]
     print("| variant | avg forgetting | worst forgetting | absorption | routing stability | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, order, joint in [("bottom-up", sets, False), ("top-down", sets[::-1], False), ("joint", sets, True)]:
-        model, _ = checkpoint.load(f"models/{item['prev']}.pt")
+    variants = {"bottom-up": lambda m: consolidate_experts(m, sets, tcfg),
+                "top-down": lambda m: consolidate_experts(m, sets[::-1], tcfg),
+                "joint": lambda m: consolidate_experts(m, sets, tcfg, joint=True),
+                "parallel": lambda m: consolidate_parallel(m, sets, tcfg)}
+    for name in args.variants:
+        model, _ = checkpoint.load(f"models/{item['prev']}.champion.pt")
         t0 = time.perf_counter()
-        consolidate_experts(model, order, tcfg, joint=joint)
+        variants[name](model)
         seconds = time.perf_counter() - t0
         r = evaluation.cycle_report(history, name, item["domain"], list(meta["learned_domains"]), before,
                                     evaluation.evaluate_domains(model, val, ccfg.eval_windows), model.n_experts)

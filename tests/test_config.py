@@ -1,6 +1,6 @@
 import pytest
 
-from hst.config import ConfigError, ModelConfig, TrainConfig, build
+from hst.config import ConfigError, CycleConfig, FlowConfig, ModelConfig, TrackingConfig, TrainConfig, build
 
 
 def test_unknown_key_is_named():
@@ -31,3 +31,12 @@ def test_int_is_accepted_for_float_and_lists_for_tuples():
 def test_configs_are_frozen():
     with pytest.raises(Exception):
         ModelConfig().d_model = 3
+
+
+def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
+    assert TrackingConfig().resolve("dense", "full") == TrackingConfig("hst-dense-full", "hst-dense-full")
+    assert TrackingConfig("mine").resolve("key", "experts").registered_model == "mine"
+    with pytest.raises(ConfigError, match="params.yaml:flow.min_inbox_bytes: expected >= 1"):
+        build(FlowConfig, {"min_inbox_bytes": 0}, "params.yaml:flow")
+    with pytest.raises(ConfigError, match="cycle.consolidation: expected sequential or parallel"):
+        build(CycleConfig, {"consolidation": "async"}, "params.yaml:cycle")

@@ -39,12 +39,16 @@ def tiny_project(tmp: Path) -> Path:
                      "eval_every": 6, "eval_windows": 4, "precision": "fp32"},
         "cycles": {"c1": {"domain": "kjv", "prev": "pretrain"}, "c2": {"domain": "german", "prev": "c1"}},
         "cycle": {"mode": "experts", "incoming_records": 40, "index_records": 30, "min_new_data": 3,
-                  "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0},
+                  "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0, "consolidation": "sequential"},
         "consolidate": {"steps": 12, "batch_size": 4, "lr": 0.001, "warmup_steps": 1, "eval_every": 100,
                         "eval_windows": 2, "precision": "fp32"},
         # Any batch with a record above the lowest held-in BPB triggers: growth is forced.
         "grow": {"enabled": True, "quantile": 1e-6, "batch_records": 8, "min_batches": 1, "novel_share": 0.0,
                  "gate_windows": 4, "init": "copy_nearest", "steps": 4},
+        # A tiny model forgets far more than 5 % in a cycle; the flow tests set their own gate.
+        "gate": {"max_forgetting": 10.0, "min_routing_stability": 0.0},
+        "tracking": {"experiment": "tiny", "registered_model": "tiny"},
+        "flow": {"retries": 0, "retry_delay_seconds": 0},
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp
@@ -203,3 +207,30 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     assert bad.returncode != 0 and "params.yaml:pretrain.lr: expected float" in bad.stdout + bad.stderr
     assert (proj / "models/pretrain.pt").read_bytes() == before
     assert (proj / "data/prepared/python/train.parquet").is_file()
+
+
+def gate(cwd, params, *args):
+    return stage(cwd, "gate", "--params", str(params), "--cycle", "c1", "--candidate", "c1.pt", "--eval", "eval.json",
+                 "--previous", "pretrain.champion.pt", "--previous-report", "pretrain.gate.json",
+                 "--out", "c1.champion.pt", "--report", "c1.gate.json", *args)
+
+
+@pytest.mark.parametrize("forgetting, stability, passed", [(0.04, 0.95, True), (0.06, 0.95, False), (0.0, 0.85, False)])
+def test_gate_promotes_only_a_passing_cycle(tmp_path, forgetting, stability, passed):
+    (tmp_path / "params.yaml").write_text("gate: {max_forgetting: 0.05, min_routing_stability: 0.9}\n")
+    (tmp_path / "c1.pt").write_bytes(b"new model")
+    (tmp_path / "pretrain.champion.pt").write_bytes(b"old champion")
+    (tmp_path / "pretrain.gate.json").write_text(json.dumps({"champion": "pretrain"}))
+    (tmp_path / "eval.json").write_text(json.dumps({"forgetting": {"python": forgetting}, "routing_stability_mean": stability}))
+    proc = gate(tmp_path, tmp_path / "params.yaml")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "c1.gate.json").read_text())
+    assert report["passed"] is passed and report["champion"] == ("c1" if passed else "pretrain")
+    assert (tmp_path / "c1.champion.pt").read_bytes() == (b"new model" if passed else b"old champion")
+    assert bool(report["reasons"]) is not passed
+
+
+def test_gate_rejects_bad_params_in_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("gate: {max_forgetting: -1}\n")
+    assert "params.yaml:gate.max_forgetting: expected >= 0" in error_line(gate(tmp_path, tmp_path / "params.yaml"))
+    assert not (tmp_path / "c1.champion.pt").exists()

@@ -1,0 +1,182 @@
+"""Prefect flow `continual_learning`: pretraining, then every cycle of ``params.yaml:cycles`` as a
+chain of tasks, one per DVC stage (build_index → collect → coreset → consolidate → grow → evaluate →
+gate → track), each cycle a subflow, so the Prefect UI shows every stage of every cycle with its
+state, duration and logs.
+
+Each task runs ``dvc repro --single-item <stage>@<cycle>``: the flow and `dvc repro` run the same
+code on the same inputs, lineage stays in ``dvc.lock``, and a re-run after a crash resumes because
+DVC skips every stage whose inputs and outputs are unchanged. With ``cycle.consolidation: parallel``
+the selected experts of a cycle run as mapped tasks (one per expert, from the cycle's start model)
+whose results merge into the stage's outputs; ``dvc commit`` then records them as the stage's.
+
+    python -m flows.continual_learning [--project DIR] [--cycles c1_kjv c2_manpages]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from dvc.repo import Repo
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from hst.config import CycleConfig, FlowConfig, HSTError, build
+from hst.consolidate import consolidate_part, merge_expert_states
+from stages import consolidate as consolidate_stage
+from stages.common import load_params
+
+CYCLE_STAGES = ("build_index", "collect", "coreset", "consolidate", "grow", "evaluate", "gate", "track")
+START = ("prepare", "pretrain", "gate_pretrain")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited with an error; the message names the stage and its last error line."""
+
+
+def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    # The stages' `python` is this interpreter, whether or not its environment is activated.
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(project),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, env=env)
+
+
+def run_stage(project: Path, target: str) -> str:
+    """``dvc repro --single-item target``: "ran" or "skipped" (up to date); StageFailed otherwise."""
+    proc = run_dvc(project, "repro", "--single-item", target)
+    logger = get_run_logger()
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode != 0:
+        raise StageFailed(f"{target}: {error_line(proc.stdout + proc.stderr) or f'exit code {proc.returncode}'}")
+    return "skipped" if "didn't change, skipping" in proc.stdout else "ran"
+
+
+def error_line(output: str) -> str | None:
+    """The stage's own one-line error, else the line before DVC's ERROR (a traceback's last line)."""
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("error:")]
+    if ours:
+        return ours[-1]
+    dvc_err = next((i for i, ln in enumerate(lines) if ln.startswith("ERROR:")), None)
+    if dvc_err is None:
+        return None
+    return lines[dvc_err - 1] if dvc_err > 0 else lines[dvc_err]
+
+
+@task(task_run_name="{target}", cache_policy=NO_CACHE)
+def stage_task(project: str, target: str) -> str:
+    return run_stage(Path(project), target)
+
+
+@task(task_run_name="consolidate@{cycle}/{name}", cache_policy=NO_CACHE)
+def expert_task(inputs: consolidate_stage.Inputs, cycle: str, name: str, i: int) -> tuple[dict, dict]:
+    """One selected expert consolidated from the cycle's start model (touches only its own weights)."""
+    return consolidate_part(inputs.model, i, len(inputs.sets), inputs.sets[i], inputs.tcfg)
+
+
+@task(task_run_name="consolidate@{cycle}: merge", cache_policy=NO_CACHE)
+def merge_task(project: str, cycle: str, args, inputs: consolidate_stage.Inputs, parts: list) -> str:
+    """Merge the experts into the start model, write the stage's outputs, record them with `dvc commit`."""
+    merge_expert_states(inputs.model, [state for state, _ in parts])
+    consolidate_stage.save(args, inputs, [curves for _, curves in parts])
+    done = run_dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
+    if done.returncode != 0:
+        raise StageFailed(f"consolidate@{cycle}: dvc commit failed: {done.stderr.strip()}")
+    return "ran"
+
+
+def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: float) -> str:
+    """The consolidate stage with its selected experts as mapped tasks (skipped when up to date)."""
+    root, target = Path(project), f"consolidate@{cycle}"
+    if "up to date" in run_dvc(root, "status", target).stdout:
+        return "skipped"
+    args = consolidate_stage.parse(shlex.split(_stage_cmd(root, target))[3:])  # drop "python -m stages.consolidate"
+    for name, value in vars(args).items():  # every argument is a path relative to the project, as under dvc
+        setattr(args, name, str(root / value))
+    try:
+        inputs = consolidate_stage.load(args)
+    except HSTError as e:
+        raise StageFailed(f"{target}: error: {e}") from None
+    parts = expert_task.with_options(retries=retries, retry_delay_seconds=retry_delay).map(
+        unmapped(inputs), unmapped(cycle), [e["name"] for e in inputs.selection], list(range(len(inputs.sets))))
+    return merge_task(project, cycle, args, inputs, parts.result())
+
+
+def _stage_cmd(project: Path, target: str) -> str:
+    """The command dvc.yaml gives ``target`` (templates resolved), via DVC's own API."""
+    with Repo(str(project)) as repo:
+        (stage,) = repo.stage.collect(f"{project / 'dvc.yaml'}:{target}")
+        return stage.cmd
+
+
+@flow(name="learn_consolidate_cycle", flow_run_name="cycle {cycle}")
+def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: int, retry_delay: float) -> dict:
+    """One cycle: its stages in order; returns the gate decision, the MLflow run of the cycle and
+    what each stage did ("ran" or "skipped")."""
+    run = stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay)
+    done = {stage: parallel_consolidate(project, cycle, retries, retry_delay)
+            if stage == "consolidate" and parallel else run(project, f"{stage}@{cycle}")
+            for stage in CYCLE_STAGES}
+    root = Path(project)
+    gate = json.loads((root / f"metrics/gate/{cycle}.json").read_text())
+    mlflow = json.loads((root / f"metrics/cycles/{cycle}/mlflow.json").read_text())
+    logger = get_run_logger()
+    for alarm in gate["alarms"]:
+        logger.warning(f"alarm in cycle {cycle}: {alarm}")
+    if not gate["passed"]:
+        logger.warning(f"cycle {cycle} failed its gate ({'; '.join(gate['reasons'])}); champion stays {gate['champion']}")
+    return {"cycle": cycle, "passed": gate["passed"], "reasons": gate["reasons"], "alarms": gate["alarms"],
+            "champion": gate["champion"], "run_id": mlflow["run_id"], "parent_run_id": mlflow["parent_run_id"],
+            "champion_version": mlflow["champion_version"], "stages": done}
+
+
+@flow(name="continual_learning", log_prints=True)
+def continual_learning(project: str = ".", cycles: list[str] | None = None, params: str = "params.yaml"):
+    """Pretraining (if not up to date) and then ``cycles`` (default: all of ``params.yaml:cycles``).
+
+    The final state's message lists every cycle's gate decision and any alarm; its data is the list
+    of per-cycle results.
+    """
+    root = Path(project).resolve()
+    flow_sec, cycle_sec, all_cycles = load_params(root / params, "flow", "cycle", "cycles")
+    cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
+    ccfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    run = stage_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
+    for target in START:
+        run(str(root), target)
+    results = [learn_consolidate_cycle(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
+                                       cfg.retries, cfg.retry_delay_seconds)
+               for c in (cycles or list(all_cycles))]
+    return Completed(message=summary(results), data=results)
+
+
+def summary(results: list[dict]) -> str:
+    """One line per cycle: gate decision, champion, alarms."""
+    lines = []
+    for r in results:
+        gate = "promoted" if r["passed"] else f"rejected ({'; '.join(r['reasons'])})"
+        alarm = f"; ALARM: {'; '.join(r['alarms'])}" if r["alarms"] else ""
+        lines.append(f"{r['cycle']}: {gate}, champion {r['champion']}{alarm}")
+    return "\n".join(lines) or "no cycles"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--project", default=".")
+    ap.add_argument("--cycles", nargs="*", help="cycle keys to run (default: all in params.yaml)")
+    args = ap.parse_args()
+    state = continual_learning(args.project, args.cycles, return_state=True)
+    print(state.message)
+    sys.exit(0 if state.is_completed() else 1)
+
+
+if __name__ == "__main__":
+    main()

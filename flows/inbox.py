@@ -1,0 +1,87 @@
+"""Prefect flow `inbox`: text files dropped into ``params.yaml:flow.inbox`` become the next cycle
+once at least ``flow.min_inbox_bytes`` are waiting.
+
+A batch is claimed (files moved to ``<inbox>/processed/inboxN/``, see ``hst.inbox``), written as the
+corpus file ``data/corpus/inbox/inboxN.txt``, added to ``params.yaml`` as domain ``inboxN`` and as
+cycle ``c<k>_inboxN`` after the last cycle, and the continual_learning flow runs. A new domain
+changes ``data/prepared``, so DVC re-runs the stages that read it (see README). A crash after the
+claim is finished on the next run: a claimed batch missing from ``params.yaml`` is added first.
+
+    python -m flows.inbox [--project DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed
+from ruamel.yaml import YAML
+
+from flows.continual_learning import continual_learning
+from hst import inbox as box
+from hst.config import FlowConfig, build
+from hst.io import write_text
+from stages.common import load_params
+
+
+def add_cycle(params_path: Path, domain: str, corpus: str) -> str:
+    """Add ``domain`` (reading ``corpus``) to ``prepare.domains`` and a cycle learning it after the last
+    one; keep the file's comments and layout. Returns the new cycle's key."""
+    yaml = YAML()
+    params = yaml.load(params_path.read_text(encoding="utf-8"))
+    params["prepare"]["domains"][domain] = corpus
+    cycles = params["cycles"]
+    key = f"c{len(cycles) + 1}_{domain}"
+    cycles[key] = {"domain": domain, "prev": list(cycles)[-1] if cycles else "pretrain"}
+    with open(params_path, "w", encoding="utf-8") as f:
+        yaml.dump(params, f)
+    return key
+
+
+def _batches(inbox: Path) -> list[str]:
+    done = inbox / "processed"
+    names = [p.name for p in done.iterdir() if p.is_dir() and re.fullmatch(r"inbox\d+", p.name)] if done.is_dir() else []
+    return sorted(names, key=lambda n: int(n[5:]))
+
+
+@flow(name="inbox", log_prints=True)
+def inbox_flow(project: str = ".", params: str = "params.yaml"):
+    """Turn a full inbox into a new cycle and run the sequence; otherwise report what is waiting."""
+    root = Path(project).resolve()
+    params_path = root / params
+    flow_sec, prepare_sec = load_params(params_path, "flow", "prepare")
+    cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
+    inbox = root / cfg.inbox
+    logger = get_run_logger()
+    batches = _batches(inbox)
+    unfinished = [b for b in batches if b not in prepare_sec.get("domains", {})]
+    if not unfinished:
+        waiting = box.pending_bytes(inbox)
+        if waiting < cfg.min_inbox_bytes:
+            return Completed(message=f"inbox: {waiting} of {cfg.min_inbox_bytes} bytes waiting; no new cycle")
+        batch = f"inbox{int(batches[-1][5:]) + 1 if batches else 1}"
+        files = box.claim(inbox, batch)
+        logger.info(f"claimed {len(files)} files as {batch}: {[f.name for f in files]}")
+        unfinished = [batch]
+    for batch in unfinished:
+        corpus = f"data/corpus/inbox/{batch}.txt"
+        write_text(root / corpus, box.batch_text(inbox, batch))
+        logger.info(f"new cycle {add_cycle(params_path, batch, corpus)} learns {corpus}")
+    return continual_learning(str(root), params=params, return_state=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--project", default=".")
+    args = ap.parse_args()
+    state = inbox_flow(args.project, return_state=True)
+    print(state.message)
+    sys.exit(0 if state.is_completed() else 1)
+
+
+if __name__ == "__main__":
+    main()

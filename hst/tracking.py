@@ -1,0 +1,170 @@
+"""MLflow tracking of learn–consolidate cycles, and the registry mirror of the promotion gate.
+
+One experiment per scenario; one parent run per *sequence* (found by a key, so cycles run by
+separate `dvc repro` or flow invocations land under one parent); one child run per cycle with its
+metrics at ``step = cycle index``, its artifacts and its lineage tags. Every cycle's checkpoint
+becomes a version of one registered model; the alias ``champion`` always points at a version whose
+checkpoint is byte-identical (same md5) to the champion file the gate stage wrote, so the registry
+follows the gate and never decides anything itself.
+
+Functions take explicit URIs, paths and dicts; nothing here reads params files or the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+CHAMPION = "champion"
+_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+def md5(path: str | Path) -> str:
+    """The file's md5: the hash DVC records for a file output."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params as MLflow params: ``{"cycle.mode": "experts", ...}``."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def cycle_metrics(report: dict) -> dict[str, float]:
+    """The metrics of one cycle's evaluation report, flat MLflow keys -> values."""
+    out = {f"bpb.{d}": v for d, v in report["bpb"].items()}
+    out |= {f"forgetting.{d}": v for d, v in report["forgetting"].items()}
+    for key in ("avg_forgetting", "worst_forgetting", "absorption", "backward_transfer", "forward_transfer"):
+        out[key] = report[key]
+    if report.get("routing_stability_mean") is not None:
+        out["routing_stability"] = report["routing_stability_mean"]
+    for i, v in enumerate(report.get("routing_stability", [])):
+        out[f"routing_stability.layer{i}"] = v
+    for layer in report.get("usage", []):
+        out |= {f"{name}.layer{layer['layer']}": layer[name] for name in ("itjd", "rmi", "eff_k")
+                if layer.get(name) is not None}
+    out |= {f"experts.layer{i}": n for i, n in enumerate(report["experts_per_layer"])}
+    if report.get("novelty_rate") is not None:
+        out["novelty_rate"] = report["novelty_rate"]  # share of incoming records above the novelty threshold
+    return {k: float(v) for k, v in out.items()}
+
+
+def curve_metrics(rows: list[dict], prefix: str, x: str = "step") -> list[Metric]:
+    """Every numeric column of a curve table (``plots/*.csv`` rows) as step metrics ``prefix.column``."""
+    now = int(time.time() * 1000)
+    return [Metric(f"{prefix}.{k}", float(v), now, int(row[x]))
+            for row in rows for k, v in row.items() if k != x and isinstance(v, (int, float))]
+
+
+def _log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    for i in range(0, len(metrics), _BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def sequence_run(client: MlflowClient, experiment_id: str, key: str, params: dict,
+                 curves: dict[str, list[dict]]) -> str:
+    """The parent run of sequence ``key``: found by its tag, else created with the params (logged
+    once, flattened) and the pretraining curves (``{"pretrain.train": rows, ...}``)."""
+    found = client.search_runs([experiment_id], f"tags.`hst.sequence` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"sequence {key[:8]}",
+                            tags={"hst.sequence": key, "hst.role": "sequence"})
+    flat = flatten(params)
+    items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    _log_metrics(client, run.info.run_id, [m for prefix, rows in curves.items() for m in curve_metrics(rows, prefix)])
+    return run.info.run_id
+
+
+def log_cycle(uri: str, experiment: str, registered_model: str, sequence_key: str, params: dict,
+              pretrain_curves: dict[str, list[dict]], cycle: str, index: int, report: dict, gate: dict,
+              curves: dict[str, list[dict]], artifacts: list[Path], checkpoint: Path, champion: Path,
+              tags: dict[str, str]) -> dict:
+    """Log cycle ``cycle`` (the ``index``-th) as a child run and mirror its gate in the registry.
+
+    ``report``: the evaluation report; ``gate``: the gate stage's decision (``passed``, ``reasons``,
+    ``alarms``, ``champion``); ``curves``: training curves of the cycle's stages by name;
+    ``checkpoint``: the cycle's final checkpoint; ``champion``: the champion file after the gate.
+    Returns the run ids, the registered version of this cycle and the version ``champion`` points to.
+    """
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp_id = _experiment_id(client, experiment)
+    parent = sequence_run(client, exp_id, sequence_key, params, pretrain_curves)
+    run_tags = {"mlflow.parentRunId": parent, "hst.cycle": cycle, "hst.cycle_index": str(index),
+                "hst.role": "cycle", "gate": "passed" if gate["passed"] else "failed",
+                "gate.reasons": "; ".join(gate["reasons"]) or "-", "alarm": "; ".join(gate["alarms"]) or "-", **tags}
+    run_id = client.create_run(exp_id, run_name=cycle, tags=run_tags).info.run_id
+    values = cycle_metrics(report)
+    now = int(time.time() * 1000)
+    # The parent holds the same values at step = cycle index: one chart across the sequence.
+    for rid in (run_id, parent):
+        _log_metrics(client, rid, [Metric(k, v, now, index) for k, v in values.items()])
+    _log_metrics(client, run_id, [m for prefix, rows in curves.items() for m in curve_metrics(rows, prefix)])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), "evaluation")
+    client.log_artifact(run_id, str(checkpoint), "checkpoint")
+    version, champion_version = _mirror_gate(client, registered_model, run_id, cycle, checkpoint, champion, gate)
+    client.set_terminated(run_id)
+    return {"experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent, "run_id": run_id,
+            "registered_model": registered_model, "version": version, "champion_version": champion_version}
+
+
+def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, checkpoint: Path,
+                 champion: Path, gate: dict) -> tuple[str, str]:
+    """Register this cycle's checkpoint; point ``champion`` at the version equal to the champion file.
+
+    A version's source is an artifact folder holding just that checkpoint, so
+    ``mlflow.artifacts.download_artifacts("models:/<name>@champion")`` fetches it.
+
+    A passing cycle's checkpoint *is* the champion file, so the alias moves to it; a failing one
+    leaves the alias on the previous champion's version. Only when the registry has no version of
+    the champion file (the first tracked cycle fails) is that file registered from this run.
+    """
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    run = client.get_run(run_id)
+    version = client.create_model_version(
+        name, f"{run.info.artifact_uri}/checkpoint", run_id,
+        tags={"cycle": cycle, "md5": md5(checkpoint), "gate": "passed" if gate["passed"] else "failed"}).version
+    target = md5(champion)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    matches = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("md5") == target]
+    if current is not None and current.tags.get("md5") == target and not gate["passed"]:
+        champ = current.version
+    elif matches:
+        champ = max(matches, key=lambda v: int(v.version)).version
+    else:
+        client.log_artifact(run_id, str(champion), "champion")
+        champ = client.create_model_version(
+            name, f"{run.info.artifact_uri}/champion", run_id,
+            tags={"cycle": gate["champion"], "md5": target, "gate": "champion before tracking"}).version
+    client.set_registered_model_alias(name, CHAMPION, champ)
+    client.set_tag(run_id, "champion_version", champ)
+    return str(version), str(champ)

@@ -1,0 +1,99 @@
+"""DVC stage `track`: log a finished cycle to MLflow and mirror its gate in the model registry.
+
+A child run per cycle (metrics at ``step`` = the cycle's position in ``params.yaml:cycles``; the
+evaluation PNGs and JSONs and the checkpoint as artifacts; tags: git commit, the DVC hashes of the
+cycle's outputs, gate decision, alarms) under one parent run per sequence. The sequence key hashes
+the params sections that decide how cycles learn, so cycles run by separate `dvc repro` or flow
+invocations with the same settings share a parent, and changed settings start a new one. The store
+is ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from hst import tracking
+from hst.config import CycleConfig, ModelConfig, TrackingConfig, build
+from hst.io import write_json
+from stages.common import load_params, run
+
+SEQUENCE_SECTIONS = ("model", "pretrain", "cycle", "consolidate", "grow", "gate")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--cycle", required=True)
+    ap.add_argument("--eval", required=True, help="the cycle's evaluation JSON")
+    ap.add_argument("--gate", required=True, help="the cycle's gate report")
+    ap.add_argument("--checkpoint", required=True, help="the cycle's final checkpoint (registered)")
+    ap.add_argument("--champion", required=True, help="the champion after the gate")
+    ap.add_argument("--plots", required=True, help="the cycle's plot directory (PNGs, curve CSVs)")
+    ap.add_argument("--metrics-dir", required=True, help="the cycle's stage metrics (consolidate.json, grow.json)")
+    ap.add_argument("--pretrain-plots", required=True, help="pretraining curves (train.csv, val.csv)")
+    ap.add_argument("--lock", default="dvc.lock", help="DVC lock file: hashes of the cycle's outputs")
+    ap.add_argument("--out", required=True, help="JSON: experiment, run ids, registered versions")
+    args = ap.parse_args()
+
+    tracking_sec, model_sec, cycle_sec, cycles = load_params(args.params, "tracking", "model", "cycle", "cycles")
+    names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(
+        build(ModelConfig, model_sec, "params.yaml:model").ffn, build(CycleConfig, cycle_sec, "params.yaml:cycle").mode)
+    params = yaml.safe_load(Path(args.params).read_text())
+    key = hashlib.sha256(json.dumps({s: params.get(s) for s in SEQUENCE_SECTIONS}, sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    report, gate = (json.loads(Path(p).read_text()) for p in (args.eval, args.gate))
+    plots, mdir = Path(args.plots), Path(args.metrics_dir)
+    result = tracking.log_cycle(
+        os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", names.experiment, names.registered_model,
+        key, params, {f"pretrain.{n}": _csv(Path(args.pretrain_plots) / f"{n}.csv") for n in ("train", "val")},
+        args.cycle, list(cycles).index(args.cycle) + 1, report, gate,
+        {n: _csv(plots / f"{n}.csv") for n in ("consolidate", "grow")},
+        [p for p in [*sorted(plots.glob("*.png")), Path(args.eval), Path(args.gate), *sorted(mdir.glob("*.json"))]
+         if p.is_file() and p.name != Path(args.out).name],
+        Path(args.checkpoint), Path(args.champion),
+        {"mlflow.source.git.commit": _git_commit(), **_dvc_hashes(Path(args.lock), args.cycle)})
+    for alarm in gate["alarms"]:
+        print(f"warning: cycle {args.cycle}: {alarm}", file=sys.stderr)
+    write_json(args.out, {**result, "cycle": args.cycle, "gate": gate})
+
+
+def _csv(path: Path) -> list[dict]:
+    """Curve rows with numbers parsed (empty when the stage wrote no curve)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def _git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "none"
+
+
+def _dvc_hashes(lock: Path, cycle: str) -> dict[str, str]:
+    """``dvc.<out path>`` -> md5 for every output of the cycle's stages already in the lock file."""
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {f"dvc.{out['path']}": out["md5"] for name, st in stages.items() if name.endswith(f"@{cycle}")
+            for out in st.get("outs", []) if "md5" in out}
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,126 @@
+"""The Prefect flows under `prefect_test_harness` (temporary local API, no server, no network)."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows import continual_learning as cl  # noqa: E402
+from test_stages import tiny_project  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_a_failing_stage_is_retried_then_fails_the_flow_naming_it(tmp_path, monkeypatch):
+    params = {"flow": {"retries": 2, "retry_delay_seconds": 0}, "cycle": {}, "cycles": {"c1": {"domain": "kjv", "prev": "pretrain"}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    calls = []
+
+    def fake_stage(project, target):
+        calls.append(target)
+        if target == "coreset@c1":
+            raise cl.StageFailed("coreset@c1: error: cycles/c1/buffer: not a readable Smart Sampler buffer")
+        return "ran"
+
+    monkeypatch.setattr(cl, "run_stage", fake_stage)
+    state = cl.continual_learning(str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert "coreset@c1: error: cycles/c1/buffer" in state.message
+    assert calls == ["prepare", "pretrain", "gate_pretrain", "build_index@c1", "collect@c1"] + ["coreset@c1"] * 3
+
+
+def test_error_line_prefers_the_stage_message():
+    assert cl.error_line("x\nerror: params.yaml:gate.max_forgetting: expected >= 0\nERROR: failed") == \
+        "error: params.yaml:gate.max_forgetting: expected >= 0"
+    assert cl.error_line("Traceback\nModuleNotFoundError: tqdm\nERROR: failed to reproduce") == "ModuleNotFoundError: tqdm"
+
+
+@pytest.mark.slow
+def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    proj = tiny_project(tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["cycles"] = {"c1": {"domain": "kjv", "prev": "pretrain"}}
+    params["cycle"]["consolidation"] = "parallel"  # the experts run as mapped tasks
+    params["gate"]["min_routing_stability"] = 1.0  # forced over the gate: growth always moves some routing
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+
+    state = cl.continual_learning(str(proj), return_state=True)
+    assert state.is_completed(), state.message
+    (result,) = state.result()
+    assert not result["passed"] and result["champion"] == "pretrain"
+    assert state.message.startswith("c1: rejected (routing stability") and "ALARM" in state.message
+    assert (proj / "models/c1.champion.pt").read_bytes() == (proj / "models/pretrain.champion.pt").read_bytes()
+
+    client = MlflowClient(uri, uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == result["parent_run_id"] and run.data.tags["gate"] == "failed"
+    keys = {"bpb.kjv", "forgetting.python", "avg_forgetting", "worst_forgetting", "absorption", "routing_stability",
+            "itjd.layer0", "rmi.layer1", "eff_k.layer0", "experts.layer1", "novelty_rate",
+            "consolidate.train_bpb", "grow.train_bpb"}
+    assert keys <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "avg_forgetting")] == [1]
+    assert run.data.tags["dvc.models/c1.pt"] and run.data.tags["mlflow.source.git.commit"]
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    assert champion.tags["cycle"] == "pretrain" and str(champion.version) == result["champion_version"]
+
+    # The mapped-task consolidation was recorded by DVC as the stage's own output, and `dvc repro`
+    # recomputes the same bytes.
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {**os.environ, "PYTHONPATH": str(proj), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    assert "up to date" in subprocess.run([*dvc, "status"], cwd=proj, capture_output=True, text=True, env=env).stdout
+    flow_bytes = (proj / "models/c1_consolidated.pt").read_bytes()
+    subprocess.run([*dvc, "repro", "-f", "-s", "consolidate@c1"], cwd=proj, check=True, capture_output=True, env=env)
+    assert (proj / "models/c1_consolidated.pt").read_bytes() == flow_bytes
+
+    # A second run resumes: every stage is up to date and no new MLflow run appears.
+    again = cl.continual_learning(str(proj), return_state=True)
+    assert set(again.result()[0]["stages"].values()) == {"skipped"}
+    assert len(client.search_runs([run.info.experiment_id])) == 2  # the parent and c1
+
+
+def test_inbox_flow_turns_a_full_inbox_into_one_new_cycle(tmp_path, monkeypatch):
+    from prefect.states import Completed
+
+    from flows import inbox as inbox_flow
+
+    params = tmp_path / "params.yaml"
+    params.write_text("# keep me\nprepare:\n  domains:\n    kjv: data/corpus/kjv.txt.gz\n"
+                      "cycles:\n  c1_kjv: {domain: kjv, prev: pretrain}\n"
+                      "flow: {inbox: data/inbox, min_inbox_bytes: 1000}\n")
+    box = tmp_path / "data/inbox"
+    box.mkdir(parents=True)
+    (box / "a.txt").write_text("first " * 100)
+    runs = []
+    monkeypatch.setattr(inbox_flow, "continual_learning",
+                        lambda project, params, return_state: runs.append(project) or Completed(message="ran"))
+    assert "600 of 1000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    (box / "b.txt").write_text("second " * 100)
+    assert inbox_flow.inbox_flow(str(tmp_path), return_state=True).message == "ran"
+    new = yaml.safe_load(params.read_text())
+    assert new["cycles"]["c2_inbox1"] == {"domain": "inbox1", "prev": "c1_kjv"}
+    assert new["prepare"]["domains"]["inbox1"] == "data/corpus/inbox/inbox1.txt"
+    assert params.read_text().startswith("# keep me")
+    assert (tmp_path / "data/corpus/inbox/inbox1.txt").read_text() == "first " * 100 + "\n\n" + "second " * 100 + "\n"
+    # The same files dropped again are not learned twice: no new cycle, no new run.
+    (box / "a.txt").write_text("first " * 100)
+    (box / "b.txt").write_text("second " * 100)
+    assert "0 of 1000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    assert len(runs) == 1 and list(yaml.safe_load(params.read_text())["cycles"]) == ["c1_kjv", "c2_inbox1"]
