@@ -62,8 +62,11 @@ def main() -> None:
     meta = {**meta, "stage": "consolidate", "consumed": sorted(set(meta.get("consumed", [])) | set(new["record_id"].to_pylist()))}
     checkpoint.save(args.out, model, meta)
     write_csv(args.curves, rows)
-    write_json(args.metrics, {"mode": cfg.mode, "experts_trained": len(trained) if cfg.mode == "experts" else 0,
-                              "tokens": len(rows) * tcfg.batch_size * model.cfg.seq_len, "sets": trained})
+    summary = {"mode": cfg.mode, "experts_trained": len(trained) if cfg.mode == "experts" else 0,
+               "tokens": len(rows) * tcfg.batch_size * model.cfg.seq_len, "sets": trained}
+    if model.cfg.expert_density < 1:  # sparse experts: connections moved by prune-and-regrow
+        summary["connections_moved"] = sum(c["topology"]["moved"] for c in curves)
+    write_json(args.metrics, summary)
 
 
 if __name__ == "__main__":
