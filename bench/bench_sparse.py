@@ -13,32 +13,38 @@ forward + backward and forward alone (inference), milliseconds per call.
 ``to_sparse_semi_structured`` (2:4) is not measured: it runs on CUDA only and fixes density at 50 %.
 
 Part 2, the full default model: training steps (forward, backward, AdamW) at density 1.0, at
---density with fixed masks, and at --density with topology tracking (the pretraining path).
+--density with fixed masks, at --density with topology tracking (the pretraining path), and with
+every expert's masked weights swapped for the CSR version (fixed masks).
 
-Variants run round-robin and the median of the rounds is reported, so drifts in machine load hit
-all of them alike; ratios are within this one run.
+Every round times one call of every variant in turn (one training step in part 2), and the median
+over rounds is reported, so drifts in machine load hit all variants alike; ratios are within this
+one run.
 
-    python bench/bench_sparse.py [--density 0.05] [--rounds 5] [--steps 5]
+    python bench/bench_sparse.py [--density 0.05] [--rounds 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import time
+import warnings
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from hst.config import ModelConfig, TrainConfig
 from hst.experts import Expert
 from hst.model import GPT
-from hst.sparse import Topology, random_mask
+from hst.sparse import SparseLinear, Topology, random_mask
 from hst.train import make_optimizer, train_step
+from tqdm.auto import tqdm
 
 
-class CSRLinear(torch.autograd.Function):
+class _CSRMatmul(torch.autograd.Function):
     """``x @ Wᵀ`` for ``W`` (out, in) held in CSR; gradients for ``x`` and the live values only."""
 
     @staticmethod
@@ -58,19 +64,28 @@ class CSRLinear(torch.autograd.Function):
         return gx, gv, None, None, None
 
 
-class CSRWeight:
-    """A masked weight as CSR values plus the fixed patterns of W and Wᵀ."""
+class CSRLinear(nn.Module):
+    """A :class:`SparseLinear` as trainable CSR values with fixed patterns of W and Wᵀ."""
 
-    def __init__(self, weight: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, layer: SparseLinear):
+        super().__init__()
+        weight, mask = layer.weight.detach(), layer.mask
         self.pattern = (weight * mask).to_sparse_csr()
+        self.pattern_t = (weight * mask).T.contiguous().to_sparse_csr()
         pos = torch.full(mask.shape, -1, dtype=torch.long)
         pos[mask] = torch.arange(int(mask.sum()))
         self.perm = pos.T[mask.T]  # row-major order of Wᵀ's entries, as indices into W's values
-        self.pattern_t = (weight * mask).T.contiguous().to_sparse_csr()
-        self.values = weight[mask].clone().requires_grad_(True)
+        self.values = nn.Parameter(weight[mask].clone())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return CSRLinear.apply(x, self.values, self.pattern, self.pattern_t, self.perm)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _CSRMatmul.apply(x, self.values, self.pattern, self.pattern_t, self.perm)
+
+
+def to_csr(model: nn.Module) -> nn.Module:
+    """Replace every expert's masked ``up``/``down`` by its CSR equivalent, in place."""
+    for expert in [m for m in model.modules() if isinstance(m, Expert)]:
+        expert.up, expert.down = CSRLinear(expert.up), CSRLinear(expert.down)
+    return model
 
 
 def block_mask(shape: tuple[int, int], density: float, block: int = 16) -> torch.Tensor:
@@ -84,83 +99,87 @@ def expert_variants(d: int, hidden: int, density: float, tokens: int):
     dense.reset_parameters(0.02, 4)
     masked = Expert(d, hidden, density)
     masked.reset_parameters(0.02, 4)
-    up, down = (CSRWeight(m.weight.detach(), m.mask) for m in (masked.up, masked.down))
+    csr = to_csr(copy.deepcopy(masked))
     bsr_up, bsr_down = ((m.weight.detach() * block_mask(m.weight.shape, density)).to_sparse_bsr((16, 16))
                         for m in (masked.up, masked.down))
     x = torch.randn(tokens, d, requires_grad=True)
-    csr = lambda x: down(F.relu(up(x)).square())  # noqa: E731
     bsr = lambda x: (bsr_down @ F.relu(bsr_up @ x.T).square()).T  # noqa: E731
     train = {"dense": dense, "masked": masked, "csr": csr}
     infer = {**train, "bsr": bsr}
-    y_masked, y_csr = masked(x), csr(x)
-    assert torch.allclose(y_masked, y_csr, atol=1e-5), "CSR expert disagrees with the masked expert"
+    g_masked = torch.autograd.grad(masked(x).square().sum(), [x, masked.up.weight])
+    g_csr = torch.autograd.grad(csr(x).square().sum(), [x, csr.up.values])
+    assert torch.allclose(masked(x), csr(x), atol=1e-5), "CSR expert disagrees with the masked expert"
+    assert torch.allclose(g_masked[0], g_csr[0], atol=1e-5), "CSR input gradient disagrees"
+    assert torch.allclose(g_masked[1][masked.up.mask], g_csr[1], atol=1e-5), "CSR weight gradient disagrees"
     return x, train, infer
 
 
-def ms_per_call(fn, reps: int) -> float:
-    fn()
+def timed_ms(fn) -> float:
     t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e3
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
-def model_tokens_per_s(cfg: ModelConfig, every: int, steps: int, batch: int) -> float:
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    tcfg = TrainConfig(domains=("a",), steps=10**6, warmup_steps=0, precision="fp32", topology_every=every)
-    opt = make_optimizer(model, tcfg)
-    topology = Topology(model, opt, every, 0.1, "gradient", 10**6)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
-    for i in range(steps + 1):  # one warm-up step
-        if i == 1:
-            t0 = time.perf_counter()
-        train_step(model, opt, x, x, tcfg, None)
-        topology.after_step(i + 1)
-    return steps * batch * cfg.seq_len / (time.perf_counter() - t0)
+class ModelStep:
+    """One model variant taking training steps (forward, backward, AdamW, topology tracking)."""
+
+    def __init__(self, cfg: ModelConfig, every: int, csr: bool, batch: int):
+        torch.manual_seed(0)
+        self.model = to_csr(GPT(cfg)) if csr else GPT(cfg)
+        self.cfg = TrainConfig(domains=("a",), steps=10**6, warmup_steps=0, precision="fp32", topology_every=every)
+        self.opt = make_optimizer(self.model, self.cfg)
+        self.topology = Topology(self.model, self.opt, every, 0.1, "gradient", 10**6)
+        self.x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
+        self.steps = 0
+
+    def __call__(self) -> None:
+        train_step(self.model, self.opt, self.x, self.x, self.cfg, None)
+        self.steps += 1
+        self.topology.after_step(self.steps)
 
 
-def report(title: str, rates: dict[str, list[float]], base: str, unit: str, lower_is_better: bool) -> None:
+def report(title: str, values: dict[str, list[float]], base: str, unit: str, lower_is_better: bool) -> None:
     print(f"\n{title}")
-    ref = statistics.median(rates[base])
-    print(f"{'variant':24} {unit:>12} {'speed vs ' + base:>22}")
-    for name, r in rates.items():
-        med = statistics.median(r)
-        ratio = ref / med if lower_is_better else med / ref
-        print(f"{name:24} {med:12.3f} {ratio:21.2f}x")
+    ref = statistics.median(values[base])
+    print(f"{'variant':24} {unit:>12} {'speed vs ' + base:>28}")
+    for name, v in values.items():
+        med = statistics.median(v)
+        print(f"{name:24} {med:12.2f} {(ref / med if lower_is_better else med / ref):27.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--density", type=float, default=0.05)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=20, help="calls per round in part 1")
-    ap.add_argument("--steps", type=int, default=5, help="training steps per round in part 2")
+    ap.add_argument("--rounds", type=int, default=30, help="each round times one call of every variant")
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # torch's "beta" notices
     base = ModelConfig()
     tokens = args.batch * base.seq_len * base.top_k // base.n_experts
     x, train, infer = expert_variants(base.d_model, base.expert_hidden, args.density, tokens)
+    sparse_cfg = dataclasses.replace(base, expert_density=args.density)
+    models = {"dense experts (1.0)": ModelStep(base, 0, False, args.batch),
+              f"masked {args.density}, fixed": ModelStep(sparse_cfg, 0, False, args.batch),
+              f"masked {args.density}, evolving": ModelStep(sparse_cfg, 50, False, args.batch),
+              f"csr {args.density}, fixed": ModelStep(sparse_cfg, 0, True, args.batch)}
+    calls = {**{("fwd_bwd", n): (lambda f=f: f(x).square().sum().backward()) for n, f in train.items()},
+             **{("fwd", n): (lambda f=f: f(x).detach()) for n, f in infer.items()},
+             **{("model", n): m for n, m in models.items()}}
     print(f"density={args.density} d_model={base.d_model} expert_hidden={base.expert_hidden} tokens/expert={tokens} "
           f"batch={args.batch}x{base.seq_len} fp32 threads={torch.get_num_threads()} rounds={args.rounds}")
-
-    fwd_bwd = {name: [] for name in train}
-    fwd = {name: [] for name in infer}
-    sparse_cfg = dataclasses.replace(base, expert_density=args.density)
-    model = {"dense experts (1.0)": (base, 0), f"masked {args.density}, fixed": (sparse_cfg, 0),
-             f"masked {args.density}, evolving": (sparse_cfg, 50)}
-    tok_s = {name: [] for name in model}
-    for _ in range(args.rounds):
-        for name, f in train.items():
-            fwd_bwd[name].append(ms_per_call(lambda: f(x).square().sum().backward(), args.reps))
-        with torch.no_grad():
-            for name, f in infer.items():
-                fwd[name].append(ms_per_call(lambda: f(x), args.reps))
-        for name, (cfg, every) in model.items():
-            tok_s[name].append(model_tokens_per_s(cfg, every, args.steps, args.batch))
-    report("one expert, forward + backward (ms per call)", fwd_bwd, "masked", "ms", True)
-    report("one expert, forward only (ms per call)", fwd, "masked", "ms", True)
-    report("full model training step (tokens/s)", tok_s, "dense experts (1.0)", "tokens/s", False)
+    for fn in calls.values():  # warm-up
+        fn()
+    times = {key: [] for key in calls}
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for key, fn in calls.items():
+            times[key].append(timed_ms(fn))
+    report("one expert, forward + backward (ms per call)", {n: times[("fwd_bwd", n)] for n in train},
+           "masked", "ms", True)
+    report("one expert, forward only (ms per call)", {n: times[("fwd", n)] for n in infer}, "masked", "ms", True)
+    step_tokens = args.batch * base.seq_len
+    report("full model training step (tokens/s)",
+           {n: [step_tokens / t * 1e3 for t in times[("model", n)]] for n in models},
+           "dense experts (1.0)", "tokens/s", False)
 
 
 if __name__ == "__main__":
