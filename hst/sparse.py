@@ -102,8 +102,9 @@ def prune_and_regrow(layer: SparseLinear, fraction: float, regrow: str, optimize
     if regrow == "gradient":
         score = g[dead].abs()
     elif regrow == "common_neighbors":
-        # Path counts are integers; uniform noise in [0, 1) only breaks their many ties.
-        score = path_counts(layer.mask).view(-1)[dead] + torch.rand(len(dead), generator=gen)
+        # Path counts are integers; uniform noise in [0, 1) only breaks their many ties (CPU
+        # generator, so the draw is the same on every device).
+        score = path_counts(layer.mask).view(-1)[dead] + torch.rand(len(dead), generator=gen).to(dead.device)
     else:
         raise ValueError(f"regrow: expected one of {REGROW_CRITERIA}, got {regrow!r}")
     grow = dead[score.topk(n).indices]
