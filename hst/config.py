@@ -22,6 +22,7 @@ class ConfigError(HSTError):
 
 
 FFN_KINDS = ("dense", "learned", "key")
+REGROW_CRITERIA = ("gradient", "common_neighbors")
 
 
 def build(cls, section: dict | None, where: str):
@@ -96,6 +97,8 @@ class ModelConfig:
     key_momentum: float = 0.99  # EMA momentum of keys toward their tokens' mean hidden state
     center_routing: bool = False  # route on hidden states minus their running mean (see docs/decisions.md)
     init_std: float = 0.02  # std of the normal init of linear weights
+    expert_density: float = 1.0  # share of live connections in each MoE expert's up/down weights (seed §4: ~0.05);
+    #                              1.0 = dense experts. Fixed count per matrix; init std scaled by 1/sqrt(density)
 
     def __post_init__(self):
         _require(self.ffn in FFN_KINDS, f"ffn: expected one of {FFN_KINDS}, got {self.ffn!r}")
@@ -112,6 +115,7 @@ class ModelConfig:
         _require(self.router_temperature > 0, "router_temperature: expected > 0")
         _require(0.0 <= self.key_momentum <= 1.0, "key_momentum: expected in [0, 1]")
         _require(self.init_std > 0, "init_std: expected > 0")
+        _require(0 < self.expert_density <= 1, "expert_density: expected in (0, 1]")
 
     @property
     def dense_hidden(self) -> int:
@@ -157,6 +161,11 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast where the CPU/GPU supports it), "bf16" or "fp32"
     seed: int = 0  # seeds init and batch sampling: same params -> same metrics
     update_keys: bool = True  # EMA the KeyRouter keys during training
+    # Topology evolution of sparse experts (model.expert_density < 1; nothing happens at 1.0):
+    topology_every: int = 0  # ΔT: steps between prune-and-regrow of every trained expert; 0 = fixed masks
+    topology_prune: float = 0.1  # share of an expert matrix's live connections moved per update
+    topology_regrow: str = "gradient"  # where they regrow: "gradient" (RigL: largest |dL/dw| among dead
+    #                                    positions) or "common_neighbors" (most length-3 paths, seed §4.3)
 
     def __post_init__(self):
         object.__setattr__(self, "domains", tuple(self.domains))
@@ -174,6 +183,10 @@ class TrainConfig:
         _require(self.eval_windows >= 1, "eval_windows: expected >= 1")
         _require(self.precision in ("auto", "bf16", "fp32"),
                  f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
+        _require(self.topology_every >= 0, "topology_every: expected >= 0")
+        _require(0 <= self.topology_prune < 1, "topology_prune: expected in [0, 1)")
+        _require(self.topology_regrow in REGROW_CRITERIA,
+                 f"topology_regrow: expected one of {REGROW_CRITERIA}, got {self.topology_regrow!r}")
 
 
 CYCLE_MODES = ("experts", "full", "full_replay")

@@ -15,26 +15,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hst import sparse
 from hst.config import ModelConfig
 from hst.router import KeyRouter, LearnedRouter, Routing
 
 
 class Expert(nn.Module):
-    """``down(relu(up(x))²)``"""
+    """``down(relu(up(x))²)``; below density 1 ``up`` and ``down`` are masked (:mod:`hst.sparse`)."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, density: float = 1.0):
         super().__init__()
-        self.up = nn.Linear(d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.density = density
+        self.up = sparse.linear(d_model, hidden, density)
+        self.down = sparse.linear(hidden, d_model, density)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.relu(self.up(x)).square())
 
     @torch.no_grad()
     def reset_parameters(self, std: float, n_layer: int) -> None:
-        """Normal init; the residual-facing ``down`` is scaled by 1/sqrt(2·n_layer) (GPT-2)."""
+        """Normal init; the residual-facing ``down`` is scaled by 1/sqrt(2·n_layer) (GPT-2).
+
+        A unit of a sparse layer sums ``density`` times as many inputs, so the std grows by
+        1/sqrt(density) to keep the variance of its pre-activation as in the dense expert.
+        """
+        std = std / self.density ** 0.5
         nn.init.normal_(self.up.weight, std=std)
         nn.init.normal_(self.down.weight, std=std / (2 * n_layer) ** 0.5)
+        for lin in (self.up, self.down):
+            if isinstance(lin, sparse.SparseLinear):
+                lin.zero_dead()
 
 
 def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -76,7 +86,8 @@ class MoE(nn.Module):
                                     cfg.key_momentum, cfg.center_routing)
         else:
             self.router = LearnedRouter(cfg.d_model, n_experts, cfg.top_k)
-        self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden) for _ in range(n_experts))
+        self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden, cfg.expert_density)
+                                     for _ in range(n_experts))
 
     def forward(self, x: torch.Tensor, update_keys: bool = False) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
@@ -104,7 +115,7 @@ class MoE(nn.Module):
             nearest = int(self.router.similarity(key[None]).argmax())
             expert = copy.deepcopy(self.experts[nearest])
         elif init == "random":
-            expert = Expert(self.cfg.d_model, self.cfg.expert_hidden).to(key.device)
+            expert = Expert(self.cfg.d_model, self.cfg.expert_hidden, self.cfg.expert_density).to(key.device)
             expert.reset_parameters(self.cfg.init_std, self.cfg.n_layer)
         else:
             raise ValueError(f"add_expert: init must be 'copy_nearest' or 'random', got {init!r}")

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from hst import sparse
 from hst.config import TrainConfig
 from hst.data import DataError, window_starts
 from hst.model import GPT
@@ -132,7 +133,8 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
 def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
           val_streams: dict[str, torch.Tensor], desc: str = "train",
           on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict:
-    """Train ``model`` in place; return the curves ``{"train": [...], "val": [...]}`` and throughput.
+    """Train ``model`` in place; return the curves ``{"train": [...], "val": [...]}``, throughput
+    and what topology evolution of sparse experts did (``topology``, see :mod:`hst.sparse`).
 
     ``train_streams``/``val_streams`` map a domain to its byte tokens. Validation runs every
     ``eval_every`` steps and after the last step.
@@ -149,7 +151,9 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
     curves = {"train": [], "val": []}
     tokens_seen, train_time = 0, 0.0
     model.train()
-    with tqdm(range(cfg.steps), desc=desc, mininterval=2.0) as bar:  # closes cleanly on error
+    with (tqdm(range(cfg.steps), desc=desc, mininterval=2.0) as bar,  # closes cleanly on error
+          sparse.evolving(model, opt, cfg.topology_every, cfg.topology_prune, cfg.topology_regrow,
+                          cfg.steps, cfg.seed) as topology):
         for step in bar:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -157,6 +161,7 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
                 g["lr"] = lr
             x, y = sample_batch(streams, cfg.batch_size, model.cfg.seq_len, gen)
             bpb = train_step(model, opt, x.to(device), y.to(device), cfg, amp) / LN2
+            topology.after_step(step + 1)
             train_time += time.perf_counter() - t0
             tokens_seen += x.numel()
             curves["train"].append({"step": step + 1, "train_bpb": bpb, "lr": lr})
@@ -168,4 +173,5 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
                     on_eval(step + 1, val)
     curves["tokens_per_s"] = tokens_seen / train_time
     curves["precision"] = "bf16" if amp is not None else "fp32"
+    curves["topology"] = topology.summary()
     return curves

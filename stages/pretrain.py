@@ -61,6 +61,8 @@ def main() -> None:
         "train_seconds": wall,
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if mcfg.expert_density < 1:  # sparse experts: what prune-and-regrow did
+        summary["topology"] = curves["topology"]
     routing = {}
     if mcfg.ffn != "dense":
         ids = {d: e.expert_ids for d, e in final.items()}

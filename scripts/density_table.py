@@ -1,0 +1,116 @@
+"""Write the expert-density comparison (issue 7) into docs/results.md from two or more metrics
+directories, each laid out like ``metrics/`` (``pretrain.json``, ``eval/<cycle>.json``):
+
+    dvc exp run --temp -n density-0.05 -S model.expert_density=0.05
+    python scripts/density_table.py --export density-0.05=docs/runs/density_0.05 \
+        --variant "density 1.0=metrics" --variant "density 0.05=docs/runs/density_0.05"
+
+``--export NAME=DIR`` first copies the ``metrics/`` files of the DVC experiment NAME (its git ref
+under ``refs/exps``) into DIR, so that the run's numbers can be committed next to the table.
+
+Per variant: validation BPB after pretraining and the connections prune-and-regrow moved; per cycle: average and
+worst forgetting of the old domains, absorption (BPB drop on the new domain) and routing
+stability; and the mean over cycles. A cycle missing from a directory is shown as missing. The
+tables replace the text between the density markers in the results file (created if absent);
+no number is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+from results_table import pct  # scripts/ is on sys.path when this file runs as a script
+
+START, END = "<!-- density:start -->", "<!-- density:end -->"
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+
+
+def export(name: str, dest: Path) -> None:
+    """Copy every file under ``metrics/`` of DVC experiment ``name`` into ``dest``."""
+    refs = [r for r in git("for-each-ref", "--format=%(refname)", "refs/exps").split() if r.endswith(f"/{name}")]
+    if not refs:
+        raise SystemExit(f"error: no DVC experiment named {name!r} (run `dvc exp list`)")
+    for path in git("ls-tree", "-r", "--name-only", refs[-1], "metrics").split():
+        target = dest / Path(path).relative_to("metrics")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(git("show", f"{refs[-1]}:{path}"))
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def stability(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def tables(variants: list[tuple[str, Path]], cycles: list[str]) -> str:
+    lines = [row("variant", "val BPB after pretraining", "connections moved in pretraining"), row(*["---"] * 3)]
+    for label, root in variants:
+        p = load(root / "pretrain.json")
+        moved = (p or {}).get("topology", {}).get("moved")  # written only for sparse experts
+        bpb = "missing" if p is None else ", ".join(f"{d} {v:.3f}" for d, v in sorted(p["val_bpb"].items()))
+        lines.append(row(label, bpb, "–" if moved is None else f"{moved:,}"))
+    lines += ["", row("variant", "cycle (new domain)", "avg forgetting", "worst forgetting", "absorption (BPB)",
+                      "new-domain BPB after", "routing stability"), row(*["---"] * 7)]
+    for label, root in variants:
+        seen = []
+        for cycle in cycles:
+            m = load(root / "eval" / f"{cycle}.json")
+            if m is None:
+                lines.append(row(label, cycle, "missing", *["–"] * 4))
+                continue
+            seen.append(m)
+            worst = max(m["forgetting"], key=m["forgetting"].get)
+            lines.append(row(label, f"{cycle} ({m['domain']})", pct(m["avg_forgetting"]),
+                             f"{pct(m['worst_forgetting'])} ({worst})", f"{m['absorption']:.3f}",
+                             f"{m['bpb'][m['domain']]:.3f}", stability(m["routing_stability_mean"])))
+        if seen:
+            stabs = [m["routing_stability_mean"] for m in seen if m["routing_stability_mean"] is not None]
+            lines.append(row(label, f"**mean of {len(seen)}**", pct(mean([m["avg_forgetting"] for m in seen])),
+                             pct(mean([m["worst_forgetting"] for m in seen])),
+                             f"{mean([m['absorption'] for m in seen]):.3f}", "–", stability(mean(stabs))))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export", action="append", default=[], help="NAME=DIRECTORY: copy a DVC experiment's metrics")
+    ap.add_argument("--variant", action="append", required=True, help="LABEL=DIRECTORY (laid out like metrics/)")
+    ap.add_argument("--params", default="params.yaml", help="its `cycles` section gives the cycle order")
+    ap.add_argument("--out", default="docs/results.md")
+    args = ap.parse_args()
+    for item in args.export:
+        name, dest = item.split("=", 1)
+        export(name, Path(dest))
+    variants = [(label, Path(d)) for label, d in (v.split("=", 1) for v in args.variant)]
+    for label, root in variants:
+        if not root.is_dir():
+            raise SystemExit(f"error: {root}: metrics directory of variant {label!r} not found")
+    cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
+    out = Path(args.out)
+    text = out.read_text() if out.is_file() else f"# Results\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise SystemExit(f"error: {out}: density markers {START} ... {END} not found")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    out.write_text(f"{head}{START}\n{tables(variants, cycles)}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()
