@@ -119,9 +119,12 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                cfg: TrainConfig, amp: torch.dtype | None) -> float:
-    """One optimizer step on a batch; returns the loss in nats."""
+    """One optimizer step on a batch; returns the loss in nats. A batch that reaches no trainable
+    parameter (e.g. no token passes a new expert's gate) leaves the model as it was."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         loss = model(x, y, update_keys=cfg.update_keys).loss
+    if not loss.requires_grad:
+        return loss.item()
     loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)

@@ -1,11 +1,13 @@
+import dataclasses
+
 import torch
 
 from hst import data, grow
 from hst.config import GrowConfig, TrainConfig
-from hst.consolidate import ffn_inputs
+from hst.consolidate import ffn_inputs, only_trainable
 from hst.evaluation import routing_stability
 from hst.model import GPT
-from hst.train import evaluate
+from hst.train import evaluate, train
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
                       dtype=torch.uint8)
@@ -49,3 +51,16 @@ def test_new_key_is_the_mean_of_the_novel_tokens_passing_the_gate(tiny_cfg):
     passing = router.eligible(feats)[..., -1]
     want = torch.nn.functional.normalize(feats[passing].mean(0), dim=-1)
     assert torch.allclose(router.keys[-1], want, atol=1e-5)
+
+
+def test_a_closed_gate_is_honoured_in_the_forward_pass_even_after_training(tiny_cfg):
+    model = GPT(tiny_cfg)
+    x = HELD_IN[:2 * tiny_cfg.seq_len].long().view(2, -1)
+    with torch.no_grad():
+        before = model(x).logits
+    for layer in range(tiny_cfg.n_layer):  # a gate that never opens: b = -1
+        model.add_expert(layer, torch.randn(tiny_cfg.d_model), "random", (torch.zeros(tiny_cfg.d_model), 0.0, -1.0))
+    with only_trainable(model, [(l, 4) for l in range(tiny_cfg.n_layer)]):
+        train(model, dataclasses.replace(TCFG, steps=3, domains=("novel",), update_keys=False), {"novel": NOVEL}, {})
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)

@@ -38,3 +38,30 @@ def test_gate_separates_a_shifted_distribution_at_the_requested_false_positive_r
     assert gate_open(held_in, *gate).float().mean() == pytest.approx(0.02, abs=0.005)
     assert gate_open(fresh_held_in, *gate).float().mean() < 0.04
     assert gate_open(fresh_novel, *gate).float().mean() > 0.9
+
+
+def test_surprise_flags_a_novel_distribution_and_not_held_in_records(tiny_cfg):
+    import random
+
+    from hst import sampler
+    from hst.config import TrainConfig
+    from hst.data import encode
+    from hst.model import GPT
+    from hst.train import train
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran to park with red ball in sun".split()
+    english = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)]
+    model = GPT(tiny_cfg)
+    train(model, TrainConfig(domains=("en",), steps=60, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=1000,
+                              precision="fp32"), {"en": encode(english[:20])}, {})
+    greek = [" ".join(rng.choice("η γάτα κάθισε στο χαλί και ο σκύλος έτρεξε".split()) for _ in range(30))
+             for _ in range(40)]
+    score = lambda texts: [sampler.route_record(model, t)[2] for t in texts]  # noqa: E731
+    limit = novelty.threshold(score(english[20:40]), 0.99)  # held-in reference (the index's role)
+    held_in, novel = score(english[40:]), score(greek)
+    assert novelty.auroc(held_in, novel) == 1.0
+    flags_novel, flags_held = [b > limit for b in novel], [b > limit for b in held_in]
+    assert novelty.first_trigger(novelty.batch_shares(flags_novel, 8), 0.5, 3) == 2  # detected after 24 records
+    assert sum(flags_held) <= 2
+    assert novelty.first_trigger(novelty.batch_shares(flags_held, 4), 0.5, 3) is None
