@@ -180,7 +180,8 @@ def test_coreset_reports_a_corrupt_buffer_in_one_line(pretrained, tmp_path):
 def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     proj = tiny_project(tmp_path)
     dvc = [sys.executable, "-m", "dvc"]
-    env = {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1",  # stages' `python` = this one
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=proj, check=True, env=env)
     first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
