@@ -3,7 +3,7 @@ directories, each laid out like ``metrics/`` (``pretrain.json``, ``eval/<cycle>.
 
     dvc exp run --temp -n density-0.05 -S model.expert_density=0.05
     python scripts/density_table.py --export density-0.05=docs/runs/density_0.05 \
-        --variant "density 1.0=metrics" --variant "density 0.05=docs/runs/density_0.05"
+        --variant "density 1.0=docs/runs/density_1.0" --variant "density 0.05=docs/runs/density_0.05"
 
 ``--export NAME=DIR`` first copies the ``metrics/`` files of the DVC experiment NAME (its git ref
 under ``refs/exps``) into DIR, so that the run's numbers can be committed next to the table.

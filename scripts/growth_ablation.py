@@ -1,0 +1,66 @@
+"""What growth costs and gains on one cycle, against spending the same steps on more consolidation.
+
+Starts every variant from the cycle's consolidated checkpoint (`models/<cycle>_consolidated.pt`)
+and reports BPB change on each learned domain's validation split and on the new domain:
+
+    python scripts/growth_ablation.py --cycle c3_german --variant grow:0.001:160 \
+        --variant grow:0.003:160 --variant consolidate:160
+
+``grow:FPR:STEPS`` grows one gated expert per layer (gate false-positive rate FPR) trained STEPS
+steps on the cycle's incoming records; ``consolidate:STEPS`` instead runs the cycle's consolidation
+again for STEPS more steps. Other settings come from params.yaml (`grow`, `consolidate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from hst import checkpoint, data, evaluation, grow, sampler
+from hst.config import GrowConfig, TrainConfig, build
+from hst.consolidate import consolidate_experts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cycle", required=True)
+    ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument("--windows", type=int, default=32)
+    args = ap.parse_args()
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    gcfg = build(GrowConfig, params["grow"], "params.yaml:grow")
+    tcfg = build(TrainConfig, params["consolidate"], "params.yaml:consolidate")
+    domain = params["cycles"][args.cycle]["domain"]
+    start, meta = checkpoint.load(f"models/{args.cycle}_consolidated.pt")
+    val = {d: data.load_tokens("data/prepared", d, "val") for d in [*meta["learned_domains"], domain]}
+    base = evaluation.evaluate_domains(start, val, args.windows)
+    buf = sampler.load_records(f"cycles/{args.cycle}/buffer")
+    index = sampler.read_buffer(f"cycles/{args.cycle}/index.parquet", columns=["text"])["text"].to_pylist()
+    print(f"| variant | {' | '.join(val)} |\n| --- |{' --- |' * len(val)}")
+    for variant in args.variant:
+        kind, *rest = variant.split(":")
+        model, _ = checkpoint.load(f"models/{args.cycle}_consolidated.pt")
+        if kind == "grow":
+            cfg = dataclasses.replace(gcfg, gate_fpr=float(rest[0]), steps=int(rest[1]))
+            grow.grow(model, list(range(model.cfg.n_layer)), data.encode(buf["text"].to_pylist()),
+                      data.encode(index), cfg, tcfg)
+        else:
+            coresets = Path(f"cycles/{args.cycle}/coresets")
+            texts, primaries = buf["text"].to_pylist(), buf["primary_expert"].to_pylist()
+            sets = [(e["layer"], e["expert"],
+                     data.encode(pq.read_table(coresets / f"{e['name']}.parquet").column("text").to_pylist()),
+                     data.encode([t for t, p in zip(texts, primaries) if p[e["layer"]] == e["expert"]]))
+                    for e in json.loads((coresets / "selection.json").read_text())]
+            consolidate_experts(model, sets, dataclasses.replace(tcfg, steps=int(rest[0])))
+        after = evaluation.evaluate_domains(model, val, args.windows)
+        print(f"| {variant} | " + " | ".join(f"{100 * (after[d].bpb / base[d].bpb - 1):+.2f} %" for d in val) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
