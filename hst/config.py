@@ -23,6 +23,7 @@ class ConfigError(HSTError):
 
 FFN_KINDS = ("dense", "learned", "key")
 REGROW_CRITERIA = ("gradient", "common_neighbors")
+FARS_NORMS = ("l2", "mean")
 
 
 def build(cls, section: dict | None, where: str):
@@ -166,6 +167,8 @@ class TrainConfig:
     topology_prune: float = 0.1  # share of an expert matrix's live connections moved per update
     topology_regrow: str = "gradient"  # where they regrow: "gradient" (RigL: largest |dL/dw| among dead
     #                                    positions) or "common_neighbors" (most length-3 paths, seed §4.3)
+    fars_lambda: float = 0.0  # λ of the FARS routing tax (hst/fars.py); 0 = off
+    fars_norm: str = "l2"  # how an expert's sqrt(exp_avg_sq) is reduced to its cost: "l2" or "mean"
 
     def __post_init__(self):
         object.__setattr__(self, "domains", tuple(self.domains))
@@ -187,6 +190,8 @@ class TrainConfig:
         _require(0 <= self.topology_prune < 1, "topology_prune: expected in [0, 1)")
         _require(self.topology_regrow in REGROW_CRITERIA,
                  f"topology_regrow: expected one of {REGROW_CRITERIA}, got {self.topology_regrow!r}")
+        _require(self.fars_lambda >= 0, "fars_lambda: expected >= 0")
+        _require(self.fars_norm in FARS_NORMS, f"fars_norm: expected one of {FARS_NORMS}, got {self.fars_norm!r}")
 
 
 CYCLE_MODES = ("experts", "full", "full_replay")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from hst import sparse
 from hst.config import TrainConfig
+from hst.fars import expert_costs, fars_loss
 from hst.data import DataError, window_starts
 from hst.model import GPT
 
@@ -122,15 +123,18 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
     """One optimizer step on a batch; returns the loss in nats. A batch that reaches no trainable
     parameter (e.g. no token passes a new expert's gate) leaves the model as it was."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        loss = model(x, y, update_keys=cfg.update_keys).loss
+        out = model(x, y, update_keys=cfg.update_keys)
+    loss = out.loss
     if not loss.requires_grad:
         return loss.item()
+    if cfg.fars_lambda > 0:
+        loss = loss + fars_loss(out.routing, expert_costs(model, opt, cfg.fars_norm), cfg.fars_lambda)
     loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item()
+    return out.loss.item()
 
 
 def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
