@@ -169,6 +169,7 @@ class TrainConfig:
     #                                    positions) or "common_neighbors" (most length-3 paths, seed §4.3)
     fars_lambda: float = 0.0  # λ of the FARS routing tax (hst/fars.py); 0 = off
     fars_norm: str = "l2"  # how an expert's sqrt(exp_avg_sq) is reduced to its cost: "l2" or "mean"
+    min_itjd: float = 0.0  # warn at a validation pass when a layer's ITJD across domains is below this; 0 = never
 
     def __post_init__(self):
         object.__setattr__(self, "domains", tuple(self.domains))
@@ -191,6 +192,7 @@ class TrainConfig:
         _require(self.topology_regrow in REGROW_CRITERIA,
                  f"topology_regrow: expected one of {REGROW_CRITERIA}, got {self.topology_regrow!r}")
         _require(self.fars_lambda >= 0, "fars_lambda: expected >= 0")
+        _require(0 <= self.min_itjd <= 1, "min_itjd: expected in [0, 1]")
         _require(self.fars_norm in FARS_NORMS, f"fars_norm: expected one of {FARS_NORMS}, got {self.fars_norm!r}")
 
 

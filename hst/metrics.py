@@ -86,3 +86,9 @@ def specialization(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list
             "rmi": rmi({d: ids[layer] for d, ids in ids_by_domain.items()}, n),
         })
     return layers
+
+
+def routing_curve(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list[int]) -> dict[str, float]:
+    """Per-layer ITJD, RMI and Eff_K as flat training-curve columns (``itjd.layer0``, ...)."""
+    return {f"{name}.layer{r['layer']}": r[name] for r in specialization(ids_by_domain, n_experts)
+            for name in ("itjd", "rmi", "eff_k")}

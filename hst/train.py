@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
@@ -16,8 +17,9 @@ from tqdm.auto import tqdm
 
 from hst import sparse
 from hst.config import TrainConfig
-from hst.fars import expert_costs, fars_loss
 from hst.data import DataError, window_starts
+from hst.fars import expert_costs, fars_loss
+from hst.metrics import routing_curve
 from hst.model import GPT
 
 LN2 = math.log(2)
@@ -174,7 +176,11 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
             curves["train"].append({"step": step + 1, "train_bpb": bpb, "lr": lr})
             bar.set_postfix(bpb=f"{bpb:.3f}", tok_s=f"{tokens_seen / train_time:.0f}", refresh=False)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                val = {d: evaluate(model, t, cfg.eval_windows).bpb for d, t in val_streams.items()}
+                evals = {d: evaluate(model, t, cfg.eval_windows) for d, t in val_streams.items()}
+                val = {d: e.bpb for d, e in evals.items()}
+                if evals and model.cfg.ffn != "dense":
+                    val |= routing_curve({d: e.expert_ids for d, e in evals.items()}, model.n_experts)
+                    _warn_collapse(val, step + 1, cfg.min_itjd, len(evals))
                 curves["val"].append({"step": step + 1, **val})
                 if on_eval:
                     on_eval(step + 1, val)
@@ -182,3 +188,11 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
     curves["precision"] = "bf16" if amp is not None else "fp32"
     curves["topology"] = topology.summary()
     return curves
+
+
+def _warn_collapse(val: dict[str, float], step: int, min_itjd: float, n_domains: int) -> None:
+    """Warn when routing stops separating the validation domains (seed 000: watch ITJD)."""
+    low = {k: v for k, v in val.items() if k.startswith("itjd.") and v < min_itjd}
+    if low and n_domains >= 2:
+        warnings.warn(f"step {step}: ITJD below {min_itjd} ({', '.join(f'{k} {v:.2f}' for k, v in low.items())}): "
+                      "routing is not separating the domains", RuntimeWarning, stacklevel=3)

@@ -60,3 +60,12 @@ def test_rmi_hand_computed():
     pd, pe = {"a": 0.5, "b": 0.5}, {0: 3 / 8, 1: 5 / 8}
     mi = sum(p * math.log(p / (pd[d] * pe[e])) for (d, e), p in joint.items())
     assert metrics.rmi({"a": a, "b": b}, 2) == pytest.approx(mi / math.log(2))
+
+
+def test_routing_curve_flattens_per_layer_metrics():
+    a = [torch.tensor([[0, 1]] * 10), torch.tensor([[0, 1]] * 10)]
+    b = [torch.tensor([[2, 3]] * 10), torch.tensor([[0, 1]] * 10)]
+    curve = metrics.routing_curve({"a": a, "b": b}, [4, 4])
+    assert curve["itjd.layer0"] == pytest.approx(1.0) and curve["rmi.layer0"] == pytest.approx(1.0)
+    assert curve["itjd.layer1"] == 0.0 and curve["rmi.layer1"] == pytest.approx(0.0, abs=1e-12)
+    assert curve["eff_k.layer0"] == pytest.approx(4.0) and curve["eff_k.layer1"] == pytest.approx(2.0)

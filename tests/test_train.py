@@ -89,3 +89,19 @@ def test_a_domain_shorter_than_one_window_is_a_clear_error(tiny_cfg):
     with pytest.raises(DataError, match="domain 'b': 10 tokens, too few"):
         train(GPT(tiny_cfg), tcfg, {"a": torch.zeros(500, dtype=torch.uint8)},
               {"b": torch.zeros(10, dtype=torch.uint8)})
+
+
+def test_validation_passes_log_routing_metrics_and_warn_on_collapse(tiny_cfg):
+    text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 60), dtype=torch.uint8)
+    code = torch.tensor(list(b"def f(x):\n    return [x * i for i in range(9)]\n" * 60), dtype=torch.uint8)
+    tcfg = TrainConfig(domains=("en", "py"), steps=4, batch_size=4, warmup_steps=1, eval_every=2, eval_windows=4,
+                       precision="fp32", min_itjd=1.0)  # a distance of 1 is never reached here: always warns
+    with pytest.warns(RuntimeWarning, match="ITJD below 1.0"):
+        curves = train(GPT(tiny_cfg), tcfg, {"en": text, "py": code}, {"en": text[:400], "py": code[:400]})
+    row = curves["val"][-1]
+    for layer in range(tiny_cfg.n_layer):
+        assert 0 <= row[f"itjd.layer{layer}"] <= 1 and 0 <= row[f"rmi.layer{layer}"] <= 1
+        assert 1 <= row[f"eff_k.layer{layer}"] <= tiny_cfg.n_experts
+    dense = train(GPT(dataclasses.replace(tiny_cfg, ffn="dense")), dataclasses.replace(tcfg, min_itjd=0.0),
+                  {"en": text, "py": code}, {"en": text[:400]})
+    assert set(dense["val"][-1]) == {"step", "en"}
