@@ -22,6 +22,7 @@ class ConfigError(HSTError):
 
 
 FFN_KINDS = ("dense", "learned", "key")
+ROUTING_MODES = ("top_k", "top_any")
 REGROW_CRITERIA = ("gradient", "common_neighbors")
 FARS_NORMS = ("l2", "mean")
 
@@ -93,6 +94,9 @@ class ModelConfig:
     ffn: str = "key"  # "dense" (one FFN), "learned" (Linear router MoE) or "key" (HST KeyRouter MoE)
     n_experts: int = 8  # experts per layer at initialisation (MoE variants)
     top_k: int = 2  # experts each token runs through; the dense FFN gets top_k * expert_hidden
+    routing: str = "top_k"  # learned router: "top_k", or "top_any" (seed 000: every expert, weighted by the softmax)
+    router_floor: float = 0.0  # learned router: a slot whose softmax probability is below this runs no expert
+    #                            (a token keeps its best one); with top_any, compute falls as routing sharpens
     expert_hidden: int = 256  # hidden width of one ReLU² expert
     router_temperature: float = 0.1  # softmax(top-k similarity / temperature) gives expert weights
     key_momentum: float = 0.99  # EMA momentum of keys toward their tokens' mean hidden state
@@ -112,6 +116,12 @@ class ModelConfig:
         _require(self.n_experts >= 1, "n_experts: expected >= 1")
         _require(1 <= self.top_k <= self.n_experts,
                  f"top_k: expected 1..n_experts={self.n_experts}, got {self.top_k}")
+        _require(self.routing in ROUTING_MODES, f"routing: expected one of {ROUTING_MODES}, got {self.routing!r}")
+        _require(self.routing == "top_k" or self.ffn == "learned",
+                 f"routing: top_any needs the learned router (ffn: learned), got ffn {self.ffn!r}")
+        _require(0 <= self.router_floor < 1, "router_floor: expected in [0, 1)")
+        _require(self.router_floor == 0 or self.ffn == "learned",
+                 f"router_floor: needs the learned router (ffn: learned), got ffn {self.ffn!r}")
         _require(self.expert_hidden >= 1, "expert_hidden: expected >= 1")
         _require(self.router_temperature > 0, "router_temperature: expected > 0")
         _require(0.0 <= self.key_momentum <= 1.0, "key_momentum: expected in [0, 1]")
@@ -169,6 +179,8 @@ class TrainConfig:
     #                                    positions) or "common_neighbors" (most length-3 paths, seed §4.3)
     fars_lambda: float = 0.0  # λ of the FARS routing tax (hst/fars.py); 0 = off
     fars_norm: str = "l2"  # how an expert's sqrt(exp_avg_sq) is reduced to its cost: "l2" or "mean"
+    consistency_lambda: float = 0.0  # λ of the task-ID consistency loss (KL of each token's routing to its
+    #                                 domain's mean in the batch; training only, hst/fars.py); 0 = off
     min_itjd: float = 0.0  # warn at a validation pass when a layer's ITJD across domains is below this; 0 = never
 
     def __post_init__(self):
@@ -192,6 +204,7 @@ class TrainConfig:
         _require(self.topology_regrow in REGROW_CRITERIA,
                  f"topology_regrow: expected one of {REGROW_CRITERIA}, got {self.topology_regrow!r}")
         _require(self.fars_lambda >= 0, "fars_lambda: expected >= 0")
+        _require(self.consistency_lambda >= 0, "consistency_lambda: expected >= 0")
         _require(0 <= self.min_itjd <= 1, "min_itjd: expected in [0, 1]")
         _require(self.fars_norm in FARS_NORMS, f"fars_norm: expected one of {FARS_NORMS}, got {self.fars_norm!r}")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hst import sparse
 from hst.config import ModelConfig
-from hst.router import KeyRouter, LearnedRouter, Routing
+from hst.router import SKIPPED, KeyRouter, LearnedRouter, Routing
 
 
 class Expert(nn.Module):
@@ -49,15 +49,16 @@ class Expert(nn.Module):
 
 def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
              experts: nn.ModuleList) -> torch.Tensor:
-    """Σ_j weights[n, j] · experts[expert_ids[n, j]](x[n]) for every token n.
+    """Σ_j weights[n, j] · experts[expert_ids[n, j]](x[n]) for every token n; SKIPPED slots run nothing.
 
     x: (N, d); expert_ids, weights: (N, k).
     """
     n_tokens, k = expert_ids.shape
     flat = expert_ids.reshape(-1)  # (N·k,) assignment a belongs to token a // k
     order = flat.argsort(stable=True)
-    token = order // k  # (N·k,) token of each assignment, grouped by expert
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    order = order[int((flat == SKIPPED).sum()):]  # SKIPPED (-1) sorts first
+    token = order // k  # token of each assignment that runs, grouped by expert
+    counts = torch.bincount(flat[order], minlength=len(experts)).tolist()
     chunks = x.index_select(0, token).split(counts)
     ys = torch.cat([experts[e](c) for e, c in enumerate(chunks) if counts[e] > 0])
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
@@ -85,7 +86,8 @@ class MoE(nn.Module):
             self.router = KeyRouter(cfg.d_model, n_experts, cfg.top_k, cfg.router_temperature,
                                     cfg.key_momentum, cfg.center_routing)
         else:
-            self.router = LearnedRouter(cfg.d_model, n_experts, cfg.top_k)
+            self.router = LearnedRouter(cfg.d_model, n_experts, cfg.top_k, cfg.routing == "top_any",
+                                        cfg.router_floor)
         self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden, cfg.expert_density)
                                      for _ in range(n_experts))
 

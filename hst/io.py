@@ -53,5 +53,19 @@ def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | No
     write_text(path, "\n".join(lines) + "\n")
 
 
+def replace_section(path: str | os.PathLike, name: str, body: str) -> None:
+    """Put ``body`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of a
+    Markdown file (generated tables in hand-written docs); the markers are appended if absent."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if start in text and end in text.split(start, 1)[1]:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+    else:
+        head, tail = (text.rstrip("\n") + "\n\n" if text else ""), "\n"
+    write_text(path, f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)

@@ -2,7 +2,7 @@
 RMI, the mutual information between domain and routed expert.
 
 Pure functions over routing tables (``expert_ids`` of shape (N, k) per layer); usage counts every
-one of a token's k routed slots.
+one of a token's routed slots that runs an expert (Top-Any's skipped slots do not count).
 """
 
 from __future__ import annotations
@@ -12,11 +12,24 @@ import math
 
 import torch
 
+from hst.router import SKIPPED
+
+
+def slot_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) how many routed slots ran each expert."""
+    ids = expert_ids.reshape(-1)
+    return torch.bincount(ids[ids != SKIPPED], minlength=n_experts)
+
 
 def usage(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     """(E,) share of routed slots that went to each expert (sums to 1)."""
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=n_experts).double()
+    counts = slot_counts(expert_ids, n_experts).double()
     return counts / counts.sum()
+
+
+def experts_per_token(expert_ids: torch.Tensor) -> float:
+    """Mean number of experts a token runs: k for top-k, fewer for Top-Any with a floor."""
+    return float((expert_ids != SKIPPED).sum(-1).double().mean())
 
 
 def eff_k(p: torch.Tensor) -> float:
@@ -51,7 +64,7 @@ def itjd(usage_by_domain: dict[str, torch.Tensor], mass: float = 0.9) -> float:
 def rmi(ids_by_domain: dict[str, torch.Tensor], n_experts: int) -> float:
     """I(domain; routed expert) / H(domain), over all routed slots: 0 = routing ignores the
     domain, 1 = the expert determines the domain."""
-    joint = torch.stack([torch.bincount(ids.reshape(-1), minlength=n_experts).double()
+    joint = torch.stack([slot_counts(ids, n_experts).double()
                          for ids in ids_by_domain.values()])  # (D, E) slot counts
     joint = joint / joint.sum()
     pd, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
@@ -63,7 +76,8 @@ def rmi(ids_by_domain: dict[str, torch.Tensor], n_experts: int) -> float:
 
 def specialization(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list[int],
                    cover: float = 0.8) -> list[dict]:
-    """Per layer: usage overall and per domain, Eff_K, and pairwise TV / Jaccard of cover sets."""
+    """Per layer: usage overall and per domain, Eff_K, experts per token, and pairwise TV / Jaccard
+    of cover sets."""
     layers = []
     for layer, n in enumerate(n_experts):
         per_domain = {d: usage(ids[layer], n) for d, ids in ids_by_domain.items()}
@@ -79,6 +93,7 @@ def specialization(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list
             "usage": overall.tolist(),
             "max_share": float(overall.max()),
             "eff_k": eff_k(overall),
+            "experts_per_token": experts_per_token(torch.cat([ids[layer] for ids in ids_by_domain.values()])),
             "domains": {d: {"usage": p.tolist(), "eff_k": eff_k(p),
                             "cover_set": sorted(cover_set(p, cover))} for d, p in per_domain.items()},
             "pairs": pairs,
@@ -89,6 +104,7 @@ def specialization(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list
 
 
 def routing_curve(ids_by_domain: dict[str, list[torch.Tensor]], n_experts: list[int]) -> dict[str, float]:
-    """Per-layer ITJD, RMI and Eff_K as flat training-curve columns (``itjd.layer0``, ...)."""
+    """Per-layer ITJD, RMI, Eff_K and experts per token as flat training-curve columns
+    (``itjd.layer0``, ...)."""
     return {f"{name}.layer{r['layer']}": r[name] for r in specialization(ids_by_domain, n_experts)
-            for name in ("itjd", "rmi", "eff_k")}
+            for name in ("itjd", "rmi", "eff_k", "experts_per_token")}

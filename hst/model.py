@@ -107,6 +107,22 @@ class GPT(nn.Module):
         """Experts per layer (1 per layer for the dense FFN)."""
         return [len(b.ffn.experts) if isinstance(b.ffn, MoE) else 1 for b in self.blocks]
 
+    def flops_per_token(self, experts_per_token: list[float] | None = None) -> float:
+        """Forward matmul FLOPs per token (2 per multiply-add; attention over the mean causal context
+        of seq_len / 2 tokens). ``experts_per_token``: per MoE layer, the measured mean (Top-Any with
+        a floor); by default every token runs top_k experts (all of them under Top-Any)."""
+        c, d = self.cfg, self.cfg.d_model
+        total = 2 * d * c.vocab_size  # lm_head; the embedding is a lookup
+        for layer, block in enumerate(self.blocks):
+            total += 2 * 4 * d * d + 2 * 2 * d * c.seq_len / 2  # qkv + proj; QK^T and AV
+            if isinstance(block.ffn, MoE):
+                n = block.ffn.router.n_experts
+                k = experts_per_token[layer] if experts_per_token else (n if c.routing == "top_any" else c.top_k)
+                total += 2 * d * n + k * 2 * 2 * d * c.expert_hidden  # router scores, k experts
+            else:
+                total += 2 * 2 * d * c.dense_hidden
+        return total
+
     def moe(self, layer: int) -> MoE:
         ffn = self.blocks[layer].ffn
         if not isinstance(ffn, MoE):

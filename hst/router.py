@@ -14,11 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Routing(NamedTuple):
-    """Per-token routing of one layer (N tokens, k experts per token, E experts)."""
+# Expert id of a routing slot that runs no expert (a Top-Any slot below the router's weight floor).
+SKIPPED = -1
 
-    expert_ids: torch.Tensor  # (N, k) int64, best first
-    weights: torch.Tensor  # (N, k) mixing weights, sum to 1 per token
+
+class Routing(NamedTuple):
+    """Per-token routing of one layer (N tokens, k slots per token, E experts)."""
+
+    expert_ids: torch.Tensor  # (N, k) int64, best first; SKIPPED where a slot runs no expert
+    weights: torch.Tensor  # (N, k) mixing weights, sum to 1 per token (0 on skipped slots)
     max_sim: torch.Tensor  # (N,) best key cosine similarity (key router) or best probability (learned)
     belief: torch.Tensor  # (N, E) the router's distribution over all experts
 
@@ -131,12 +135,20 @@ class KeyRouter(nn.Module):
 
 
 class LearnedRouter(nn.Module):
-    """Standard MoE gate: ``Linear(d, E)``, softmax, top-k, weights renormalised over the top-k."""
+    """Standard MoE gate: ``Linear(d, E)``, softmax, then top-k — or Top-Any (seed 000): every
+    expert, weighted by the softmax.
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int):
+    Slots whose probability is below ``floor`` are skipped (:data:`SKIPPED`, weight 0), so with
+    Top-Any the experts run per token fall as routing sharpens; a token always keeps its best
+    expert. Weights are renormalised over the slots that run.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, top_any: bool = False, floor: float = 0.0):
         super().__init__()
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.top_k = top_k
+        self.top_any = top_any
+        self.floor = floor
 
     @property
     def n_experts(self) -> int:
@@ -145,6 +157,8 @@ class LearnedRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         with torch.autocast(x.device.type, enabled=False):
             probs = F.softmax(self.gate(x.reshape(-1, x.shape[-1]).float()), dim=-1)
-        top_p, top_idx = probs.topk(self.top_k, dim=-1)
-        weights = top_p / top_p.sum(-1, keepdim=True)
-        return Routing(top_idx, weights, top_p[:, 0], probs)
+        top_p, top_idx = probs.topk(self.n_experts if self.top_any else self.top_k, dim=-1)
+        run = top_p >= self.floor
+        run[:, 0] = True
+        kept = top_p * run
+        return Routing(top_idx.masked_fill(~run, SKIPPED), kept / kept.sum(-1, keepdim=True), top_p[:, 0], probs)

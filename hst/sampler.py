@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from hst import metrics
 from hst.data import DataError, encode, record_id
 from hst.io import atomic_path
 from hst.model import GPT
@@ -54,7 +55,7 @@ def summarize(routing: list[Routing], n_experts: list[int]) -> dict:
     for r, n in zip(routing, n_experts):
         if r is None:  # dense FFN: nothing to log
             continue
-        c = torch.bincount(r.expert_ids.reshape(-1), minlength=n)
+        c = metrics.slot_counts(r.expert_ids, n)
         counts.append({int(e): int(c[e]) for e in c.nonzero().flatten()})
         primary.append(int(c.argmax()))  # argmax returns the first maximum: ties go to the lowest id
         sim.append(float(r.max_sim.mean()))

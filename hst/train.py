@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from hst import sparse
 from hst.config import TrainConfig
 from hst.data import DataError, window_starts
-from hst.fars import expert_costs, fars_loss
+from hst.fars import consistency_loss, expert_costs, fars_loss
 from hst.metrics import routing_curve
 from hst.model import GPT
 
@@ -63,15 +63,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows; each row picks a stream uniformly, then a uniform offset in it."""
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random windows; each row picks a stream uniformly, then a uniform offset in it.
+    Returns inputs, targets and each row's stream index (its domain label)."""
     which = torch.randint(len(streams), (batch_size,), generator=gen)
     rows = []
     for s in which.tolist():
         start = int(torch.randint(len(streams[s]) - seq_len - 1, (1,), generator=gen))
         rows.append(streams[s][start:start + seq_len + 1])
     batch = torch.stack(rows).long()
-    return batch[:, :-1], batch[:, 1:]
+    return batch[:, :-1], batch[:, 1:], which
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, n_windows: int) -> torch.Tensor:
@@ -121,9 +122,10 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, amp: torch.dtype | None) -> float:
-    """One optimizer step on a batch; returns the loss in nats. A batch that reaches no trainable
-    parameter (e.g. no token passes a new expert's gate) leaves the model as it was."""
+               cfg: TrainConfig, amp: torch.dtype | None, domain: torch.Tensor | None = None) -> float:
+    """One optimizer step on a batch; returns the main loss in nats (without the routing-shaping
+    terms). ``domain``: (B,) each row's domain, for the consistency loss. A batch that reaches no
+    trainable parameter (e.g. no token passes a new expert's gate) leaves the model as it was."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         out = model(x, y, update_keys=cfg.update_keys)
     loss = out.loss
@@ -131,6 +133,8 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
         return loss.item()
     if cfg.fars_lambda > 0:
         loss = loss + fars_loss(out.routing, expert_costs(model, opt, cfg.fars_norm), cfg.fars_lambda)
+    if cfg.consistency_lambda > 0 and domain is not None:
+        loss = loss + consistency_loss(out.routing, domain, cfg.consistency_lambda)
     loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
@@ -168,8 +172,8 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y = sample_batch(streams, cfg.batch_size, model.cfg.seq_len, gen)
-            bpb = train_step(model, opt, x.to(device), y.to(device), cfg, amp) / LN2
+            x, y, domain = sample_batch(streams, cfg.batch_size, model.cfg.seq_len, gen)
+            bpb = train_step(model, opt, x.to(device), y.to(device), cfg, amp, domain.to(device)) / LN2
             topology.after_step(step + 1)
             train_time += time.perf_counter() - t0
             tokens_seen += x.numel()

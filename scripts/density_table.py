@@ -23,9 +23,9 @@ import subprocess
 from pathlib import Path
 
 import yaml
+from hst.io import replace_section
 from results_table import pct  # scripts/ is on sys.path when this file runs as a script
 
-START, END = "<!-- density:start -->", "<!-- density:end -->"
 
 
 def git(*args: str) -> str:
@@ -103,13 +103,7 @@ def main() -> None:
         if not root.is_dir():
             raise SystemExit(f"error: {root}: metrics directory of variant {label!r} not found")
     cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
-    out = Path(args.out)
-    text = out.read_text() if out.is_file() else f"# Results\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        raise SystemExit(f"error: {out}: density markers {START} ... {END} not found")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    out.write_text(f"{head}{START}\n{tables(variants, cycles)}\n{END}{tail}")
+    replace_section(args.out, "density", tables(variants, cycles))
 
 
 if __name__ == "__main__":

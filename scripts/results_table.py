@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+from hst.io import replace_section
+
 
 
 def read_metrics(source: str, path: str) -> dict:
@@ -64,12 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.variant]
     cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
-    text = Path(args.readme).read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"error: {args.readme}: results markers {START} ... {END} not found")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    Path(args.readme).write_text(f"{head}{START}\n{table(variants, cycles)}\n{END}{tail}")
+    replace_section(args.readme, "results", table(variants, cycles))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ def test_unknown_key_is_named():
     ({"ffn": "sparse"}, "model.ffn: expected one of"),
     ({"top_k": 9}, "model.top_k: expected 1..n_experts=8"),
     ({"n_head": 3}, "model.n_head: expected a divisor"),
+    ({"routing": "top_any"}, "model.routing: top_any needs the learned router"),
+    ({"routing": "all"}, "model.routing: expected one of"),
+    ({"ffn": "learned", "router_floor": 1.0}, r"model.router_floor: expected in \[0, 1\)"),
+    ({"router_floor": 0.1}, "model.router_floor: needs the learned router"),
 ])
 def test_wrong_types_and_ranges_are_named(section, message):
     with pytest.raises(ConfigError, match=message):

@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from hst.config import ModelConfig
 from hst.experts import MoE, Expert, dispatch, reference_dispatch
+from hst.router import SKIPPED
 
 
 def naive_per_token(x, ids, w, experts):
@@ -49,6 +50,31 @@ def test_only_selected_experts_run(pool):
     ids = torch.tensor([[0, 3], [3, 0], [0, 3]])
     dispatch(torch.randn(3, 16), ids, torch.full((3, 2), 0.5), pool)
     assert sorted(calls) == [(0, 3), (3, 3)]
+
+
+def test_skipped_slots_run_nothing_and_add_nothing(pool):
+    calls = []
+    for e, expert in enumerate(pool):
+        expert.register_forward_hook(lambda m, i, o, e=e: calls.append((e, i[0].shape[0])))
+    x = torch.randn(4, 16)
+    ids = torch.tensor([[1, SKIPPED, SKIPPED], [2, 1, SKIPPED], [1, 4, 2], [2, SKIPPED, SKIPPED]])
+    w = torch.tensor([[1.0, 0, 0], [0.6, 0.4, 0], [0.5, 0.3, 0.2], [1.0, 0, 0]])
+    out = dispatch(x, ids, w, pool)
+    assert sorted(calls) == [(1, 3), (2, 3), (4, 1)]
+    assert torch.allclose(out, reference_dispatch(x, ids, w, pool), atol=1e-6)
+    assert torch.allclose(out[0], pool[1](x[:1])[0], atol=1e-6)
+
+
+def test_top_any_moe_with_floor_equals_the_per_token_sum_over_kept_experts():
+    cfg = ModelConfig(d_model=16, n_head=2, n_experts=4, top_k=1, expert_hidden=8, ffn="learned",
+                      routing="top_any", router_floor=0.2)
+    moe = MoE(cfg, 4)
+    x = torch.randn(2, 5, 16)
+    out, r = moe(x)
+    kept = r.expert_ids != SKIPPED
+    assert kept.sum() < kept.numel()  # some slots are skipped at this floor
+    want = naive_per_token(x.reshape(-1, 16), r.expert_ids.clamp_min(0), r.weights, moe.experts)
+    assert torch.allclose(out.reshape(-1, 16), want, atol=1e-5)
 
 
 def test_one_expert_moe_equals_the_dense_ffn():

@@ -69,3 +69,13 @@ def test_routing_curve_flattens_per_layer_metrics():
     assert curve["itjd.layer0"] == pytest.approx(1.0) and curve["rmi.layer0"] == pytest.approx(1.0)
     assert curve["itjd.layer1"] == 0.0 and curve["rmi.layer1"] == pytest.approx(0.0, abs=1e-12)
     assert curve["eff_k.layer0"] == pytest.approx(4.0) and curve["eff_k.layer1"] == pytest.approx(2.0)
+
+
+def test_skipped_slots_are_not_usage_and_experts_per_token_counts_run_slots():
+    ids = torch.tensor([[0, -1, -1], [1, 0, -1], [2, 1, 0], [0, -1, -1]])
+    assert torch.allclose(metrics.usage(ids, 4), torch.tensor([4, 2, 1, 0], dtype=torch.float64) / 7)
+    assert metrics.experts_per_token(ids) == pytest.approx(7 / 4)
+    assert metrics.experts_per_token(torch.tensor([[0, 1], [2, 3]])) == 2.0
+    assert metrics.rmi({"a": torch.tensor([[0, -1]]), "b": torch.tensor([[1, -1]])}, 2) == pytest.approx(1.0)
+    curve = metrics.routing_curve({"a": [ids], "b": [ids]}, [4])
+    assert curve["experts_per_token.layer0"] == pytest.approx(7 / 4)

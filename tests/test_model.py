@@ -71,3 +71,15 @@ def test_a_few_steps_learn_a_repetitive_text(tiny_cfg):
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.3 * first
+
+
+def test_flops_per_token_count_the_active_matmuls(tiny_cfg):
+    d, V, T, h = tiny_cfg.d_model, tiny_cfg.vocab_size, tiny_cfg.seq_len, tiny_cfg.expert_hidden
+    attn = 2 * 4 * d * d + 2 * d * T
+    dense = GPT(dataclasses.replace(tiny_cfg, ffn="dense"))
+    assert dense.flops_per_token() == 2 * d * V + tiny_cfg.n_layer * (attn + 4 * d * 2 * h)
+    key = GPT(tiny_cfg)  # top-2 of 4 experts: the dense FFN's FLOPs plus the router's
+    assert key.flops_per_token() == dense.flops_per_token() + tiny_cfg.n_layer * 2 * d * 4
+    any_cfg = dataclasses.replace(tiny_cfg, ffn="learned", routing="top_any")
+    assert GPT(any_cfg).flops_per_token() == key.flops_per_token() + tiny_cfg.n_layer * 2 * 4 * d * h
+    assert GPT(any_cfg).flops_per_token([1.0, 1.0]) == key.flops_per_token() - tiny_cfg.n_layer * 4 * d * h

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hst.router import GATE_PRIOR_TOKENS, KeyRouter, LearnedRouter, causal_mean, gate_open
+from hst.router import GATE_PRIOR_TOKENS, SKIPPED, KeyRouter, LearnedRouter, causal_mean, gate_open
 
 
 def make_router(**kw):
@@ -109,6 +109,28 @@ def test_learned_router_weights_renormalise_over_topk_and_gate_learns():
     assert torch.equal(out.expert_ids, out.belief.topk(2).indices)
     out.weights[:, 0].sum().backward()
     assert r.gate.weight.grad is not None
+
+
+def test_top_any_weights_every_expert_by_the_softmax():
+    r = LearnedRouter(8, 4, top_k=1, top_any=True)
+    out = r(torch.randn(10, 8))
+    probs, order = out.belief.sort(-1, descending=True)
+    assert torch.equal(out.expert_ids, order)  # all four experts, best first, none skipped
+    assert torch.allclose(out.weights, probs)
+
+
+def test_top_any_floor_skips_experts_below_it_but_keeps_the_best():
+    r = LearnedRouter(8, 4, top_k=1, top_any=True, floor=0.2)
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.randn(4, 8) * 3)  # sharp routing: many slots under the floor
+    out = r(torch.randn(200, 8))
+    probs = out.belief.sort(-1, descending=True).values
+    run = out.expert_ids != SKIPPED
+    assert torch.equal(run[:, 1:], probs[:, 1:] >= 0.2) and run[:, 0].all()
+    assert (out.weights[~run] == 0).all() and torch.allclose(out.weights.sum(-1), torch.ones(200))
+    kept = probs * run
+    assert torch.allclose(out.weights, kept / kept.sum(-1, keepdim=True))
+    assert 1 <= run.sum(-1).float().mean() < 4  # fewer experts than Top-Any without a floor
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -19,10 +19,12 @@ def test_lr_warms_up_then_decays_to_the_floor():
 
 def test_batches_are_seeded_windows_of_the_streams():
     streams = [torch.arange(100, dtype=torch.uint8), torch.arange(100, 200, dtype=torch.uint8)]
-    x1, y1 = sample_batch(streams, 8, 10, torch.Generator().manual_seed(3))
-    x2, _ = sample_batch(streams, 8, 10, torch.Generator().manual_seed(3))
+    x1, y1, d1 = sample_batch(streams, 8, 10, torch.Generator().manual_seed(3))
+    x2, _, _ = sample_batch(streams, 8, 10, torch.Generator().manual_seed(3))
     assert torch.equal(x1, x2) and x1.shape == (8, 10)
     assert torch.equal(x1[:, 1:], y1[:, :-1]) and torch.all(y1[:, -1] == x1[:, -1] + 1)
+    assert torch.equal(d1, (x1[:, 0] >= 100).long())  # each row's label is the stream it came from
+    assert 0 < int(d1.sum()) < 8
 
 
 def test_explicit_precisions():
