@@ -1,11 +1,12 @@
-"""The FARS study (seed 000, table 4.2) on our corpus: five router variants trained from scratch
+"""The FARS study (seed 000, table 4.2) on our corpus: six router variants trained from scratch
 with the same steps, data, seed and model size; per variant the validation BPB (the main loss),
 Eff_K, RMI, ITJD, experts per token and active FLOPs per token.
 
-    python scripts/fars_study.py            # trains the five variants (~35 min on 2 CPU cores)
+    python scripts/fars_study.py            # trains the six variants (~45 min on 2 CPU cores)
     python scripts/fars_study.py --table-only  # rebuild the table from docs/runs/fars_study/
 
-Variants: learned top-k; learned Top-Any + FARS; learned Top-Any + FARS + task-ID consistency; the
+Variants: learned top-k; learned Top-Any (the control that separates Top-Any from FARS); learned
+Top-Any + FARS; learned Top-Any + FARS + task-ID consistency; the
 HST key router; the key router + FARS. Everything else comes from params.yaml (`model`, and
 `pretrain` for the optimizer and schedule); training uses every prepared domain (the metrics need
 several labelled domains; pretraining proper uses two). Metrics are measured on the validation
@@ -42,6 +43,7 @@ def variants(fars: float, consistency: float, floor: float) -> dict[str, tuple[d
     top_any = {"ffn": "learned", "routing": "top_any", "router_floor": floor}
     return {
         "learned top-k": ({"ffn": "learned"}, {}),
+        "learned Top-Any": (top_any, {}),
         "learned Top-Any + FARS": (top_any, {"fars_lambda": fars}),
         "learned Top-Any + FARS + consistency": (top_any, {"fars_lambda": fars, "consistency_lambda": consistency}),
         "key router (HST)": ({"ffn": "key"}, {}),

@@ -21,20 +21,24 @@ import yaml
 from hst.io import replace_section
 
 
-
-def read_metrics(source: str, path: str) -> dict:
+def read_text(source: str, path: str) -> str:
+    """A file of the workspace (``workspace``) or of a DVC experiment (``exp:NAME``)."""
     if source == "workspace":
-        return json.loads(Path(path).read_text())
+        return Path(path).read_text()
     name = source.removeprefix("exp:")
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+    refs = subprocess.run(["git", "for-each-ref", "--sort=committerdate", "--format=%(refname)", "refs/exps"],
                           capture_output=True, text=True, check=True).stdout.split()
-    matches = [r for r in refs if r.rsplit("/", 1)[-1] == name]
+    matches = [r for r in refs if r.rsplit("/", 1)[-1] == name]  # newest last
     if not matches:
         raise SystemExit(f"error: no DVC experiment named {name!r} (run `dvc exp list`)")
     out = subprocess.run(["git", "show", f"{matches[-1]}:{path}"], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"error: experiment {name!r} has no {path}")
-    return json.loads(out.stdout)
+    return out.stdout
+
+
+def read_metrics(source: str, path: str) -> dict:
+    return json.loads(read_text(source, path))
 
 
 def pct(x: float | None) -> str:
