@@ -209,15 +209,21 @@ class TrainConfig:
         _require(self.fars_norm in FARS_NORMS, f"fars_norm: expected one of {FARS_NORMS}, got {self.fars_norm!r}")
 
 
-CYCLE_MODES = ("experts", "full", "full_replay")
+CYCLE_MODES = ("grow", "experts", "full", "full_replay")
+REPLAY_SOURCES = ("stored", "generated")
 
 
 @dataclass(frozen=True)
 class CycleConfig:
-    mode: str = "experts"  # "experts" (HST: per-expert coreset finetuning), "full" (finetune everything on
-    #                        the new data: the forgetting reference), "full_replay" (everything, new + old data)
-    incoming_records: int = 300  # records of the cycle's domain (train split) collected as new data
-    index_records: int = 200  # old train records per learned domain routed into the expert index
+    mode: str = "grow"  # "grow" (HST: every cycle adds one gated expert per layer and trains only those on the
+    #                     incoming records), "experts" (HST: per-expert coreset finetuning of the shared experts the
+    #                     new data routes to; growth only when novelty triggers), "full" (finetune everything on
+    #                     the new data: the forgetting reference), "full_replay" (everything, new + old data)
+    replay: str = "stored"  # where old text comes from: "stored" (training records of the learned domains) or
+    #                         "generated" (sampled from the cycle's start model; no old record is read)
+    replay_records: int = 64  # records sampled from the start model per cycle when replay is "generated"
+    incoming_records: int = 200  # records of the cycle's domain (train split) collected as new data
+    index_records: int = 600  # old train records per learned domain routed into the expert index
     min_new_data: int = 10  # an expert is consolidated when it is primary for at least this many new records
     new_old_ratio: float = 0.2  # share of new records in a coreset / replay mix (0.2 -> 1 new : 4 old)
     eval_windows: int = 32  # validation windows per domain for BPB and routing stability
@@ -229,6 +235,8 @@ class CycleConfig:
         _require(self.consolidation in ("sequential", "parallel"),
                  f"consolidation: expected sequential or parallel, got {self.consolidation!r}")
         _require(self.mode in CYCLE_MODES, f"mode: expected one of {CYCLE_MODES}, got {self.mode!r}")
+        _require(self.replay in REPLAY_SOURCES, f"replay: expected one of {REPLAY_SOURCES}, got {self.replay!r}")
+        _require(self.replay_records >= 2, "replay_records: expected >= 2")
         _require(self.incoming_records >= 1, "incoming_records: expected >= 1")
         _require(self.index_records >= 1, "index_records: expected >= 1")
         _require(self.min_new_data >= 1, "min_new_data: expected >= 1")
@@ -243,10 +251,11 @@ class GrowConfig:
     batch_records: int = 16  # records per novelty batch, in collection order
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
     novel_share: float = 0.5  # p: share of novel records in a batch
-    gate_fpr: float = 0.001  # share of held-in tokens a new expert's gate may let through (calibrates its bias)
+    gate_fpr: float = 0.03  # share of held-in tokens a new expert's gate may let through (calibrates its bias)
     gate_windows: int = 64  # windows of novel and of held-in records the gate is fitted on
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
-    steps: int = 40  # optimizer steps training only the new experts on the novel records
+    steps: int = 160  # optimizer steps training only the new experts on the novel records
+    lr: float = 3e-3  # their peak learning rate: isolated behind gates, they take a higher one than shared experts
 
     def __post_init__(self):
         _require(0 < self.quantile < 1, "quantile: expected in (0, 1)")
@@ -257,6 +266,7 @@ class GrowConfig:
         _require(self.gate_windows >= 2, "gate_windows: expected >= 2")
         _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
         _require(self.steps >= 0, "steps: expected >= 0")
+        _require(0 < self.lr < float("inf"), f"lr: expected a finite value > 0, got {self.lr!r}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """DVC stage `build_index`: route old training records of every domain the checkpoint has learned
 and write the expert index (seed §11.5): one Smart Sampler row per record, with its primary expert
 per layer. Rebuilt whenever the checkpoint changes.
+
+With ``cycle.replay: generated`` no old record is read: the index holds ``cycle.replay_records``
+records sampled from the checkpoint itself (source ``generated``), which then stand in for old text
+in the coresets and as the growth gates' held-in reference.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import argparse
 
 from tqdm import tqdm
 
-from hst import checkpoint, data, sampler
+from hst import checkpoint, data, generate, sampler
 from hst.config import CycleConfig, build
 from stages.common import load_params, run
 
@@ -25,11 +29,14 @@ def main() -> None:
     (cycle_sec,) = load_params(args.params, "cycle")
     cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     model, meta = checkpoint.load(args.checkpoint)
-    rows = []
-    for domain in meta["learned_domains"]:
-        records = data.load_records(args.prepared, domain, "train")
-        picked = data.sample_records(records, cfg.index_records, f"{cfg.seed}:{domain}")
-        rows += [sampler.make_row(model, text, domain) for text in tqdm(picked, desc=f"index {domain}")]
+    if cfg.replay == "generated":
+        texts = generate.sample_records(model, cfg.replay_records, model.cfg.seq_len, cfg.seed)
+        sources = {"generated": [t for t in texts if t]}  # a sample of only invalid UTF-8 decodes to ""
+    else:
+        sources = {d: data.sample_records(data.load_records(args.prepared, d, "train"), cfg.index_records,
+                                          f"{cfg.seed}:{d}") for d in meta["learned_domains"]}
+    rows = [sampler.make_row(model, text, source)
+            for source, texts in sources.items() for text in tqdm(texts, desc=f"index {source}")]
     sampler.write_rows(args.out, rows)
 
 

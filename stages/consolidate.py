@@ -6,7 +6,9 @@ routed to it. The cycle's step budget (``consolidate.steps``) is split evenly ac
 experts, so every mode trains on the same number of tokens. ``cycle.consolidation: parallel`` trains
 every expert from the cycle's start model instead and merges them (the Prefect flow runs those as
 mapped tasks through this module's ``load``/``save``). modes ``full``/``full_replay``: the
-whole model trains on ``all.parquet`` for the whole budget (the dense baselines).
+whole model trains on ``all.parquet`` for the whole budget (the dense baselines). mode ``grow``
+trains no shared expert (the cycle's budget goes to the new experts of `grow`): the checkpoint
+passes through unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def load(args: argparse.Namespace) -> Inputs:
     model, meta = checkpoint.load(args.checkpoint)
     if cfg.mode == "experts" and model.cfg.ffn == "dense":
         raise ConfigError("params.yaml:cycle.mode: 'experts' needs model.ffn key or learned (use full or full_replay)")
+    if cfg.mode == "grow" and model.cfg.ffn != "key":
+        raise ConfigError(f"params.yaml:cycle.mode: 'grow' needs model.ffn key, got {model.cfg.ffn!r} "
+                          "(use experts, full or full_replay)")
     selection = json.loads((Path(args.coresets) / "selection.json").read_text())
     new = sampler.load_records(args.buffer)
     coresets = [data.encode(pq.read_table(Path(args.coresets) / f"{e['name']}.parquet").column("text").to_pylist())
@@ -73,6 +78,8 @@ def load(args: argparse.Namespace) -> Inputs:
 
 def consolidate(x: Inputs) -> list[dict]:
     """Train ``x.model`` in place as the mode says; return the curves, one per coreset."""
+    if x.cfg.mode == "grow":
+        return []
     if x.cfg.mode != "experts":
         ((_, _, tokens, _),) = x.sets
         return [train(x.model, dataclasses.replace(x.tcfg, domains=("all",)), {"all": tokens}, {}, desc="finetune")]
@@ -88,7 +95,7 @@ def save(args: argparse.Namespace, x: Inputs, curves: list[dict]) -> None:
         rows += [{"step": len(rows) + 1, "train_bpb": r["train_bpb"], "coreset": entry["name"]} for r in c["train"]]
     meta = {**x.meta, "stage": "consolidate", "consumed": sorted(set(x.meta.get("consumed", [])) | set(x.new_ids))}
     checkpoint.save(args.out, x.model, meta)
-    write_csv(args.curves, rows)
+    write_csv(args.curves, rows, columns=["step", "train_bpb", "coreset"])
     write_json(args.metrics, {"mode": x.cfg.mode, "consolidation": x.cfg.consolidation,
                               "experts_trained": len(trained) if x.cfg.mode == "experts" else 0,
                               "tokens": len(rows) * x.tcfg.batch_size * x.model.cfg.seq_len, "sets": trained})

@@ -4,7 +4,8 @@ mode ``experts`` (HST): for every (layer, expert) that is primary for at least `
 records, its new records plus old index records routed to it at ``new_old_ratio`` ->
 ``L<layer>_E<expert>.parquet``. mode ``full``: all new records -> ``all.parquet``. mode
 ``full_replay``: all new records plus a random sample of old index records at ``new_old_ratio``
--> ``all.parquet``. ``selection.json`` lists every coreset with its new/old counts.
+-> ``all.parquet``. mode ``grow`` trains no shared expert: no coreset. ``selection.json`` lists every
+coreset with its new/old counts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
         sets = {f"L{layer}_E{expert}": (layer, expert, coreset.build_coreset(
                     new, old, layer, expert, cfg.new_old_ratio, cfg.seed))
                 for layer, expert, _ in coreset.select_experts(new, n_layers, cfg.min_new_data)}
+    elif cfg.mode == "grow":
+        sets = {}
     else:
         ratio = cfg.new_old_ratio if cfg.mode == "full_replay" else 1.0
         sets = {"all": (None, None, coreset.mix(new, old, ratio, cfg.seed))}

@@ -7,11 +7,16 @@ triggers when ``grow.min_batches`` consecutive batches of ``grow.batch_records``
 than ``grow.novel_share`` novel ones. Each new expert's gate is calibrated to let through only
 ``grow.gate_fpr`` of held-in tokens; the routing stability of the learned domains' validation
 tokens across growth is measured and reported. The output checkpoint is the cycle's final model.
+
+With ``cycle.mode: grow`` every cycle grows (DEMix-style dedicated capacity, no domain labels: the
+cycle's incoming records are the unit) and the new experts train on all incoming records; the
+novelty check is still reported. The new experts train at ``grow.lr`` for ``grow.steps``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from hst import checkpoint, data, evaluation, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig, build
@@ -47,14 +52,15 @@ def main() -> None:
     report = {"applicable": model.cfg.ffn == "key", "threshold_bpb": limit,
               "novel_record_share": sum(is_novel) / max(len(is_novel), 1), "batch_shares": shares,
               "records_until_detection": None if trigger is None else min((trigger + 1) * cfg.batch_records, len(is_novel)),
-              "triggered": cfg.enabled and model.cfg.ffn == "key" and trigger is not None}
+              "triggered": cfg.enabled and model.cfg.ffn == "key" and (trigger is not None or ccfg.mode == "grow")}
     grown, curves, gates, stability = [], {}, [], []
     if report["triggered"]:
         val = {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]}
         before = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
-        texts = [t for t, flag in zip(new["text"].to_pylist(), is_novel) if flag]
+        texts = [t for t, flag in zip(new["text"].to_pylist(), is_novel) if flag or ccfg.mode == "grow"]
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(texts),
-                                         data.encode(index["text"].to_pylist()), cfg, tcfg)
+                                         data.encode(index["text"].to_pylist()), cfg,
+                                         dataclasses.replace(tcfg, lr=cfg.lr))
         after = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
         stability = evaluation.routing_stability(evaluation.routing_of(before, list(val)),
                                                  evaluation.routing_of(after, list(val)))
