@@ -1,9 +1,9 @@
 """The seed's §8 comparison measured: dense vs standard (learned-router) MoE vs HST on the default
 learn–consolidate cycles.
 
-    python scripts/compare_table.py --run     # the four baselines as DVC experiments (~80 min on 2 cores)
-    python scripts/compare_table.py --export  # the experiments already ran (e.g. `dvc queue start -j 2`)
-    python scripts/compare_table.py           # rebuild the table from the committed runs
+    python -m scripts.compare_table --run     # the four baselines as DVC experiments (~80 min on 2 cores)
+    python -m scripts.compare_table --export  # the experiments already ran (e.g. `dvc queue start -j 2`)
+    python -m scripts.compare_table           # rebuild the table from the committed runs
 
 HST is the workspace (the default `dvc repro`). Each baseline is the same scenario run as a DVC
 experiment with the settings of ``BASELINES`` and the promotion gate open, so a cycle that forgets
@@ -27,7 +27,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from results_table import export, pct, read_metrics, read_text  # scripts/ is on sys.path when this file runs as a script
+from scripts.results_table import export, pct, read_metrics, read_text
 
 from hst.config import ModelConfig
 from hst.io import replace_section

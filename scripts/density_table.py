@@ -2,7 +2,7 @@
 directories, each laid out like ``metrics/`` (``pretrain.json``, ``eval/<cycle>.json``):
 
     dvc exp run --temp -n density-0.05 -S model.expert_density=0.05
-    python scripts/density_table.py --export density-0.05=docs/runs/density_0.05 \
+    python -m scripts.density_table --export density-0.05=docs/runs/density_0.05 \
         --variant "density 1.0=docs/runs/density_1.0" --variant "density 0.05=docs/runs/density_0.05"
 
 ``--export NAME=DIR`` first copies the ``metrics/`` files of the DVC experiment NAME (its git ref
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from hst.io import replace_section
-from results_table import export, pct  # scripts/ is on sys.path when this file runs as a script
+from scripts.results_table import export, pct
 
 
 def load(path: Path) -> dict | None:

@@ -4,7 +4,7 @@ Each variant is read from the workspace, from a DVC experiment (its git ref unde
 `dvc exp run -n NAME` stores the metrics files) or from a directory that `compare_table.py --export`
 filled from one (committed, so the table rebuilds in a fresh clone):
 
-    python scripts/results_table.py --variant "HST=workspace" \
+    python -m scripts.results_table --variant "HST=workspace" \
         --variant "dense finetune=docs/runs/dense_finetune" --variant "dense + replay=exp:dense-replay"
 
 The table replaces the text between the results markers in README.md; no number is typed by hand.

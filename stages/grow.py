@@ -55,7 +55,9 @@ def main() -> None:
               "triggered": cfg.enabled and model.cfg.ffn == "key" and (trigger is not None or ccfg.mode == "grow")}
     grown, curves, gates, stability = [], {}, [], []
     if report["triggered"]:
-        val = {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]}
+        # Replay-free cycles read no old text: stability is measured on the start model's samples.
+        val = ({"generated": data.encode(index["text"].to_pylist())} if ccfg.replay == "generated" else
+               {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]})
         before = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
         texts = [t for t, flag in zip(new["text"].to_pylist(), is_novel) if flag or ccfg.mode == "grow"]
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(texts),

@@ -1,6 +1,10 @@
-import pytest
+from pathlib import Path
 
-from hst.config import ConfigError, CycleConfig, FlowConfig, ModelConfig, TrackingConfig, TrainConfig, build
+import pytest
+import yaml
+
+from hst.config import (ConfigError, CycleConfig, FlowConfig, GateConfig, GrowConfig, ModelConfig, TrackingConfig,
+                        TrainConfig, build)
 
 
 def test_unknown_key_is_named():
@@ -44,3 +48,24 @@ def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
         build(FlowConfig, {"min_inbox_bytes": 0}, "params.yaml:flow")
     with pytest.raises(ConfigError, match="cycle.consolidation: expected sequential or parallel"):
         build(CycleConfig, {"consolidation": "async"}, "params.yaml:cycle")
+
+
+@pytest.mark.parametrize("cls, section, message", [
+    (CycleConfig, {"replay": "disk"}, r"cycle.replay: expected one of \('stored', 'generated'\), got 'disk'"),
+    (CycleConfig, {"replay_records": 1}, "cycle.replay_records: expected >= 2"),
+    (CycleConfig, {"replay": False}, "cycle.replay: expected str, got bool"),
+    (CycleConfig, {"mode": "adapters"}, r"cycle.mode: expected one of \('grow', 'experts'"),
+    (GrowConfig, {"lr": float("inf")}, "grow.lr: expected a finite value > 0, got inf"),
+    (GrowConfig, {"lr": 0}, "grow.lr: expected a finite value > 0"),
+    (GrowConfig, {"gate_fpr": 1.5}, r"grow.gate_fpr: expected in \(0, 1\)"),
+])
+def test_cycle_and_growth_params_are_checked(cls, section, message):
+    with pytest.raises(ConfigError, match=message):
+        build(cls, section, cls.__name__.removesuffix("Config").lower())
+
+
+def test_config_defaults_are_the_shipped_params():
+    """A stage built from an empty section behaves like the default pipeline."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    for cls, name in [(ModelConfig, "model"), (CycleConfig, "cycle"), (GrowConfig, "grow"), (GateConfig, "gate")]:
+        assert build(cls, params[name], name) == cls(), name

@@ -235,3 +235,60 @@ def test_gate_rejects_bad_params_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text("gate: {max_forgetting: -1}\n")
     assert "params.yaml:gate.max_forgetting: expected >= 0" in error_line(gate(tmp_path, tmp_path / "params.yaml"))
     assert not (tmp_path / "c1.champion.pt").exists()
+
+
+def cycle_stages(proj: Path, params: Path) -> dict[str, subprocess.CompletedProcess]:
+    """build_index → collect → coreset → consolidate → grow of cycle c1 from the pretrained checkpoint."""
+    p = ("--params", str(params))
+    runs = {}
+    for name, args in [
+        ("build_index", ("--checkpoint", "models/pretrain.pt", "--prepared", "data/prepared", "--out", "c1/index.parquet")),
+        ("collect", ("--cycle", "c1", "--checkpoint", "models/pretrain.pt", "--prepared", "data/prepared",
+                     "--out", "c1/buffer")),
+        ("coreset", ("--buffer", "c1/buffer", "--index", "c1/index.parquet", "--out", "c1/coresets")),
+        ("consolidate", ("--checkpoint", "models/pretrain.pt", "--coresets", "c1/coresets", "--buffer", "c1/buffer",
+                         "--out", "c1/consolidated.pt", "--metrics", "c1/consolidate.json", "--curves", "c1/c.csv")),
+        ("grow", ("--cycle", "c1", "--checkpoint", "c1/consolidated.pt", "--buffer", "c1/buffer", "--index",
+                  "c1/index.parquet", "--prepared", "data/prepared", "--out", "c1/final.pt", "--metrics", "c1/grow.json",
+                  "--curves", "c1/g.csv")),
+    ]:
+        runs[name] = stage(proj, name, *p, *args)
+        if runs[name].returncode:
+            break
+    return runs
+
+
+@pytest.mark.parametrize("replay", ["stored", "generated"])
+def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_experts(pretrained, tmp_path, replay):
+    proj = tmp_path / "proj"
+    shutil.copytree(pretrained, proj)
+    # The learned domains' records are gone: a cycle that reads old text cannot run.
+    for domain in ("shakespeare", "python"):
+        shutil.rmtree(proj / "data/prepared" / domain)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    # Growth in mode grow needs no novelty: the quantile is set so that no record is novel.
+    params["cycle"] |= {"mode": "grow", "replay": replay, "replay_records": 6}
+    params["grow"] |= {"quantile": 0.999, "min_batches": 50}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    runs = cycle_stages(proj, tmp_path / "params.yaml")
+    if replay == "stored":
+        assert "data/prepared/shakespeare/train.parquet: missing" in error_line(runs["build_index"])
+        return
+    assert all(r.returncode == 0 for r in runs.values()), {k: r.stderr[-500:] for k, r in runs.items()}
+    index = sampler.read_buffer(proj / "c1/index.parquet")
+    assert set(index["source"].to_pylist()) == {"generated"} and index.num_rows == 6
+    assert json.loads((proj / "c1/coresets/selection.json").read_text()) == []  # mode grow trains no shared expert
+    report = json.loads((proj / "c1/grow.json").read_text())
+    assert report["triggered"] and report["batch_shares"] and max(report["batch_shares"]) < 1
+    start, _ = checkpoint.load(proj / "models/pretrain.pt")
+    assert checkpoint.load(proj / "c1/consolidated.pt")[0].state_dict().keys() == start.state_dict().keys()
+    final, _ = checkpoint.load(proj / "c1/final.pt")
+    assert final.n_experts == [5, 5]
+    # Everything that existed before the cycle is bit-identical; only the new experts differ.
+    after = final.state_dict()
+    for name, tensor in start.state_dict().items():
+        if name.endswith(("keys", "gate_w", "gate_shift", "gate_b")):
+            tensor, new = tensor, after[name][:len(tensor)]
+        else:
+            new = after[name]
+        assert torch.equal(tensor, new), name

@@ -1,0 +1,139 @@
+"""The stability–plasticity front: HST and dense + replay at several per-cycle training budgets.
+
+    python -m scripts.pareto --run      # every (method, budget) not yet exported, as a DVC experiment
+    python -m scripts.pareto --export   # export experiments that ran elsewhere (same names)
+    python -m scripts.pareto            # rebuild docs/pareto.png and the table in docs/results.md
+
+Every point is the default scenario (the cycles of params.yaml) run as a DVC experiment in the
+workspace (`dvc exp run -n pareto-<method>-<budget>x`), so an unchanged pretraining is reused, with
+the method's settings and a training budget per cycle of ``budget`` × 160 steps (the default; 8 × 256
+tokens a step). HST spends it on its new gated experts (``grow.steps``), dense + replay on finetuning
+everything on 1 new : 4 old records (``consolidate.steps``). Each experiment's params and metrics are
+exported to ``--runs``/<method>_<budget>x and committed, so the figure and table rebuild in a fresh
+clone. After ``--run`` the workspace is back at the committed pipeline (``git checkout`` of params,
+lock, metrics and plots, then ``dvc checkout``): commit your own changes first.
+
+Per point and cycle: absorption (BPB gained on the new domain) and average forgetting of the old
+domains; per point: worst forgetting, mean BPB over all domains after the last cycle, training tokens
+and FLOPs per cycle (3 × forward FLOPs per token, `GPT.flops_per_token`), and the **plasticity ratio**
+P = mean over cycles of absorption ÷ the absorption of dense full finetuning at 1× (``--reference``,
+the §8 run) in the same cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from hst.io import atomic_path, replace_section  # noqa: E402
+from scripts.compare_table import OPEN_GATE, model_of  # noqa: E402
+from scripts.results_table import export, pct, read_metrics, read_text  # noqa: E402
+
+BASE_STEPS = 160
+# label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
+METHODS = {
+    "HST": ("hst", "grow.steps", [], (0.5, 1, 2)),
+    "HST, replay-free": ("hst-replay-free", "grow.steps", ["cycle.replay=generated"], (1,)),
+    "dense + replay": ("dense-replay", "consolidate.steps",
+                       ["model.ffn=dense", "cycle.mode=full_replay", *OPEN_GATE], (0.5, 1, 2)),
+}
+
+
+def points() -> list[tuple[str, float, str, list[str]]]:
+    """``(label, budget, experiment name, -S overrides)`` of every point on the front."""
+    return [(label, b, f"pareto-{slug}-{b:g}x", [*overrides, f"{key}={round(b * BASE_STEPS)}"])
+            for label, (slug, key, overrides, budgets) in METHODS.items() for b in budgets]
+
+
+def run_dir(runs: Path, name: str) -> Path:
+    return runs / name.removeprefix("pareto-").replace("-", "_")
+
+
+def summarize(source: str, reference: str, cycles: list[str]) -> dict:
+    """One point's numbers (see the module docstring) from its exported params and metrics."""
+    params = yaml.safe_load(read_text(source, "params.yaml"))
+    reports = [read_metrics(source, f"metrics/eval/{c}.json") for c in cycles]
+    dense = [read_metrics(reference, f"metrics/eval/{c}.json")["absorption"] for c in cycles]
+    steps = params["grow"]["steps"] if params["cycle"]["mode"] == "grow" else params["consolidate"]["steps"]
+    tokens = steps * params["consolidate"]["batch_size"] * params["model"]["seq_len"]
+    model = model_of(source, reports[-1]["experts_per_layer"])
+    worst = max((r["forgetting"][d], d, r["name"]) for r in reports for d in r["forgetting"])
+    return {"absorption": [r["absorption"] for r in reports],
+            "forgetting": [r["avg_forgetting"] for r in reports],
+            "worst": worst,
+            "final_bpb": sum(reports[-1]["bpb"].values()) / len(reports[-1]["bpb"]),
+            "tokens": tokens, "flops": 3 * model.flops_per_token() * tokens,
+            "P": sum(a / d for a, d in zip((r["absorption"] for r in reports), dense)) / len(cycles)}
+
+
+def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str) -> str:
+    lines = ["| method | budget | absorption per cycle (BPB) | avg forgetting per cycle | worst forgetting "
+             "| final mean BPB, all domains | P | training tokens per cycle | training TFLOPs per cycle |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, budget, s in rows:
+        lines.append(f"| {label} | {budget:g}× | {' / '.join(f'{a:.3f}' for a in s['absorption'])} "
+                     f"| {' / '.join(pct(f) for f in s['forgetting'])} | {pct(s['worst'][0])} ({s['worst'][1]}, {s['worst'][2]}) "
+                     f"| {s['final_bpb']:.3f} | {s['P']:.2f} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} |")
+    lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
+                  f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`)."]
+    return "\n".join(lines)
+
+
+def figure(rows: list[tuple[str, float, dict]], cycles: list[str], out: str) -> None:
+    """Per cycle, absorption (x) against average forgetting (y), one curve per method (budgets marked)."""
+    fig, axes = plt.subplots(1, len(cycles), figsize=(4 * len(cycles), 3.6), squeeze=False)
+    for i, (cycle, ax) in enumerate(zip(cycles, axes[0])):
+        for label in METHODS:
+            pts = sorted((s["absorption"][i], 100 * s["forgetting"][i], b) for lab, b, s in rows if lab == label)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            for x, y, b in pts:
+                ax.annotate(f"{b:g}×", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set(title=cycle, xlabel="absorption (BPB)", ylabel="avg forgetting (%)" if i == 0 else None)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--run", action="store_true", help="run every point not yet in --runs as a DVC experiment")
+    mode.add_argument("--export", action="store_true", help="export the points' existing DVC experiments")
+    ap.add_argument("--runs", type=Path, default=Path("docs/runs/pareto"))
+    ap.add_argument("--reference", default="docs/runs/dense_finetune", help="dense full finetuning at 1×: P's denominator")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="docs/results.md")
+    ap.add_argument("--figure", default="docs/pareto.png")
+    args = ap.parse_args()
+    cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
+    rows = []
+    for label, budget, name, overrides in points():
+        dest = run_dir(args.runs, name)
+        if args.run and not dest.is_dir():
+            subprocess.run(["dvc", "exp", "run", "-n", name, *(a for o in overrides for a in ("-S", o))], check=True)
+            export(name, dest)
+        elif args.export:
+            export(name, dest)
+        if dest.is_dir():
+            rows.append((label, budget, summarize(str(dest), args.reference, cycles)))
+    if args.run:
+        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots"], check=True)
+        subprocess.run(["dvc", "checkout"], check=True)
+    figure(rows, cycles, args.figure)
+    replace_section(args.out, "pareto", table(rows, cycles, args.reference))
+
+
+if __name__ == "__main__":
+    main()
