@@ -253,6 +253,7 @@ class GrowConfig:
     novel_share: float = 0.5  # p: share of novel records in a batch
     gate_fpr: float = 0.03  # share of held-in tokens a new expert's gate may let through (calibrates its bias)
     gate_windows: int = 64  # windows of novel and of held-in records the gate is fitted on
+    experts: int = 1  # new experts per grown layer, behind one gate; keys split the passing novel tokens (k-means)
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
     steps: int = 160  # optimizer steps training only the new experts on the novel records
     lr: float = 3e-3  # their peak learning rate: isolated behind gates, they take a higher one than shared experts
@@ -264,6 +265,7 @@ class GrowConfig:
         _require(0 <= self.novel_share <= 1, "novel_share: expected in [0, 1]")
         _require(0 < self.gate_fpr < 1, "gate_fpr: expected in (0, 1)")
         _require(self.gate_windows >= 2, "gate_windows: expected >= 2")
+        _require(self.experts >= 1, "experts: expected >= 1")
         _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
         _require(self.steps >= 0, "steps: expected >= 0")
         _require(0 < self.lr < float("inf"), f"lr: expected a finite value > 0, got {self.lr!r}")

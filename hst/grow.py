@@ -1,10 +1,12 @@
 """Expert growth: add gated experts for data the model finds novel, then train only them.
 
-Each grown layer gets one expert whose gate (:func:`hst.novelty.fit_gate`) opens only for tokens
-whose context looks like the novel records, not like the held-in ones, and whose key is the
-normalized mean of the novel tokens that pass the gate — not of all novel hidden states, which
-point along the direction every hidden state shares (``FINDINGS.md``). Weights are copied from the
-nearest expert (or drawn fresh); then only the new experts train on the novel records.
+Each grown layer gets ``GrowConfig.experts`` experts behind one gate (:func:`hst.novelty.fit_gate`)
+that opens only for tokens whose context looks like the novel records, not like the held-in ones.
+Their keys are the centroids of a spherical k-means over the novel tokens that pass the gate (for
+one expert: their normalized mean) — not of all novel hidden states, which point along the
+direction every hidden state shares (``FINDINGS.md``) — so the new experts split the new data
+between them. Weights are copied from the expert nearest each key (or drawn fresh); then only the
+new experts train on the novel records.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hst.train import train
 
 def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: torch.Tensor, cfg: GrowConfig,
          train_cfg: TrainConfig) -> tuple[list[tuple[int, int]], dict, list[dict]]:
-    """Add one gated expert to each of ``layers`` and train the new experts on ``novel`` tokens.
+    """Add ``cfg.experts`` gated experts to each of ``layers`` and train the new experts on ``novel`` tokens.
 
     ``held_in`` are tokens of the learned domains the gates are calibrated against. Returns the new
     ``(layer, expert)`` pairs, the training curves and per-layer gate statistics.
@@ -45,9 +47,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: torch.Tens
     for layer, gate, passing, stat in placed:
         if len(passing) == 0:
             continue
-        expert = model.add_expert(layer, F.normalize(passing.mean(0), dim=-1), cfg.init, gate)
-        added.append((layer, expert))
-        stats.append({**stat, "expert": expert})
+        experts = [model.add_expert(layer, key, cfg.init, gate) for key in spherical_kmeans(passing, cfg.experts)]
+        added += [(layer, e) for e in experts]
+        stats.append({**stat, "expert": experts[0], "experts": experts})
     curves = {}
     if added and cfg.steps > 0:
         tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,
@@ -55,3 +57,14 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: torch.Tens
         with only_trainable(model, added):
             curves = train(model, tcfg, {"novel": novel}, {}, desc="grow")
     return added, curves, stats
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:
+    """(k', d) unit centroids of the unit rows of ``x`` (N, d) by cosine k-means, k' = min(k, N);
+    seeded from evenly spaced rows, so the result is deterministic. For k = 1: the normalized mean."""
+    centroids = x[torch.linspace(0, len(x) - 1, min(k, len(x))).long()]
+    for _ in range(iters if k > 1 else 1):
+        assign = (x @ centroids.T).argmax(-1) if k > 1 else torch.zeros(len(x), dtype=torch.long)
+        centroids = torch.stack([F.normalize(x[assign == j].mean(0), dim=-1) if (assign == j).any() else c
+                                 for j, c in enumerate(centroids)])
+    return centroids

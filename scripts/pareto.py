@@ -16,8 +16,8 @@ lock, metrics and plots, then ``dvc checkout``): commit your own changes first.
 Per point and cycle: absorption (BPB gained on the new domain) and average forgetting of the old
 domains; per point: worst forgetting, mean BPB over all domains after the last cycle, training tokens
 and FLOPs per cycle (3 × forward FLOPs per token, `GPT.flops_per_token`), and the **plasticity ratio**
-P = mean over cycles of absorption ÷ the absorption of dense full finetuning at 1× (``--reference``,
-the §8 run) in the same cycle.
+P = mean over cycles of absorption ÷ the absorption of dense full finetuning at 1× (the
+``dense finetune`` point) in the same cycle.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import yaml  # noqa: E402
 
 from hst.io import atomic_path, replace_section  # noqa: E402
 from scripts.compare_table import OPEN_GATE, model_of  # noqa: E402
-from scripts.results_table import export, pct, read_metrics, read_text  # noqa: E402
+from scripts.results_table import export, git, pct, read_metrics, read_text  # noqa: E402
 
 BASE_STEPS = 160
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
@@ -43,7 +43,10 @@ METHODS = {
     "HST, replay-free": ("hst-replay-free", "grow.steps", ["cycle.replay=generated"], (1,)),
     "dense + replay": ("dense-replay", "consolidate.steps",
                        ["model.ffn=dense", "cycle.mode=full_replay", *OPEN_GATE], (0.5, 1, 2)),
+    # P's denominator; in the table, not in the figure (it forgets tens of percent).
+    "dense finetune": ("dense-finetune", "consolidate.steps", ["model.ffn=dense", "cycle.mode=full", *OPEN_GATE], (1,)),
 }
+REFERENCE = "dense finetune"
 
 
 def points() -> list[tuple[str, float, str, list[str]]]:
@@ -52,15 +55,20 @@ def points() -> list[tuple[str, float, str, list[str]]]:
             for label, (slug, key, overrides, budgets) in METHODS.items() for b in budgets]
 
 
+def experiments() -> set[str]:
+    """Names of the DVC experiments of this repository."""
+    return {r.rsplit("/", 1)[-1] for r in git("for-each-ref", "--format=%(refname)", "refs/exps").split()}
+
+
 def run_dir(runs: Path, name: str) -> Path:
     return runs / name.removeprefix("pareto-").replace("-", "_")
 
 
-def summarize(source: str, reference: str, cycles: list[str]) -> dict:
+def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
     """One point's numbers (see the module docstring) from its exported params and metrics."""
     params = yaml.safe_load(read_text(source, "params.yaml"))
     reports = [read_metrics(source, f"metrics/eval/{c}.json") for c in cycles]
-    dense = [read_metrics(reference, f"metrics/eval/{c}.json")["absorption"] for c in cycles]
+    dense = [read_metrics(reference, f"metrics/eval/{c}.json")["absorption"] for c in cycles] if reference else None
     steps = params["grow"]["steps"] if params["cycle"]["mode"] == "grow" else params["consolidate"]["steps"]
     tokens = steps * params["consolidate"]["batch_size"] * params["model"]["seq_len"]
     model = model_of(source, reports[-1]["experts_per_layer"])
@@ -70,7 +78,7 @@ def summarize(source: str, reference: str, cycles: list[str]) -> dict:
             "worst": worst,
             "final_bpb": sum(reports[-1]["bpb"].values()) / len(reports[-1]["bpb"]),
             "tokens": tokens, "flops": 3 * model.flops_per_token() * tokens,
-            "P": sum(a / d for a, d in zip((r["absorption"] for r in reports), dense)) / len(cycles)}
+            "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
 
 
 def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str) -> str:
@@ -80,7 +88,7 @@ def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str
     for label, budget, s in rows:
         lines.append(f"| {label} | {budget:g}× | {' / '.join(f'{a:.3f}' for a in s['absorption'])} "
                      f"| {' / '.join(pct(f) for f in s['forgetting'])} | {pct(s['worst'][0])} ({s['worst'][1]}, {s['worst'][2]}) "
-                     f"| {s['final_bpb']:.3f} | {s['P']:.2f} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} |")
+                     f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} |")
     lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
                   f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`)."]
     return "\n".join(lines)
@@ -90,7 +98,7 @@ def figure(rows: list[tuple[str, float, dict]], cycles: list[str], out: str) -> 
     """Per cycle, absorption (x) against average forgetting (y), one curve per method (budgets marked)."""
     fig, axes = plt.subplots(1, len(cycles), figsize=(4 * len(cycles), 3.6), squeeze=False)
     for i, (cycle, ax) in enumerate(zip(cycles, axes[0])):
-        for label in METHODS:
+        for label in (m for m in METHODS if m != REFERENCE):
             pts = sorted((s["absorption"][i], 100 * s["forgetting"][i], b) for lab, b, s in rows if lab == label)
             if not pts:
                 continue
@@ -110,29 +118,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--run", action="store_true", help="run every point not yet in --runs as a DVC experiment")
-    mode.add_argument("--export", action="store_true", help="export the points' existing DVC experiments")
+    mode.add_argument("--export", action="store_true", help="export those points that exist as DVC experiments here")
     ap.add_argument("--runs", type=Path, default=Path("docs/runs/pareto"))
-    ap.add_argument("--reference", default="docs/runs/dense_finetune", help="dense full finetuning at 1×: P's denominator")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="docs/results.md")
     ap.add_argument("--figure", default="docs/pareto.png")
     args = ap.parse_args()
     cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
-    rows = []
-    for label, budget, name, overrides in points():
+    for _, _, name, overrides in points():
         dest = run_dir(args.runs, name)
         if args.run and not dest.is_dir():
             subprocess.run(["dvc", "exp", "run", "-n", name, *(a for o in overrides for a in ("-S", o))], check=True)
             export(name, dest)
-        elif args.export:
+        elif args.export and name in experiments():
             export(name, dest)
-        if dest.is_dir():
-            rows.append((label, budget, summarize(str(dest), args.reference, cycles)))
+    reference = run_dir(args.runs, "pareto-dense-finetune-1x")
+    rows = [(label, budget, summarize(str(run_dir(args.runs, name)), str(reference) if reference.is_dir() else None, cycles))
+            for label, budget, name, _ in points() if run_dir(args.runs, name).is_dir()]
     if args.run:
         subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots"], check=True)
         subprocess.run(["dvc", "checkout"], check=True)
     figure(rows, cycles, args.figure)
-    replace_section(args.out, "pareto", table(rows, cycles, args.reference))
+    replace_section(args.out, "pareto", table(rows, cycles, str(reference)))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,32 @@ def test_a_closed_gate_is_honoured_in_the_forward_pass_even_after_training(tiny_
         train(model, dataclasses.replace(TCFG, steps=3, domains=("novel",), update_keys=False), {"novel": NOVEL}, {})
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
+
+
+def test_several_experts_per_layer_share_one_gate_split_the_novel_tokens_and_alone_train(tiny_cfg):
+    model = GPT(tiny_cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    added, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(experts=3, steps=4, gate_windows=8), TCFG)
+    assert added == [(0, 4), (0, 5), (0, 6), (1, 4), (1, 5), (1, 6)] and model.n_experts == [7, 7]
+    assert [s["experts"] for s in stats] == [[4, 5, 6], [4, 5, 6]]
+    router = model.moe(1).router
+    assert torch.equal(router.gate_w[4], router.gate_w[6]) and router.gate_w[4].abs().sum() > 0
+    keys = router.keys[4:]
+    assert (keys @ keys.T - torch.eye(3)).abs().max() < 0.9999  # distinct centroids
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k][:4] if k.split(".")[-1] in ("keys", "gate_w", "gate_shift", "gate_b") else after[k], v), k
+    # The shared gate keeps most held-in tokens away from all three new experts.
+    closed = ~torch.stack([model.moe(layer).router.eligible(model.moe(layer).router.features(
+        ffn_inputs(model, HELD_IN, layer, 2)[:, :tiny_cfg.seq_len]))[..., 4:].any(-1) for layer in (0, 1)]).any(0)
+    assert closed.float().mean() > 0.8
+
+
+def test_spherical_kmeans_is_the_normalized_mean_for_one_cluster_and_separates_two():
+    x = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    assert torch.equal(grow.spherical_kmeans(x, 1)[0], torch.nn.functional.normalize(x.mean(0), dim=-1))
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 1, 1
+    pts = torch.nn.functional.normalize(torch.cat([a + 0.05 * torch.randn(20, 8), b + 0.05 * torch.randn(20, 8)]), dim=-1)
+    c = grow.spherical_kmeans(pts, 2)
+    assert sorted(int(v.abs().argmax()) for v in c) == [0, 1]
