@@ -1,4 +1,4 @@
-"""Self-describing checkpoints: weights, keys, expert and adapter counts per layer and the model config.
+"""Self-describing checkpoints: weights, keys, expert counts per layer and the model config.
 
 A checkpoint is a plain dict of tensors and primitives, loadable with
 ``torch.load(weights_only=True)``, so a model can be rebuilt from the file alone. Writes are
@@ -28,7 +28,6 @@ def save(path: str | Path, model: GPT, meta: dict | None = None) -> None:
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(model.cfg),
         "n_experts": model.n_experts,
-        "n_adapters": model.n_adapters,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
@@ -58,7 +57,7 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
         diff = {f.name: (getattr(cfg, f.name), getattr(expect, f.name))
                 for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name)}
         raise CheckpointError(f"{path}: model config does not match (stored, expected): {diff}")
-    model = GPT(cfg, state["n_experts"], state.get("n_adapters"))  # checkpoints before adapters have none
+    model = GPT(cfg, state["n_experts"])
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as e:

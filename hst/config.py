@@ -254,7 +254,6 @@ class GrowConfig:
     gate_fpr: float = 0.03  # share of held-in tokens a new expert's gate may let through (calibrates its bias)
     gate_windows: int = 64  # windows of novel and of held-in records the gate is fitted on
     experts: int = 1  # new experts per grown layer, behind one gate; keys split the passing novel tokens (k-means)
-    attention: bool = False  # also a gated attention adapter (query + output delta) per grown layer
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
     steps: int = 160  # optimizer steps training only the new experts on the novel records
     lr: float = 3e-3  # their peak learning rate: isolated behind gates, they take a higher one than shared experts

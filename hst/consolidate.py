@@ -20,14 +20,13 @@ from hst.train import eval_mode, eval_windows, train
 
 
 @contextmanager
-def only_trainable(model: GPT, experts: list[tuple[int, int]], modules: tuple[torch.nn.Module, ...] = ()):
-    """Freeze every parameter except those of the ``(layer, expert)`` pairs and of ``modules``;
-    restore the flags after."""
+def only_trainable(model: GPT, experts: list[tuple[int, int]]):
+    """Freeze every parameter except those of the ``(layer, expert)`` pairs; restore the flags after."""
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in [model.moe(layer).experts[expert] for layer, expert in experts] + list(modules):
-        for p in module.parameters():
+    for layer, expert in experts:
+        for p in model.moe(layer).experts[expert].parameters():
             p.requires_grad_(True)
     try:
         yield
@@ -37,12 +36,11 @@ def only_trainable(model: GPT, experts: list[tuple[int, int]], modules: tuple[to
 
 
 @torch.no_grad()
-def ffn_inputs(model: GPT, tokens: torch.Tensor, layer: int, n_windows: int, attention: bool = False) -> torch.Tensor:
-    """(windows, T, d) hidden states entering ``layer``'s MoE (``attention``: its attention) for evenly
-    spaced windows of ``tokens``."""
+@torch.no_grad()
+def ffn_inputs(model: GPT, tokens: torch.Tensor, layer: int, n_windows: int) -> torch.Tensor:
+    """(windows, T, d) hidden states entering ``layer``'s MoE for evenly spaced windows of ``tokens``."""
     captured = []
-    module = model.blocks[layer].attn if attention else model.moe(layer)
-    hook = module.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    hook = model.moe(layer).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     try:
         with eval_mode(model):
             model(eval_windows(tokens, model.cfg.seq_len, n_windows)[:, :-1])

@@ -5,10 +5,8 @@ that opens only for tokens whose context looks like the novel records, not like 
 Their keys are the centroids of a spherical k-means over the novel tokens that pass the gate (for
 one expert: their normalized mean) — not of all novel hidden states, which point along the
 direction every hidden state shares (``FINDINGS.md``) — so the new experts split the new data
-between them. Weights are copied from the expert nearest each key (or drawn fresh). With
-``GrowConfig.attention`` each grown layer's attention also gets an adapter (a query and an output
-delta, :class:`hst.model.AttentionAdapter`) behind a gate fitted the same way on the attention's
-inputs. Then only the new experts and adapters train on the novel records.
+between them. Weights are copied from the expert nearest each key (or drawn fresh); then only the
+new experts train on the novel records.
 """
 
 from __future__ import annotations
@@ -42,31 +40,21 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: torch.Tens
         f_old = router.features(ffn_inputs(model, held_in, layer, cfg.gate_windows))
         gate = fit_gate(f_old, f_new, cfg.gate_fpr)
         passed = gate_open(f_new, *gate)
-        stat = {"layer": layer, "novel_tokens_passing": float(passed.float().mean()),
-                "held_in_tokens_passing": float(gate_open(f_old, *gate).float().mean())}
-        attn_gate = None
-        if cfg.attention:
-            a_new = F.normalize(ffn_inputs(model, novel, layer, cfg.gate_windows, attention=True).float(), dim=-1)
-            a_old = F.normalize(ffn_inputs(model, held_in, layer, cfg.gate_windows, attention=True).float(), dim=-1)
-            attn_gate = fit_gate(a_old, a_new, cfg.gate_fpr)
-            stat |= {"attention_novel_tokens_passing": float(gate_open(a_new, *attn_gate).float().mean()),
-                     "attention_held_in_tokens_passing": float(gate_open(a_old, *attn_gate).float().mean())}
-        placed.append((layer, gate, f_new[passed], attn_gate, stat))
-    added, adapters, stats = [], [], []
-    for layer, gate, passing, attn_gate, stat in placed:
+        placed.append((layer, gate, f_new[passed],
+                       {"layer": layer, "novel_tokens_passing": float(passed.float().mean()),
+                        "held_in_tokens_passing": float(gate_open(f_old, *gate).float().mean())}))
+    added, stats = [], []
+    for layer, gate, passing, stat in placed:
         if len(passing) == 0:
             continue
         experts = [model.add_expert(layer, key, cfg.init, gate) for key in spherical_kmeans(passing, cfg.experts)]
         added += [(layer, e) for e in experts]
-        if attn_gate is not None:
-            stat["adapter"] = model.add_adapter(layer, attn_gate)
-            adapters.append(model.blocks[layer].attn.adapters[stat["adapter"]])
         stats.append({**stat, "expert": experts[0], "experts": experts})
     curves = {}
     if added and cfg.steps > 0:
         tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,
                                    warmup_steps=min(train_cfg.warmup_steps, cfg.steps))
-        with only_trainable(model, added, tuple(adapters)):
+        with only_trainable(model, added):
             curves = train(model, tcfg, {"novel": novel}, {}, desc="grow")
     return added, curves, stats
 

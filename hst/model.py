@@ -1,8 +1,8 @@
 """The HST language model: a decoder-only transformer whose FFN is dense, a learned MoE or HST's
 key-routed MoE.
 
-Attention is standard and dense (RoPE, QK-norm, causal ``scaled_dot_product_attention``), plus
-the gated adapters growth adds (:class:`AttentionAdapter`); normalisation is parameter-free RMSNorm. ``forward`` returns logits, the loss when targets are
+Attention is standard and dense (RoPE, QK-norm, causal ``scaled_dot_product_attention``);
+normalisation is parameter-free RMSNorm. ``forward`` returns logits, the loss when targets are
 given, and the routing of every token at every layer for the Smart Sampler and the metrics.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from hst.config import ModelConfig
 from hst.experts import Expert, MoE
-from hst.router import LearnedRouter, Routing, gate_open
+from hst.router import LearnedRouter, Routing
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -36,66 +36,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class AttentionAdapter(nn.Module):
-    """What growth adds to a layer's attention for the new data: a query delta and an output delta
-    (full-rank, zero at init), applied only to tokens whose gate (:func:`hst.router.gate_open` on the
-    normalized attention input, fitted like an expert's gate) is open. Keys and values are never
-    changed, so a token whose gate is closed attends exactly as before, even to tokens whose gate is
-    open."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.q = nn.Linear(d_model, d_model, bias=False)
-        self.o = nn.Linear(d_model, d_model, bias=False)
-        nn.init.zeros_(self.q.weight)
-        nn.init.zeros_(self.o.weight)
-        self.register_buffer("gate_w", torch.zeros(d_model))
-        self.register_buffer("gate_shift", torch.zeros(()))
-        self.register_buffer("gate_b", torch.full((), -1.0))  # closed until growth fits it
-
-    def set_gate(self, gate: tuple[torch.Tensor, float, float]) -> None:
-        w, shift, b = gate
-        self.gate_w.copy_(w)
-        self.gate_shift.fill_(shift)
-        self.gate_b.fill_(b)
-
-    def open(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) attention inputs -> (B, T, 1) bool."""
-        with torch.autocast(x.device.type, enabled=False):
-            return gate_open(F.normalize(x.float(), dim=-1), self.gate_w, self.gate_shift, self.gate_b)[..., None]
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_adapters: int = 0):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.adapters = nn.ModuleList(AttentionAdapter(cfg.d_model) for _ in range(n_adapters))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x)
-        opens = [a.open(x) for a in self.adapters]
-        if opens:
-            q, kv = qkv.split([C, 2 * C], dim=-1)
-            for a, is_open in zip(self.adapters, opens):
-                q = torch.where(is_open, q + a.q(x), q)
-            qkv = torch.cat([q, kv], dim=-1)
         # (B, T, 3C) -> 3 × (B, H, T, hd)
-        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(norm(q), cos[:T], sin[:T]), apply_rope(norm(k), cos[:T], sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        out = self.proj(y)
-        for a, is_open in zip(self.adapters, opens):
-            out = torch.where(is_open, out + a.o(y), out)
-        return out
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_experts: int, n_adapters: int = 0):
+    def __init__(self, cfg: ModelConfig, n_experts: int):
         super().__init__()
-        self.attn = Attention(cfg, n_adapters)
+        self.attn = Attention(cfg)
         self.ffn = Expert(cfg.d_model, cfg.dense_hidden) if cfg.ffn == "dense" else MoE(cfg, n_experts)
 
     def forward(self, x, cos, sin, update_keys: bool) -> tuple[torch.Tensor, Routing | None]:
@@ -114,16 +74,14 @@ class ModelOutput(NamedTuple):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_experts: list[int] | None = None, n_adapters: list[int] | None = None):
+    def __init__(self, cfg: ModelConfig, n_experts: list[int] | None = None):
         super().__init__()
         n_experts = list(n_experts) if n_experts is not None else [cfg.n_experts] * cfg.n_layer
-        n_adapters = list(n_adapters) if n_adapters is not None else [0] * cfg.n_layer
-        for name, counts in (("n_experts", n_experts), ("n_adapters", n_adapters)):
-            if len(counts) != cfg.n_layer:
-                raise ValueError(f"{name}: expected {cfg.n_layer} layer counts, got {len(counts)}")
+        if len(n_experts) != cfg.n_layer:
+            raise ValueError(f"n_experts: expected {cfg.n_layer} layer counts, got {len(n_experts)}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, n, a) for n, a in zip(n_experts, n_adapters))
+        self.blocks = nn.ModuleList(Block(cfg, n) for n in n_experts)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -149,18 +107,6 @@ class GPT(nn.Module):
         """Experts per layer (1 per layer for the dense FFN)."""
         return [len(b.ffn.experts) if isinstance(b.ffn, MoE) else 1 for b in self.blocks]
 
-    @property
-    def n_adapters(self) -> list[int]:
-        """Gated attention adapters per layer (added by growth)."""
-        return [len(b.attn.adapters) for b in self.blocks]
-
-    def add_adapter(self, layer: int, gate: tuple[torch.Tensor, float, float]) -> int:
-        """Append a zero-initialised attention adapter behind ``gate`` to ``layer``; return its index."""
-        adapter = AttentionAdapter(self.cfg.d_model).to(self.lm_head.weight.device)
-        adapter.set_gate(gate)
-        self.blocks[layer].attn.adapters.append(adapter)
-        return len(self.blocks[layer].attn.adapters) - 1
-
     def flops_per_token(self, experts_per_token: list[float] | None = None) -> float:
         """Forward matmul FLOPs per token (2 per multiply-add; attention over the mean causal context
         of seq_len / 2 tokens). ``experts_per_token``: per MoE layer, the measured mean (Top-Any with
@@ -169,7 +115,6 @@ class GPT(nn.Module):
         total = 2 * d * c.vocab_size  # lm_head; the embedding is a lookup
         for layer, block in enumerate(self.blocks):
             total += 2 * 4 * d * d + 2 * 2 * d * c.seq_len / 2  # qkv + proj; QK^T and AV
-            total += len(block.attn.adapters) * 2 * 2 * d * d  # adapters, counted as if always open
             if isinstance(block.ffn, MoE):
                 n = block.ffn.router.n_experts
                 k = experts_per_token[layer] if experts_per_token else (n if c.routing == "top_any" else c.top_k)

@@ -7,7 +7,7 @@ from hst.config import GrowConfig, TrainConfig
 from hst.consolidate import ffn_inputs, only_trainable
 from hst.evaluation import routing_stability
 from hst.model import GPT
-from hst.train import eval_windows, evaluate, train
+from hst.train import evaluate, train
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
                       dtype=torch.uint8)
@@ -93,31 +93,3 @@ def test_spherical_kmeans_is_the_normalized_mean_for_one_cluster_and_separates_t
     pts = torch.nn.functional.normalize(torch.cat([a + 0.05 * torch.randn(20, 8), b + 0.05 * torch.randn(20, 8)]), dim=-1)
     c = grow.spherical_kmeans(pts, 2)
     assert sorted(int(v.abs().argmax()) for v in c) == [0, 1]
-
-
-def test_attention_adapters_change_only_gate_open_tokens_and_train_with_the_new_experts(tiny_cfg):
-    model = GPT(tiny_cfg)
-    held = eval_windows(HELD_IN, tiny_cfg.seq_len, 4)[:, :-1]  # the windows ffn_inputs captures
-    with torch.no_grad():
-        before_logits = model(held).logits
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    added, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN,
-                                GrowConfig(experts=2, attention=True, steps=6, gate_windows=8, gate_fpr=0.02), TCFG)
-    assert model.n_adapters == [1, 1] and [s["adapter"] for s in stats] == [0, 0]
-    assert all(s["attention_novel_tokens_passing"] > 0.5 >= s["attention_held_in_tokens_passing"] for s in stats)
-    adapter = model.blocks[0].attn.adapters[0]
-    assert adapter.q.weight.abs().sum() > 0 and adapter.o.weight.abs().sum() > 0  # trained from zero
-    after = model.state_dict()
-    for k, v in before.items():
-        assert torch.equal(after[k][:4] if k.split(".")[-1] in ("keys", "gate_w", "gate_shift", "gate_b") else after[k], v), k
-    # A sequence none of whose gates (attention or expert, any layer) opens computes the same logits.
-    with torch.no_grad():
-        closed = torch.ones(len(held), dtype=torch.bool)
-        for layer in range(tiny_cfg.n_layer):
-            attn_in = ffn_inputs(model, HELD_IN, layer, 4, attention=True)
-            closed &= ~model.blocks[layer].attn.adapters[0].open(attn_in)[..., 0].any(-1)
-            router = model.moe(layer).router
-            closed &= ~router.eligible(router.features(ffn_inputs(model, HELD_IN, layer, 4)))[..., 4:].any(-1).any(-1)
-        assert closed.any()
-        now = model(held).logits
-    assert torch.equal(now[closed], before_logits[closed])
