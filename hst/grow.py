@@ -24,11 +24,12 @@ from hst.router import gate_open
 from hst.train import train
 
 
-def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: torch.Tensor, cfg: GrowConfig,
+def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, torch.Tensor], cfg: GrowConfig,
          train_cfg: TrainConfig) -> tuple[list[tuple[int, int]], dict, list[dict]]:
     """Add ``cfg.experts`` gated experts to each of ``layers`` and train the new experts on ``novel`` tokens.
 
-    ``held_in`` are tokens of the learned domains the gates are calibrated against. Returns the new
+    ``held_in`` maps each learned domain (source) to its tokens; every gate lets at most
+    ``cfg.gate_fpr`` of each source's tokens through. Returns the new
     ``(layer, expert)`` pairs, the training curves and per-layer gate statistics.
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
@@ -37,12 +38,14 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: torch.Tens
     for layer in layers:
         router = model.moe(layer).router
         f_new = router.features(ffn_inputs(model, novel, layer, cfg.gate_windows))  # (W, T, d)
-        f_old = router.features(ffn_inputs(model, held_in, layer, cfg.gate_windows))
-        gate = fit_gate(f_old, f_new, cfg.gate_fpr)
+        f_old = {src: router.features(ffn_inputs(model, t, layer, cfg.gate_windows)) for src, t in held_in.items()}
+        gate = fit_gate(list(f_old.values()), f_new, cfg.gate_fpr)
         passed = gate_open(f_new, *gate)
+        per_source = {src: float(gate_open(f, *gate).float().mean()) for src, f in f_old.items()}
         placed.append((layer, gate, f_new[passed],
                        {"layer": layer, "novel_tokens_passing": float(passed.float().mean()),
-                        "held_in_tokens_passing": float(gate_open(f_old, *gate).float().mean())}))
+                        "held_in_tokens_passing": sum(per_source.values()) / len(per_source),
+                        "held_in_tokens_passing_per_source": per_source}))
     added, stats = [], []
     for layer, gate, passing, stat in placed:
         if len(passing) == 0:

@@ -52,20 +52,23 @@ def first_trigger(shares: list[float], p: float, m: int) -> int | None:
     return None
 
 
-def fit_gate(held_in: torch.Tensor, novel: torch.Tensor, fpr: float,
+def fit_gate(held_in: list[torch.Tensor], novel: torch.Tensor, fpr: float,
              shrinkage: float = 1e-3) -> tuple[torch.Tensor, float, float]:
     """A gate ``(w, shift, b)`` for a new expert (see :func:`hst.router.gate_open`) from router
-    features of shape (windows, T, d).
+    features of shape (windows, T, d): ``held_in`` one such tensor per held-in source (learned domain).
 
     ``w`` is the Fisher discriminant direction (pooled covariance, shrunk toward its mean variance
-    by ``shrinkage`` so it is invertible); ``shift`` is the held-in tokens' mean score; ``b`` puts
-    the share ``fpr`` of held-in tokens' causal running-mean scores above zero.
+    by ``shrinkage`` so it is invertible); ``shift`` is the held-in tokens' mean score; ``b`` puts at
+    most the share ``fpr`` of *every* source's causal running-mean scores above zero. A pooled
+    quantile let a gate's false positives concentrate on the one learned domain closest to the new
+    data (measured: a man-pages gate at 3 % pooled passed enough python tokens to cost python 9.7 %).
     """
-    d = held_in.shape[-1]
-    old, new = held_in.reshape(-1, d).double(), novel.reshape(-1, d).double()
+    d = novel.shape[-1]
+    old, new = torch.cat([h.reshape(-1, d) for h in held_in]).double(), novel.reshape(-1, d).double()
     cov = (torch.cov(old.T) + torch.cov(new.T)) / 2
     cov += shrinkage * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
     w = torch.linalg.solve(cov, new.mean(0) - old.mean(0))
     shift = float(old.mean(0) @ w)
-    running = causal_mean(held_in.double() @ w - shift, GATE_PRIOR_TOKENS)
-    return w.float(), shift, -float(torch.quantile(running.flatten(), 1 - fpr))
+    top = max(float(torch.quantile(causal_mean(h.double() @ w - shift, GATE_PRIOR_TOKENS).flatten(), 1 - fpr))
+              for h in held_in)
+    return w.float(), shift, -top

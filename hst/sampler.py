@@ -117,6 +117,14 @@ def read_buffer(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     return table
 
 
+def tokens_by_source(table: pa.Table) -> dict[str, torch.Tensor]:
+    """The byte tokens of a Smart Sampler table's records, grouped by ``source`` (sorted)."""
+    texts: dict[str, list[str]] = {}
+    for text, source in zip(table["text"].to_pylist(), table["source"].to_pylist()):
+        texts.setdefault(source, []).append(text)
+    return {source: encode(t) for source, t in sorted(texts.items())}
+
+
 def load_records(buffer_dir: str | Path) -> pa.Table:
     """Every record logged in ``buffer_dir`` (all buffer files, in flush order)."""
     paths = sorted(Path(buffer_dir).glob("buffer-*.parquet"))

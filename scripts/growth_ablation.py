@@ -40,7 +40,8 @@ def main() -> None:
     val = {d: data.load_tokens("data/prepared", d, "val") for d in [*meta["learned_domains"], domain]}
     base = evaluation.evaluate_domains(start, val, args.windows)
     buf = sampler.load_records(f"cycles/{args.cycle}/buffer")
-    index = sampler.read_buffer(f"cycles/{args.cycle}/index.parquet", columns=["text"])["text"].to_pylist()
+    index = sampler.read_buffer(f"cycles/{args.cycle}/index.parquet", columns=["text", "source"])
+    held_in = sampler.tokens_by_source(index)
     print(f"| variant | {' | '.join(val)} |\n| --- |{' --- |' * len(val)}")
     for variant in args.variant:
         kind, *rest = variant.split(":")
@@ -48,7 +49,7 @@ def main() -> None:
         if kind == "grow":
             cfg = dataclasses.replace(gcfg, gate_fpr=float(rest[0]), steps=int(rest[1]))
             grow.grow(model, list(range(model.cfg.n_layer)), data.encode(buf["text"].to_pylist()),
-                      data.encode(index), cfg, tcfg)
+                      held_in, cfg, tcfg)
         else:
             coresets = Path(f"cycles/{args.cycle}/coresets")
             texts, primaries = buf["text"].to_pylist(), buf["primary_expert"].to_pylist()

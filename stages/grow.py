@@ -44,7 +44,7 @@ def main() -> None:
     domain = cycle_domain(cycles, args.cycle)
     model, meta = checkpoint.load(args.checkpoint)
     new = sampler.load_records(args.buffer)
-    index = sampler.read_buffer(args.index, columns=["text", "bpb"])
+    index = sampler.read_buffer(args.index, columns=["text", "bpb", "source"])
     limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)
     is_novel = [b > limit for b in new["bpb"].to_pylist()]
     shares = novelty.batch_shares(is_novel, cfg.batch_records)
@@ -56,12 +56,12 @@ def main() -> None:
     grown, curves, gates, stability = [], {}, [], []
     if report["triggered"]:
         # Replay-free cycles read no old text: stability is measured on the start model's samples.
-        val = ({"generated": data.encode(index["text"].to_pylist())} if ccfg.replay == "generated" else
+        val = (sampler.tokens_by_source(index) if ccfg.replay == "generated" else
                {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]})
         before = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
         texts = [t for t, flag in zip(new["text"].to_pylist(), is_novel) if flag or ccfg.mode == "grow"]
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(texts),
-                                         data.encode(index["text"].to_pylist()), cfg,
+                                         sampler.tokens_by_source(index), cfg,
                                          dataclasses.replace(tcfg, lr=cfg.lr))
         after = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
         stability = evaluation.routing_stability(evaluation.routing_of(before, list(val)),

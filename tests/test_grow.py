@@ -11,7 +11,9 @@ from hst.train import evaluate, train
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
                       dtype=torch.uint8)
-HELD_IN = data.encode(["def f(x):\n    return x + 1\n" * 20, "To be, or not to be, that is the question. " * 20])
+HELD_IN_TEXT = {"python": "def f(x):\n    return x + 1\n" * 20, "shakespeare": "To be, or not to be, that is the question. " * 20}
+HELD_IN = {d: data.encode([t]) for d, t in HELD_IN_TEXT.items()}  # per source, as the gates are calibrated
+HELD_IN_ALL = data.encode(list(HELD_IN_TEXT.values()))
 TCFG = TrainConfig(batch_size=4, warmup_steps=1, eval_every=5, eval_windows=2, precision="fp32")
 
 
@@ -34,11 +36,11 @@ def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
 
 def test_gates_keep_held_in_routing_and_admit_novel_tokens(tiny_cfg):
     model = GPT(tiny_cfg)
-    old = evaluate(model, HELD_IN, 8).expert_ids
+    old = evaluate(model, HELD_IN_ALL, 8).expert_ids
     _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(steps=0, gate_windows=8, gate_fpr=0.02), TCFG)
     assert all(s["held_in_tokens_passing"] <= 0.05 and s["novel_tokens_passing"] > 0.5 for s in stats)
     # Held-in tokens whose gates stay closed keep their routing (untrained new experts change nothing else).
-    assert min(routing_stability(old, evaluate(model, HELD_IN, 8).expert_ids)) >= 0.95
+    assert min(routing_stability(old, evaluate(model, HELD_IN_ALL, 8).expert_ids)) >= 0.95
     new_ids = evaluate(model, NOVEL, 8).expert_ids
     assert all((ids == 4).any(-1).float().mean() > 0.3 for ids in new_ids)
 
@@ -55,7 +57,7 @@ def test_new_key_is_the_mean_of_the_novel_tokens_passing_the_gate(tiny_cfg):
 
 def test_a_closed_gate_is_honoured_in_the_forward_pass_even_after_training(tiny_cfg):
     model = GPT(tiny_cfg)
-    x = HELD_IN[:2 * tiny_cfg.seq_len].long().view(2, -1)
+    x = HELD_IN_ALL[:2 * tiny_cfg.seq_len].long().view(2, -1)
     with torch.no_grad():
         before = model(x).logits
     for layer in range(tiny_cfg.n_layer):  # a gate that never opens: b = -1
@@ -81,7 +83,7 @@ def test_several_experts_per_layer_share_one_gate_split_the_novel_tokens_and_alo
         assert torch.equal(after[k][:4] if k.split(".")[-1] in ("keys", "gate_w", "gate_shift", "gate_b") else after[k], v), k
     # The shared gate keeps most held-in tokens away from all three new experts.
     closed = ~torch.stack([model.moe(layer).router.eligible(model.moe(layer).router.features(
-        ffn_inputs(model, HELD_IN, layer, 2)[:, :tiny_cfg.seq_len]))[..., 4:].any(-1) for layer in (0, 1)]).any(0)
+        ffn_inputs(model, HELD_IN_ALL, layer, 2)[:, :tiny_cfg.seq_len]))[..., 4:].any(-1) for layer in (0, 1)]).any(0)
     assert closed.float().mean() > 0.8
 
 
@@ -93,3 +95,11 @@ def test_spherical_kmeans_is_the_normalized_mean_for_one_cluster_and_separates_t
     pts = torch.nn.functional.normalize(torch.cat([a + 0.05 * torch.randn(20, 8), b + 0.05 * torch.randn(20, 8)]), dim=-1)
     c = grow.spherical_kmeans(pts, 2)
     assert sorted(int(v.abs().argmax()) for v in c) == [0, 1]
+
+
+def test_each_source_gets_at_most_the_false_positive_rate(tiny_cfg):
+    model = GPT(tiny_cfg)
+    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(steps=0, gate_windows=8, gate_fpr=0.05), TCFG)
+    for s in stats:
+        assert set(s["held_in_tokens_passing_per_source"]) == {"python", "shakespeare"}
+        assert max(s["held_in_tokens_passing_per_source"].values()) <= 0.05 + 1 / 256  # one token of 8 windows × 32

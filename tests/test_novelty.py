@@ -32,7 +32,7 @@ def test_gate_separates_a_shifted_distribution_at_the_requested_false_positive_r
     shift[3] = 0.6
     held_in = F.normalize(torch.randn(64, 32, d), dim=-1)
     novel = F.normalize(torch.randn(64, 32, d) / 4 ** 0.5 + shift, dim=-1)
-    gate = novelty.fit_gate(held_in, novel, fpr=0.02)
+    gate = novelty.fit_gate([held_in], novel, fpr=0.02)
     fresh_held_in = F.normalize(torch.randn(64, 32, d), dim=-1)
     fresh_novel = F.normalize(torch.randn(64, 32, d) / 4 ** 0.5 + shift, dim=-1)
     assert gate_open(held_in, *gate).float().mean() == pytest.approx(0.02, abs=0.005)
@@ -65,3 +65,17 @@ def test_surprise_flags_a_novel_distribution_and_not_held_in_records(tiny_cfg):
     assert novelty.first_trigger(novelty.batch_shares(flags_novel, 8), 0.5, 3) == 2  # detected after 24 records
     assert sum(flags_held) <= 2
     assert novelty.first_trigger(novelty.batch_shares(flags_held, 4), 0.5, 3) is None
+
+
+def test_gate_holds_the_false_positive_rate_on_every_source_not_only_pooled():
+    torch.manual_seed(0)
+    d, shift = 16, torch.zeros(16)
+    shift[3] = 0.6
+    far = F.normalize(torch.randn(64, 32, d) - shift, dim=-1)  # a learned domain far from the new one
+    near = F.normalize(torch.randn(64, 32, d) + 0.5 * shift, dim=-1)  # and one close to it
+    novel = F.normalize(torch.randn(64, 32, d) / 4 ** 0.5 + shift, dim=-1)
+    gate = novelty.fit_gate([far, near], novel, fpr=0.02)
+    assert gate_open(near, *gate).float().mean() <= 0.021  # quantile in float64, gate in float32
+    assert gate_open(far, *gate).float().mean() < 0.02
+    pooled = novelty.fit_gate([torch.cat([far, near])], novel, fpr=0.02)
+    assert gate_open(near, *pooled).float().mean() > 0.03  # the pooled quantile lets the near domain through
