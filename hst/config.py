@@ -251,7 +251,7 @@ class GrowConfig:
     batch_records: int = 16  # records per novelty batch, in collection order
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
     novel_share: float = 0.5  # p: share of novel records in a batch
-    gate_fpr: float = 0.03  # share of each learned domain's tokens a new expert's gate may let through (its bias)
+    gate_fpr: float = 0.01  # share of each learned domain's tokens a new expert's gate may let through (its bias)
     gate_windows: int = 64  # windows of novel and of held-in records the gate is fitted on
     experts: int = 4  # new experts per grown layer, behind one gate; keys split the passing novel tokens (k-means)
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"

@@ -20,7 +20,7 @@ TCFG = TrainConfig(batch_size=4, warmup_steps=1, eval_every=5, eval_windows=2, p
 def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
     model = GPT(tiny_cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(steps=5, gate_windows=8), TCFG)
+    added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(experts=1, steps=5, gate_windows=8), TCFG)
     assert added == [(0, 4), (1, 4)] and model.n_experts == [5, 5]
     assert [s["expert"] for s in stats] == [4, 4]
     after = model.state_dict()
@@ -37,7 +37,7 @@ def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
 def test_gates_keep_held_in_routing_and_admit_novel_tokens(tiny_cfg):
     model = GPT(tiny_cfg)
     old = evaluate(model, HELD_IN_ALL, 8).expert_ids
-    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(steps=0, gate_windows=8, gate_fpr=0.02), TCFG)
+    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8, gate_fpr=0.02), TCFG)
     assert all(s["held_in_tokens_passing"] <= 0.05 and s["novel_tokens_passing"] > 0.5 for s in stats)
     # Held-in tokens whose gates stay closed keep their routing (untrained new experts change nothing else).
     assert min(routing_stability(old, evaluate(model, HELD_IN_ALL, 8).expert_ids)) >= 0.95
@@ -49,7 +49,7 @@ def test_new_key_is_the_mean_of_the_novel_tokens_passing_the_gate(tiny_cfg):
     model = GPT(tiny_cfg)
     router = model.moe(1).router
     feats = router.features(ffn_inputs(model, NOVEL, 1, 8))
-    grow.grow(model, [1], NOVEL, HELD_IN, GrowConfig(steps=0, gate_windows=8), TCFG)
+    grow.grow(model, [1], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8), TCFG)
     passing = router.eligible(feats)[..., -1]
     want = torch.nn.functional.normalize(feats[passing].mean(0), dim=-1)
     assert torch.allclose(router.keys[-1], want, atol=1e-5)

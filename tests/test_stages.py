@@ -38,13 +38,13 @@ def tiny_project(tmp: Path) -> Path:
         "pretrain": {"domains": ["shakespeare", "python"], "steps": 12, "batch_size": 4, "warmup_steps": 2,
                      "eval_every": 6, "eval_windows": 4, "precision": "fp32"},
         "cycles": {"c1": {"domain": "kjv", "prev": "pretrain"}, "c2": {"domain": "german", "prev": "c1"}},
-        "cycle": {"mode": "experts", "incoming_records": 40, "index_records": 30, "min_new_data": 3,
+        "cycle": {"mode": "experts", "replay": "stored", "replay_records": 6, "incoming_records": 40, "index_records": 30, "min_new_data": 3,
                   "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0, "consolidation": "sequential"},
         "consolidate": {"steps": 12, "batch_size": 4, "lr": 0.001, "warmup_steps": 1, "eval_every": 100,
                         "eval_windows": 2, "precision": "fp32"},
         # Any batch with a record above the lowest held-in BPB triggers: growth is forced.
         "grow": {"enabled": True, "quantile": 1e-6, "batch_records": 8, "min_batches": 1, "novel_share": 0.0,
-                 "gate_windows": 4, "init": "copy_nearest", "steps": 4},
+                 "gate_windows": 4, "experts": 1, "init": "copy_nearest", "steps": 4},
         # A tiny model forgets far more than 5 % in a cycle; the flow tests set their own gate.
         "gate": {"max_forgetting": 10.0, "min_routing_stability": 0.0},
         "tracking": {"experiment": "tiny", "registered_model": "tiny"},
@@ -267,8 +267,8 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
         shutil.rmtree(proj / "data/prepared" / domain)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     # Growth in mode grow needs no novelty: the quantile is set so that no record is novel.
-    params["cycle"] |= {"mode": "grow", "replay": replay, "replay_records": 6}
-    params["grow"] |= {"quantile": 0.999, "min_batches": 50}
+    params["cycle"] |= {"mode": "grow", "replay": replay}
+    params["grow"] |= {"quantile": 0.999, "min_batches": 50, "experts": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     runs = cycle_stages(proj, tmp_path / "params.yaml")
     if replay == "stored":
@@ -283,7 +283,7 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
     start, _ = checkpoint.load(proj / "models/pretrain.pt")
     assert checkpoint.load(proj / "c1/consolidated.pt")[0].state_dict().keys() == start.state_dict().keys()
     final, _ = checkpoint.load(proj / "c1/final.pt")
-    assert final.n_experts == [5, 5]
+    assert final.n_experts == [6, 6]
     # Everything that existed before the cycle is bit-identical; only the new experts differ.
     after = final.state_dict()
     for name, tensor in start.state_dict().items():
