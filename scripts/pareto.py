@@ -105,7 +105,7 @@ def figure(rows: list[tuple[str, float, dict]], cycles: list[str], out: str) -> 
     fig, axes = plt.subplots(1, len(cycles), figsize=(4 * len(cycles), 3.6), squeeze=False)
     for i, (cycle, ax) in enumerate(zip(cycles, axes[0])):
         for label in (m for m in METHODS if m != REFERENCE):
-            pts = sorted((s["absorption"][i], 100 * s["forgetting"][i], b) for lab, b, s in rows if lab == label)
+            pts = [(s["absorption"][i], 100 * s["forgetting"][i], b) for lab, b, s in rows if lab == label]  # budget order
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
