@@ -11,7 +11,10 @@ tokens a step). HST spends it on its new gated experts (``grow.steps``), dense +
 everything on 1 new : 4 old records (``consolidate.steps``). Each experiment's params and metrics are
 exported to ``--runs``/<method>_<budget>x and committed, so the figure and table rebuild in a fresh
 clone. After ``--run`` the workspace is back at the committed pipeline (``git checkout`` of params,
-lock, metrics and plots, then ``dvc checkout``): commit your own changes first.
+lock, metrics and plots, then ``dvc checkout``): commit your own changes first, and commit nothing
+while it runs (a workspace experiment detaches HEAD at its baseline and moves the branch back
+afterwards, so a commit made meanwhile is left off the branch). To run points side by side, clone
+the repository, point it at the same cache (``dvc cache dir``), ``dvc checkout`` and run there.
 
 Per point and cycle: absorption (BPB gained on the new domain) and average forgetting of the old
 domains; per point: worst forgetting, mean BPB over all domains after the last cycle, training tokens
