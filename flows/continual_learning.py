@@ -33,7 +33,7 @@ from stages import consolidate as consolidate_stage
 from stages.common import load_params
 
 CYCLE_STAGES = ("build_index", "collect", "coreset", "consolidate", "grow", "evaluate", "gate", "track")
-START = ("prepare", "pretrain", "gate_pretrain")
+START = ("check_params", "prepare", "pretrain", "gate_pretrain")
 
 
 class StageFailed(RuntimeError):

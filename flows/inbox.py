@@ -22,8 +22,10 @@ from prefect.states import Completed
 from ruamel.yaml import YAML
 
 from flows.continual_learning import continual_learning
+from hst import data
 from hst import inbox as box
-from hst.config import FlowConfig, build
+from hst.config import FlowConfig, PrepareConfig, build
+from hst.data import DataError
 from hst.io import write_text
 from stages.common import load_params
 
@@ -48,29 +50,49 @@ def _batches(inbox: Path) -> list[str]:
     return sorted(names, key=lambda n: int(n[5:]))
 
 
+def take_batch(root: Path, params_path: Path) -> tuple[list[str], str]:
+    """Under the inbox lock: add a claimed batch that is missing from ``params.yaml`` (a crash after the
+    claim), or claim a full inbox as a new batch, validated by prepare's own splitting (a batch it
+    cannot split is moved to ``processed/rejected/<batch>/`` with its reason and never reaches the
+    params). Returns the new cycles' keys and what happened."""
+    (flow_sec,) = load_params(params_path, "flow")
+    inbox = root / build(FlowConfig, flow_sec, "params.yaml:flow").inbox
+    with box.locked(inbox):  # a concurrent run waits here, then reads the params and inbox this one left
+        flow_sec, prepare_sec = load_params(params_path, "flow", "prepare")
+        cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
+        pcfg = build(PrepareConfig, prepare_sec, "params.yaml:prepare")
+        batches = _batches(inbox)
+        unfinished = [b for b in batches if b not in pcfg.domains]
+        if not unfinished:
+            files = box.pending(inbox)
+            waiting = sum(f.stat().st_size for f in files)
+            if waiting < cfg.min_inbox_bytes:
+                return [], f"inbox: {waiting} of {cfg.min_inbox_bytes} bytes waiting; no new cycle"
+            batch = f"inbox{int(batches[-1][5:]) + 1 if batches else 1}"
+            try:  # prepare's own cut and split
+                data.split_docs([box.join_text(files)], pcfg, f"inbox batch {batch}")
+            except DataError as e:
+                for f in files:
+                    box.reject(f, inbox / "processed/rejected" / batch, str(e))
+                return [], f"inbox: batch rejected, files moved to processed/rejected/{batch}: {e}"
+            box.claim(inbox, batch, only=files)
+            unfinished = [batch]
+        keys = []
+        for batch in unfinished:
+            corpus = f"data/corpus/inbox/{batch}.txt"
+            write_text(root / corpus, box.batch_text(inbox, batch))
+            keys.append(add_cycle(params_path, batch, corpus))
+    return keys, f"new cycle(s) {keys} learn {unfinished}"
+
+
 @flow(name="inbox", log_prints=True)
 def inbox_flow(project: str = ".", params: str = "params.yaml"):
     """Turn a full inbox into a new cycle and run the sequence; otherwise report what is waiting."""
     root = Path(project).resolve()
-    params_path = root / params
-    flow_sec, prepare_sec = load_params(params_path, "flow", "prepare")
-    cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
-    inbox = root / cfg.inbox
-    logger = get_run_logger()
-    batches = _batches(inbox)
-    unfinished = [b for b in batches if b not in prepare_sec.get("domains", {})]
-    if not unfinished:
-        waiting = box.pending_bytes(inbox)
-        if waiting < cfg.min_inbox_bytes:
-            return Completed(message=f"inbox: {waiting} of {cfg.min_inbox_bytes} bytes waiting; no new cycle")
-        batch = f"inbox{int(batches[-1][5:]) + 1 if batches else 1}"
-        files = box.claim(inbox, batch)
-        logger.info(f"claimed {len(files)} files as {batch}: {[f.name for f in files]}")
-        unfinished = [batch]
-    for batch in unfinished:
-        corpus = f"data/corpus/inbox/{batch}.txt"
-        write_text(root / corpus, box.batch_text(inbox, batch))
-        logger.info(f"new cycle {add_cycle(params_path, batch, corpus)} learns {corpus}")
+    keys, message = take_batch(root, root / params)
+    get_run_logger().info(message)
+    if not keys:
+        return Completed(message=message)
     return continual_learning(str(root), params=params, return_state=True)
 
 

@@ -24,6 +24,10 @@ class CheckpointError(HSTError):
 
 
 def save(path: str | Path, model: GPT, meta: dict | None = None) -> None:
+    """Write ``model`` and ``meta`` to ``path``; a model with a NaN/inf weight is refused, never written."""
+    bad = _non_finite(model.state_dict())
+    if bad:
+        raise CheckpointError(f"{path}: refusing to write non-finite weights ({bad}); training diverged")
     state = {
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(model.cfg),
@@ -46,9 +50,16 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        reason = _reason(e)
+        if "GLOBAL" in reason:  # a pickled callable: what a malicious file carries
+            raise CheckpointError(f"{path}: refused: holds objects other than tensors and plain values "
+                                  f"(loading it could run code: {reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION}")
+    missing = [k for k in ("config", "n_experts", "state_dict", "meta") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
     try:
         cfg = ModelConfig(**state["config"])
     except (TypeError, ConfigError) as e:
@@ -56,11 +67,37 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
     if expect is not None and expect != cfg:
         diff = {f.name: (getattr(cfg, f.name), getattr(expect, f.name))
                 for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name)}
-        raise CheckpointError(f"{path}: model config does not match (stored, expected): {diff}")
-    model = GPT(cfg, state["n_experts"])
+        raise CheckpointError(f"{path}: model config does not match params.yaml:model (stored, expected): {diff}")
+    counts = state["n_experts"]
+    if not (isinstance(counts, list) and len(counts) == cfg.n_layer
+            and all(isinstance(n, int) and n >= cfg.top_k for n in counts)):
+        raise CheckpointError(f"{path}: expert counts {counts!r} do not fit the stored config "
+                              f"(expected {cfg.n_layer} counts >= top_k={cfg.top_k})")
+    if not isinstance(state["meta"], dict):
+        raise CheckpointError(f"{path}: meta is not a mapping")
+    bad = _non_finite(state["state_dict"])
+    if bad:
+        raise CheckpointError(f"{path}: non-finite weights ({bad}); a diverged model is never used")
+    model = GPT(cfg, counts)
     try:
         model.load_state_dict(state["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
     return model, state["meta"]
+
+
+def _reason(e: Exception) -> str:
+    """The line of torch's load error that says what is wrong (not its advice about weights_only)."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(advice)]
+    return (lines or [str(e).strip()])[0][:300]
+
+
+def _non_finite(state_dict: dict) -> str:
+    """Names of floating tensors holding NaN or inf (first three), '' if none."""
+    if not isinstance(state_dict, dict):
+        return ""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")

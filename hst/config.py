@@ -8,6 +8,7 @@ a one-line message naming the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,8 +61,8 @@ def _check_type(name: str, value, hint) -> None:
 def _is_instance(value, hint) -> bool:
     if hint is type(None):
         return value is None
-    if hint is float:  # YAML writes 1 for 1.0
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # YAML writes 1 for 1.0; .inf/.nan are never a usable setting
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     origin = typing.get_origin(hint)
     if origin is tuple or origin is list:
         (item,) = typing.get_args(hint)[:1]
@@ -76,6 +77,8 @@ def _is_instance(value, hint) -> bool:
 
 
 def _type_name(hint) -> str:
+    if hint is float:
+        return "finite float"
     return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
 
 
@@ -268,7 +271,7 @@ class GrowConfig:
         _require(self.experts >= 1, "experts: expected >= 1")
         _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
         _require(self.steps >= 0, "steps: expected >= 0")
-        _require(0 < self.lr < float("inf"), f"lr: expected a finite value > 0, got {self.lr!r}")
+        _require(self.lr > 0, "lr: expected > 0")
 
 
 @dataclass(frozen=True)
@@ -308,3 +311,45 @@ class FlowConfig:
         _require(self.interval_seconds >= 1, "interval_seconds: expected >= 1")
         _require(self.min_inbox_bytes >= 1, "min_inbox_bytes: expected >= 1")
         _require(self.inbox_interval_seconds >= 1, "inbox_interval_seconds: expected >= 1")
+
+
+# Every top-level section of params.yaml, with the config it is built as (None: checked by hand).
+SECTIONS = {"prepare": PrepareConfig, "model": ModelConfig, "pretrain": TrainConfig, "cycles": None,
+            "cycle": CycleConfig, "consolidate": TrainConfig, "grow": GrowConfig, "gate": GateConfig,
+            "tracking": TrackingConfig, "flow": FlowConfig}
+OPTIONAL_SECTIONS = ("flow",)
+
+
+def check_params(params, where: str = "params.yaml") -> dict:
+    """Validate a whole params file (every section, every key, the cycle chain); return the built configs.
+
+    DVC tracks only the keys a stage names, so a misspelt key would otherwise pass silently; this
+    check depends on the whole file.
+    """
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections at the top level")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; expected some of {sorted(SECTIONS)}")
+    missing = [s for s in SECTIONS if s not in params and s not in OPTIONAL_SECTIONS]
+    if missing:
+        raise ConfigError(f"{where}: missing section(s) {missing}")
+    built = {name: build(cls, params.get(name), f"{where}:{name}")
+             for name, cls in SECTIONS.items() if cls is not None}
+    domains = set(built["prepare"].domains)
+    extra = sorted(set(built["pretrain"].domains) - domains)
+    _require(built["pretrain"].domains and not extra,
+             f"{where}:pretrain.domains: expected a non-empty list of prepare.domains, got unknown {extra}")
+    cycles = params["cycles"]
+    if not isinstance(cycles, dict):
+        raise ConfigError(f"{where}:cycles: expected a mapping of cycle key -> {{domain, prev}}")
+    for i, (key, item) in enumerate(cycles.items()):
+        name = f"{where}:cycles.{key}"
+        _require(isinstance(key, str) and key.replace("_", "").replace("-", "").isalnum(),
+                 f"{name}: key must be letters, digits, '-' or '_'")
+        _require(isinstance(item, dict) and set(item) == {"domain", "prev"},
+                 f"{name}: expected a mapping with exactly the keys domain and prev")
+        _require(item["domain"] in domains, f"{name}.domain: expected one of prepare.domains, got {item['domain']!r}")
+        earlier = ["pretrain", *list(cycles)[:i]]
+        _require(item["prev"] in earlier, f"{name}.prev: expected pretrain or an earlier cycle, got {item['prev']!r}")
+    return built

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,10 @@ def read_source(path: str | Path) -> list[str]:
         raise DataError(f"{path}: file not found (expected a .txt, .txt.gz, .jsonl or .parquet file)")
     name = path.name.lower()
     if name.endswith(".txt") or name.endswith(".txt.gz"):
-        raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+        try:
+            raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
         docs = [_decode(raw, path)]
     elif name.endswith(".jsonl"):
         docs = []
@@ -136,13 +140,18 @@ def assign_split(text: str, cfg: PrepareConfig) -> str:
 
 def split_domain(path: str | Path, cfg: PrepareConfig) -> dict[str, list[str]]:
     """Read a source and return its records per split (in source order within a split)."""
+    return split_docs(read_source(path), cfg, str(path))
+
+
+def split_docs(docs: list[str], cfg: PrepareConfig, where: str) -> dict[str, list[str]]:
+    """Records per split of ``docs``; ``where`` names the source in the error when a split stays empty."""
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for doc in read_source(path):
+    for doc in docs:
         for rec in cut_records(doc, cfg.min_record_bytes, cfg.max_record_bytes):
             out[assign_split(rec, cfg)].append(rec)
     for split, recs in out.items():
         if not recs:
-            raise DataError(f"{path}: too little text for a non-empty {split} split "
+            raise DataError(f"{where}: too little text for a non-empty {split} split "
                             f"({sum(map(len, out.values()))} records)")
     return out
 

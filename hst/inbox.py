@@ -3,41 +3,90 @@
 Files are claimed by *moving* them into ``<inbox>/processed/<batch>/`` (never deleting). A ledger of
 content hashes (``<inbox>/processed/ledger.json``) remembers every claimed file, so a file whose
 content was already claimed — dropped again, under any name — is moved to
-``processed/duplicates/`` instead of being learned twice; a file that is not UTF-8 text goes to
-``processed/rejected/``. Only files directly in the inbox count; dot-files are ignored (an upload
-in progress should be written under a dot-name and renamed when complete).
+``processed/duplicates/`` instead of being learned twice. Only regular files directly in the inbox
+count: a symlink, device or fifo is never followed or read, it goes to ``processed/rejected/`` with
+a ``.reason`` file beside it, as does a file that is not UTF-8 text. Dot-files are ignored (an
+upload in progress should be written under a dot-name and renamed when complete). Every change to
+the inbox happens under :func:`locked`, so concurrent runs never claim a file twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import json
 import os
+import stat
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from hst.io import write_json
+from hst.io import read_json, write_json, write_text
 
 LEDGER = "processed/ledger.json"
+LOCK = "processed/.lock"
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+@contextmanager
+def locked(inbox: Path, timeout: float = 600.0):
+    """Hold the inbox's exclusive lock (``processed/.lock``, released by the OS if the holder dies)."""
+    path = Path(inbox) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path}: another inbox run has held the lock for {timeout:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ledger(inbox: Path) -> dict[str, dict]:
     """Content hash -> ``{"batch", "file"}`` of every file ever claimed."""
     path = Path(inbox) / LEDGER
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
-def pending(inbox: Path) -> list[Path]:
-    """Files waiting in the inbox whose content has not been claimed before, by name."""
+def _waiting(inbox: Path) -> list[Path]:
+    """Entries directly in the inbox that are not folders or dot-names, by name (symlinks not followed)."""
     inbox = Path(inbox)
     if not inbox.is_dir():
         return []
-    seen = ledger(inbox)
-    return sorted(p for p in inbox.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and _sha(p) not in seen)
+    return sorted(p for p in inbox.iterdir() if not p.name.startswith(".") and not stat.S_ISDIR(p.lstat().st_mode))
+
+
+def _sort(inbox: Path) -> tuple[list[tuple[Path, str]], list[Path], list[tuple[Path, str]]]:
+    """Waiting entries as (accepted with content hash, duplicates, rejected with reason)."""
+    seen = set(ledger(inbox))
+    accepted, duplicates, rejected = [], [], []
+    for path in _waiting(inbox):
+        if not stat.S_ISREG(path.lstat().st_mode):
+            rejected.append((path, "not a regular file (symlinks, devices and fifos are never followed)"))
+            continue
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest in seen:
+            duplicates.append(path)
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rejected.append((path, f"not UTF-8 text (invalid byte at offset {e.start})"))
+            continue
+        seen.add(digest)
+        accepted.append((path, digest))
+    return accepted, duplicates, rejected
+
+
+def pending(inbox: Path) -> list[Path]:
+    """The files a claim would accept now: regular UTF-8 files whose content is new, by name."""
+    return [p for p, _ in _sort(inbox)[0]]
 
 
 def pending_bytes(inbox: Path) -> int:
@@ -48,30 +97,36 @@ def _move(src: Path, folder: Path) -> Path:
     """Move ``src`` into ``folder`` without overwriting anything there (a clash gets a numbered name)."""
     folder.mkdir(parents=True, exist_ok=True)
     dest, n = folder / src.name, 1
-    while dest.exists():
+    while dest.exists() or dest.is_symlink():
         dest, n = folder / f"{src.stem}.{n}{src.suffix}", n + 1
     os.replace(src, dest)
     return dest
 
 
-def claim(inbox: Path, batch: str) -> list[Path]:
-    """Move every waiting file into ``processed/<batch>/`` and record it; return the claimed files.
+def reject(path: Path, folder: Path, reason: str) -> Path:
+    """Move ``path`` (itself, never a link's target) into ``folder`` with ``<name>.reason`` beside it."""
+    dest = _move(path, folder)
+    write_text(dest.parent / f"{dest.name}.reason", reason + "\n")
+    return dest
 
-    Duplicates (already claimed content, also within this call) and non-UTF-8 files are moved aside.
+
+def claim(inbox: Path, batch: str, only: list[Path] | None = None) -> list[Path]:
+    """Move every accepted waiting file (of ``only``, if given) into ``processed/<batch>/`` and record
+    it; return the claimed files.
+
+    Duplicates (already claimed content, also within this call) and rejected entries are moved aside.
+    Call under :func:`locked`.
     """
     inbox = Path(inbox)
-    seen = ledger(inbox)
-    claimed = []
-    for path in (p for p in sorted(inbox.iterdir()) if p.is_file() and not p.name.startswith(".")):
-        digest = _sha(path)
-        if digest in seen:
-            _move(path, inbox / "processed/duplicates")
-            continue
-        try:
-            path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            _move(path, inbox / "processed/rejected")
-            continue
+    accepted, duplicates, rejected = _sort(inbox)
+    if only is not None:
+        accepted = [(p, d) for p, d in accepted if p in set(only)]
+    for path in duplicates:
+        _move(path, inbox / "processed/duplicates")
+    for path, reason in rejected:
+        reject(path, inbox / "processed/rejected", reason)
+    seen, claimed = ledger(inbox), []
+    for path, digest in accepted:
         dest = _move(path, inbox / "processed" / batch)
         seen[digest] = {"batch": batch, "file": dest.name}
         write_json(inbox / LEDGER, seen)  # after every move: a crash loses no record of a claimed file
@@ -79,7 +134,11 @@ def claim(inbox: Path, batch: str) -> list[Path]:
     return claimed
 
 
-def batch_text(inbox: Path, batch: str) -> str:
-    """The claimed files of ``batch`` as one text, in name order, separated by blank lines."""
-    files = sorted((Path(inbox) / "processed" / batch).iterdir())
+def join_text(files: list[Path]) -> str:
+    """Files as one text, in the given order, separated by blank lines."""
     return "\n\n".join(p.read_text(encoding="utf-8").strip("\n") for p in files) + "\n"
+
+
+def batch_text(inbox: Path, batch: str) -> str:
+    """The claimed files of ``batch`` as one text, in name order."""
+    return join_text(sorted((Path(inbox) / "processed" / batch).iterdir()))

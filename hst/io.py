@@ -1,17 +1,49 @@
 """Atomic file output: write to a temporary sibling, then rename over the target.
 
 A crash or a bad input mid-write therefore never leaves a half-written artifact, and the
-previous version of the file stays intact until the new one is complete.
+previous version of the file stays intact until the new one is complete. Inside
+:func:`committed_together` the renames wait until the block ends, so a process that fails or is
+killed midway leaves *all* its targets at their previous version, never a mix of old and new.
+Temporary siblings carry the writer's pid; one left by a killed process is removed by the next
+write of the same target.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+
+from hst.config import HSTError
+
+
+class ArtifactError(HSTError):
+    """An artifact an earlier stage wrote is missing, unreadable or lacks what its reader needs."""
+
+# The transaction of the current context: temp roots still being written ("open") and finished
+# targets waiting for their rename ("pending"); None outside committed_together.
+_TRANSACTION: ContextVar[dict | None] = ContextVar("hst_io_transaction", default=None)
+
+
+@contextmanager
+def committed_together():
+    """Hold back the renames of the atomic_path targets completed inside the block until it ends
+    without error; then rename them all (an error or a kill before that leaves every target as it was)."""
+    tx = {"open": [], "pending": []}
+    token = _TRANSACTION.set(tx)
+    try:
+        yield
+        for tmp, path in tx["pending"]:
+            _swap_in(tmp, path)
+    finally:
+        _TRANSACTION.reset(token)
+        for tmp, _ in tx["pending"]:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 @contextmanager
@@ -23,17 +55,76 @@ def atomic_path(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    remove_stale(path)
+    root = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
+    tmp = root / path.name
+    tx = _TRANSACTION.get()
+    # A target inside another target's temp dir is invisible until that one is renamed: no need to wait.
+    defer = tx is not None and not any(path.is_relative_to(r) for r in tx["open"])
+    if tx is not None:
+        tx["open"].append(root)
     try:
         yield tmp
-        if tmp.is_dir() and path.exists():
-            old = tmp.parent / (path.name + ".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
+        if defer:
+            tx["pending"].append((tmp, path))
         else:
-            os.replace(tmp, path)
+            _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        if tx is not None:
+            tx["open"].remove(root)
+    if not defer:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    if tmp.is_dir() and path.exists():
+        os.replace(path, tmp.parent / (path.name + ".old"))
+    os.replace(tmp, path)
+
+
+def remove_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary siblings of ``path`` left by writers that no longer run; return them."""
+    path = Path(path)
+    removed = []
+    for cand in map(Path, glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*")):
+        pid = cand.name[len(path.name) + 2:].split(".")[0]
+        if cand.is_dir() and not cand.is_symlink() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(cand, ignore_errors=True)
+            removed.append(cand)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_json(path: str | os.PathLike, keys: tuple[str, ...] | None = ()):
+    """JSON written by an earlier stage: an object holding ``keys`` (``keys=None``: a list). A missing,
+    corrupt or incomplete file is a one-line ``ArtifactError``."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, list if keys is None else dict):
+        raise ArtifactError(f"{path}: expected a JSON {'list' if keys is None else 'object'}")
+    if keys is None:
+        return obj
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ArtifactError(f"{path}: missing key(s) {missing}")
+    return obj
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -126,11 +126,14 @@ def tokens_by_source(table: pa.Table) -> dict[str, torch.Tensor]:
 
 
 def load_records(buffer_dir: str | Path) -> pa.Table:
-    """Every record logged in ``buffer_dir`` (all buffer files, in flush order)."""
+    """Every record logged in ``buffer_dir`` (all buffer files, in flush order); none is an error."""
     paths = sorted(Path(buffer_dir).glob("buffer-*.parquet"))
     if not paths:
-        return SCHEMA.empty_table()
-    return pa.concat_tables([read_buffer(p).select(SCHEMA.names).cast(SCHEMA) for p in paths])
+        raise DataError(f"{buffer_dir}: no Smart Sampler buffer files (buffer-*.parquet); run the collect stage")
+    table = pa.concat_tables([read_buffer(p).select(SCHEMA.names).cast(SCHEMA) for p in paths])
+    if table.num_rows == 0:
+        raise DataError(f"{buffer_dir}: the Smart Sampler buffer holds no records")
+    return table
 
 
 class SmartSampler:

@@ -14,13 +14,42 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from hst.config import HSTError
+
 CHAMPION = "champion"
+REACH_TIMEOUT_S = 10.0  # how long a tracking server may take to answer before a cycle's logging gives up
+
+
+class TrackingError(HSTError):
+    """The MLflow store cannot be reached or refused a write."""
+
+
+def check_store(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast, in one line, when the store at ``uri`` cannot be used: an http(s) server must answer
+    ``/health`` within ``timeout`` s (MLflow's own client retries for minutes); a SQLite file's folder must exist."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+                pass
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"{uri}: MLflow tracking server not reachable within {timeout:.0f} s ({reason}); "
+                                "start it or set MLFLOW_TRACKING_URI") from None
+    elif scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"{uri}: folder {folder} of the SQLite store does not exist")
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -108,27 +137,39 @@ def log_cycle(uri: str, experiment: str, registered_model: str, sequence_key: st
     ``alarms``, ``champion``); ``curves``: training curves of the cycle's stages by name;
     ``checkpoint``: the cycle's final checkpoint; ``champion``: the champion file after the gate.
     Returns the run ids, the registered version of this cycle and the version ``champion`` points to.
+    An unreachable or failing store is a one-line :class:`TrackingError`.
     """
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp_id = _experiment_id(client, experiment)
-    parent = sequence_run(client, exp_id, sequence_key, params, pretrain_curves)
-    run_tags = {"mlflow.parentRunId": parent, "hst.cycle": cycle, "hst.cycle_index": str(index),
-                "hst.role": "cycle", "gate": "passed" if gate["passed"] else "failed",
-                "gate.reasons": "; ".join(gate["reasons"]) or "-", "alarm": "; ".join(gate["alarms"]) or "-", **tags}
-    run_id = client.create_run(exp_id, run_name=cycle, tags=run_tags).info.run_id
-    values = cycle_metrics(report)
-    now = int(time.time() * 1000)
-    # The parent holds the same values at step = cycle index: one chart across the sequence.
-    for rid in (run_id, parent):
-        _log_metrics(client, rid, [Metric(k, v, now, index) for k, v in values.items()])
-    _log_metrics(client, run_id, [m for prefix, rows in curves.items() for m in curve_metrics(rows, prefix)])
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), "evaluation")
-    client.log_artifact(run_id, str(checkpoint), "checkpoint")
-    version, champion_version = _mirror_gate(client, registered_model, run_id, cycle, checkpoint, champion, gate)
-    client.set_terminated(run_id)
-    return {"experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent, "run_id": run_id,
-            "registered_model": registered_model, "version": version, "champion_version": champion_version}
+    check_store(uri)
+    with _one_line_errors(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        exp_id = _experiment_id(client, experiment)
+        parent = sequence_run(client, exp_id, sequence_key, params, pretrain_curves)
+        run_tags = {"mlflow.parentRunId": parent, "hst.cycle": cycle, "hst.cycle_index": str(index),
+                    "hst.role": "cycle", "gate": "passed" if gate["passed"] else "failed",
+                    "gate.reasons": "; ".join(gate["reasons"]) or "-", "alarm": "; ".join(gate["alarms"]) or "-", **tags}
+        run_id = client.create_run(exp_id, run_name=cycle, tags=run_tags).info.run_id
+        values = cycle_metrics(report)
+        now = int(time.time() * 1000)
+        # The parent holds the same values at step = cycle index: one chart across the sequence.
+        for rid in (run_id, parent):
+            _log_metrics(client, rid, [Metric(k, v, now, index) for k, v in values.items()])
+        _log_metrics(client, run_id, [m for prefix, rows in curves.items() for m in curve_metrics(rows, prefix)])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), "evaluation")
+        client.log_artifact(run_id, str(checkpoint), "checkpoint")
+        version, champion_version = _mirror_gate(client, registered_model, run_id, cycle, checkpoint, champion, gate)
+        client.set_terminated(run_id)
+        return {"experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent, "run_id": run_id,
+                "registered_model": registered_model, "version": version, "champion_version": champion_version}
+
+
+@contextmanager
+def _one_line_errors(uri: str):
+    try:
+        yield
+    except MlflowException as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TrackingError(f"{uri}: MLflow refused the cycle's logging ({first[:300]})") from None
 
 
 def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, checkpoint: Path,

@@ -16,13 +16,17 @@ import torch
 from tqdm.auto import tqdm
 
 from hst import sparse
-from hst.config import TrainConfig
+from hst.config import HSTError, TrainConfig
 from hst.data import DataError, window_starts
 from hst.fars import consistency_loss, expert_costs, fars_loss
 from hst.metrics import routing_curve
 from hst.model import GPT
 
 LN2 = math.log(2)
+
+
+class TrainingError(HSTError):
+    """Training diverged (a NaN or infinite loss): stopped before anything is written."""
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -125,11 +129,12 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
                cfg: TrainConfig, amp: torch.dtype | None, domain: torch.Tensor | None = None) -> float:
     """One optimizer step on a batch; returns the main loss in nats (without the routing-shaping
     terms). ``domain``: (B,) each row's domain, for the consistency loss. A batch that reaches no
-    trainable parameter (e.g. no token passes a new expert's gate) leaves the model as it was."""
+    trainable parameter (e.g. no token passes a new expert's gate), or whose loss is NaN/inf, leaves
+    the model as it was (the caller stops on the latter)."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         out = model(x, y, update_keys=cfg.update_keys)
     loss = out.loss
-    if not loss.requires_grad:
+    if not loss.requires_grad or not torch.isfinite(loss):
         return loss.item()
     if cfg.fars_lambda > 0:
         loss = loss + fars_loss(out.routing, expert_costs(model, opt, cfg.fars_norm), cfg.fars_lambda)
@@ -174,6 +179,9 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
                 g["lr"] = lr
             x, y, domain = sample_batch(streams, cfg.batch_size, model.cfg.seq_len, gen)
             bpb = train_step(model, opt, x.to(device), y.to(device), cfg, amp, domain.to(device)) / LN2
+            if not math.isfinite(bpb):
+                raise TrainingError(f"{desc}: step {step + 1}: loss is {bpb} (training diverged; "
+                                    f"lower the learning rate, now {lr:.3g}, or check the data)")
             topology.after_step(step + 1)
             train_time += time.perf_counter() - t0
             tokens_seen += x.numel()

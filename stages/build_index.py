@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from hst import checkpoint, data, generate, sampler
 from hst.config import CycleConfig, build
-from stages.common import load_params, run
+from stages.common import load_params, model_config, run
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
 
     (cycle_sec,) = load_params(args.params, "cycle")
     cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
-    model, meta = checkpoint.load(args.checkpoint)
+    model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     if cfg.replay == "generated":
         texts = generate.sample_records(model, cfg.replay_records, model.cfg.seq_len, cfg.seed)
         sources = {"generated": [t for t in texts if t]}  # a sample of only invalid UTF-8 decodes to ""

@@ -15,7 +15,7 @@ from hst import checkpoint, data, sampler
 from hst.config import CycleConfig, build
 from hst.data import DataError
 from hst.io import atomic_path
-from stages.common import cycle_domain, load_params, run
+from stages.common import cycle_domain, load_params, model_config, run
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     cycle_sec, cycles = load_params(args.params, "cycle", "cycles")
     cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     domain = cycle_domain(cycles, args.cycle)
-    model, meta = checkpoint.load(args.checkpoint)
+    model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     consumed = set(meta.get("consumed", []))
     records = [r for r in data.load_records(args.prepared, domain, "train") if data.record_id(r) not in consumed]
     if not records:

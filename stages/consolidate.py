@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,10 +23,10 @@ import pyarrow.parquet as pq
 from hst import checkpoint, data, sampler
 from hst.config import ConfigError, CycleConfig, TrainConfig, build
 from hst.consolidate import consolidate_experts, consolidate_parallel
-from hst.io import write_csv, write_json
+from hst.io import read_json, write_csv, write_json
 from hst.model import GPT
 from hst.train import train
-from stages.common import load_params, run
+from stages.common import load_params, model_config, run
 
 
 class Inputs(NamedTuple):
@@ -56,13 +55,13 @@ def load(args: argparse.Namespace) -> Inputs:
     cycle_sec, train_sec = load_params(args.params, "cycle", "consolidate")
     cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     tcfg = build(TrainConfig, train_sec, "params.yaml:consolidate")
-    model, meta = checkpoint.load(args.checkpoint)
+    model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     if cfg.mode == "experts" and model.cfg.ffn == "dense":
         raise ConfigError("params.yaml:cycle.mode: 'experts' needs model.ffn key or learned (use full or full_replay)")
     if cfg.mode == "grow" and model.cfg.ffn != "key":
         raise ConfigError(f"params.yaml:cycle.mode: 'grow' needs model.ffn key, got {model.cfg.ffn!r} "
                           "(use experts, full or full_replay)")
-    selection = json.loads((Path(args.coresets) / "selection.json").read_text())
+    selection = read_json(Path(args.coresets) / "selection.json", None)
     new = sampler.load_records(args.buffer)
     coresets = [data.encode(pq.read_table(Path(args.coresets) / f"{e['name']}.parquet").column("text").to_pylist())
                 for e in selection]

@@ -9,13 +9,11 @@ PNGs: expert usage per domain and the forgetting matrix so far.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from hst import checkpoint, data, evaluation, plots
 from hst.config import CycleConfig, build
-from hst.io import write_json
-from stages.common import cycle_domain, load_params, run
+from hst.io import read_json, write_json
+from stages.common import cycle_domain, load_params, model_config, run
 
 
 def main() -> None:
@@ -34,16 +32,17 @@ def main() -> None:
     cycle_sec, cycles = load_params(args.params, "cycle", "cycles")
     cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     domain = cycle_domain(cycles, args.cycle)
-    before, meta = checkpoint.load(args.before)
-    after, _ = checkpoint.load(args.after)
-    history = json.loads(Path(args.history).read_text())["history"]
+    expect = model_config(args.params)
+    before, meta = checkpoint.load(args.before, expect)
+    after, _ = checkpoint.load(args.after, expect)
+    history = read_json(args.history, ("history",))["history"]
     domains = list(history[0]["bpb"])
     val = {d: data.load_tokens(args.prepared, d, "val") for d in domains}
     report = evaluation.cycle_report(
         history, args.cycle, domain, list(meta["learned_domains"]),
         evaluation.evaluate_domains(before, val, cfg.eval_windows),
         evaluation.evaluate_domains(after, val, cfg.eval_windows), after.n_experts)
-    report["novelty_rate"] = json.loads(Path(args.grow).read_text())["novel_record_share"]
+    report["novelty_rate"] = read_json(args.grow, ("novel_record_share",))["novel_record_share"]
     if report["usage"]:
         plots.usage_heatmap(report["usage"], f"{args.plots}/usage.png",
                             title=f"Expert usage after cycle {args.cycle} (new: {domain})")

@@ -10,14 +10,12 @@ candidate is the first champion. The MLflow registry mirrors the decision in the
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-from pathlib import Path
 
-from hst import promotion
+from hst import checkpoint, promotion
 from hst.config import GateConfig, build
-from hst.io import atomic_path, write_json
-from stages.common import load_params, run
+from hst.io import ArtifactError, atomic_path, read_json, write_json
+from stages.common import load_params, model_config, run
 
 
 def main() -> None:
@@ -40,14 +38,18 @@ def main() -> None:
         decision = {"cycle": args.cycle, "passed": True, "reasons": [], "alarms": [],
                     "started_from": None, "champion": args.cycle}
     else:
-        report = json.loads(Path(args.eval).read_text())
-        previous = json.loads(Path(args.previous_report).read_text())["champion"]
+        report = read_json(args.eval, ("forgetting",))
+        if not isinstance(report["forgetting"], dict):
+            raise ArtifactError(f"{args.eval}: forgetting: expected a mapping of domain -> number")
+        previous = read_json(args.previous_report, ("champion",))["champion"]
         reasons = promotion.gate_failures(report, cfg)
         decision = {"cycle": args.cycle, "passed": not reasons, "reasons": reasons,
                     "alarms": promotion.alarms(report), "started_from": previous,
                     "champion": previous if reasons else args.cycle}
+    champion = args.candidate if decision["champion"] == args.cycle else args.previous
+    checkpoint.load(champion, model_config(args.params))  # never promote a file that is not a sound model
     with atomic_path(args.out) as tmp:
-        shutil.copyfile(args.candidate if decision["champion"] == args.cycle else args.previous, tmp)
+        shutil.copyfile(champion, tmp)
     write_json(args.report, decision)
 
 

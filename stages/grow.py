@@ -21,7 +21,7 @@ import dataclasses
 from hst import checkpoint, data, evaluation, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig, build
 from hst.io import write_csv, write_json
-from stages.common import cycle_domain, load_params, run
+from stages.common import cycle_domain, load_params, model_config, run
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     tcfg = build(TrainConfig, train_sec, "params.yaml:consolidate")
     ccfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     domain = cycle_domain(cycles, args.cycle)
-    model, meta = checkpoint.load(args.checkpoint)
+    model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     new = sampler.load_records(args.buffer)
     index = sampler.read_buffer(args.index, columns=["text", "bpb", "source"])
     limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)

@@ -23,8 +23,8 @@ import yaml
 
 from hst import tracking
 from hst.config import CycleConfig, ModelConfig, TrackingConfig, build
-from hst.io import write_json
-from stages.common import load_params, run
+from hst.io import read_json, write_json
+from stages.common import load_params, read_params, run
 
 SEQUENCE_SECTIONS = ("model", "pretrain", "cycle", "consolidate", "grow", "gate")
 
@@ -47,10 +47,10 @@ def main() -> None:
     tracking_sec, model_sec, cycle_sec, cycles = load_params(args.params, "tracking", "model", "cycle", "cycles")
     names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(
         build(ModelConfig, model_sec, "params.yaml:model").ffn, build(CycleConfig, cycle_sec, "params.yaml:cycle").mode)
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params)
     key = hashlib.sha256(json.dumps({s: params.get(s) for s in SEQUENCE_SECTIONS}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
-    report, gate = (json.loads(Path(p).read_text()) for p in (args.eval, args.gate))
+    report, gate = read_json(args.eval), read_json(args.gate, ("alarms",))
     plots, mdir = Path(args.plots), Path(args.metrics_dir)
     result = tracking.log_cycle(
         os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", names.experiment, names.registered_model,

@@ -1,10 +1,11 @@
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hst.config import (ConfigError, CycleConfig, FlowConfig, GateConfig, GrowConfig, ModelConfig, TrackingConfig,
-                        TrainConfig, build)
+                        SECTIONS, TrainConfig, build, check_params)
 
 
 def test_unknown_key_is_named():
@@ -15,7 +16,7 @@ def test_unknown_key_is_named():
 @pytest.mark.parametrize("section, message", [
     ({"n_experts": "8"}, "model.n_experts: expected int, got str"),
     ({"n_experts": 2.5}, "model.n_experts: expected int"),
-    ({"router_temperature": True}, "model.router_temperature: expected float"),
+    ({"router_temperature": True}, "model.router_temperature: expected finite float"),
     ({"ffn": "sparse"}, "model.ffn: expected one of"),
     ({"top_k": 9}, "model.top_k: expected 1..n_experts=8"),
     ({"n_head": 3}, "model.n_head: expected a divisor"),
@@ -55,13 +56,42 @@ def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
     (CycleConfig, {"replay_records": 1}, "cycle.replay_records: expected >= 2"),
     (CycleConfig, {"replay": False}, "cycle.replay: expected str, got bool"),
     (CycleConfig, {"mode": "adapters"}, r"cycle.mode: expected one of \('grow', 'experts'"),
-    (GrowConfig, {"lr": float("inf")}, "grow.lr: expected a finite value > 0, got inf"),
-    (GrowConfig, {"lr": 0}, "grow.lr: expected a finite value > 0"),
+    (GrowConfig, {"lr": 0}, "grow.lr: expected > 0"),
     (GrowConfig, {"gate_fpr": 1.5}, r"grow.gate_fpr: expected in \(0, 1\)"),
 ])
 def test_cycle_and_growth_params_are_checked(cls, section, message):
     with pytest.raises(ConfigError, match=message):
         build(cls, section, cls.__name__.removesuffix("Config").lower())
+
+
+@pytest.mark.parametrize("cls, key", [(TrainConfig, "lr"), (TrainConfig, "weight_decay"), (GrowConfig, "lr"),
+                                      (GateConfig, "max_forgetting"), (CycleConfig, "new_old_ratio"),
+                                      (ModelConfig, "router_temperature"), (FlowConfig, "retry_delay_seconds")])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_param_must_be_finite(cls, key, value):
+    with pytest.raises(ConfigError, match=f"s.{key}: expected finite float, got float {value}"):
+        build(cls, {key: value}, "s")
+    with pytest.raises(ConfigError, match=r"s.betas: expected tuple"):
+        build(TrainConfig, {"betas": [0.9, value]}, "s")
+
+
+def test_the_whole_params_file_is_checked():
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert set(check_params(params)) == set(SECTIONS) - {"cycles"}
+    for edit, message in [
+        (lambda p: p["cycle"].update(lr=0.1), r"params.yaml:cycle: unknown key\(s\) \['lr'\]"),
+        (lambda p: p.update(consolidation={}), r"params.yaml: unknown section\(s\) \['consolidation'\]"),
+        (lambda p: p.pop("gate"), r"params.yaml: missing section\(s\) \['gate'\]"),
+        (lambda p: p["cycles"]["c1_kjv"].update(domain="klingon"), "cycles.c1_kjv.domain: expected one of prepare"),
+        (lambda p: p["cycles"]["c1_kjv"].update(prev="c4_gcide"), "cycles.c1_kjv.prev: expected pretrain or an earlier"),
+        (lambda p: p["cycles"]["c1_kjv"].update(steps=3), "cycles.c1_kjv: expected a mapping with exactly"),
+        (lambda p: p["pretrain"].update(domains=["kjv", "nope"]), r"pretrain.domains: expected .* unknown \['nope'\]"),
+        (lambda p: p["flow"].update(retries=-1), "flow.retries: expected >= 0"),
+    ]:
+        bad = copy.deepcopy(params)
+        edit(bad)
+        with pytest.raises(ConfigError, match=message):
+            check_params(bad)
 
 
 def test_config_defaults_are_the_shipped_params():

@@ -39,7 +39,7 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_naming_it(tmp_path, monk
     state = cl.continual_learning(str(tmp_path), return_state=True)
     assert state.is_failed()
     assert "coreset@c1: error: cycles/c1/buffer" in state.message
-    assert calls == ["prepare", "pretrain", "gate_pretrain", "build_index@c1", "collect@c1"] + ["coreset@c1"] * 3
+    assert calls == ["check_params", "prepare", "pretrain", "gate_pretrain", "build_index@c1", "collect@c1"] + ["coreset@c1"] * 3
 
 
 def test_error_line_prefers_the_stage_message():
@@ -96,7 +96,13 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(tmp
     assert len(client.search_runs([run.info.experiment_id])) == 2  # the parent and c1
 
 
-def test_inbox_flow_turns_a_full_inbox_into_one_new_cycle(tmp_path, monkeypatch):
+def paragraphs(word: str, n: int = 40) -> str:
+    """Text that prepare can cut into records for every split."""
+    return "\n\n".join(f"{word} {i} " * 40 for i in range(n))
+
+
+def inbox_project(tmp_path, monkeypatch, min_bytes: int):
+    """A project whose inbox flow records the continual_learning runs it would start instead of running them."""
     from prefect.states import Completed
 
     from flows import inbox as inbox_flow
@@ -104,23 +110,95 @@ def test_inbox_flow_turns_a_full_inbox_into_one_new_cycle(tmp_path, monkeypatch)
     params = tmp_path / "params.yaml"
     params.write_text("# keep me\nprepare:\n  domains:\n    kjv: data/corpus/kjv.txt.gz\n"
                       "cycles:\n  c1_kjv: {domain: kjv, prev: pretrain}\n"
-                      "flow: {inbox: data/inbox, min_inbox_bytes: 1000}\n")
+                      f"flow: {{inbox: data/inbox, min_inbox_bytes: {min_bytes}}}\n")
     box = tmp_path / "data/inbox"
     box.mkdir(parents=True)
-    (box / "a.txt").write_text("first " * 100)
     runs = []
     monkeypatch.setattr(inbox_flow, "continual_learning",
                         lambda project, params, return_state: runs.append(project) or Completed(message="ran"))
-    assert "600 of 1000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
-    (box / "b.txt").write_text("second " * 100)
+    return inbox_flow, params, box, runs
+
+
+def test_inbox_flow_turns_a_full_inbox_into_one_new_cycle(tmp_path, monkeypatch):
+    inbox_flow, params, box, runs = inbox_project(tmp_path, monkeypatch, 20_000)
+    first, second = paragraphs("first"), paragraphs("second")
+    (box / "a.txt").write_text(first)
+    waiting = len(first.encode())
+    assert f"{waiting} of 20000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    (box / "b.txt").write_text(second)
     assert inbox_flow.inbox_flow(str(tmp_path), return_state=True).message == "ran"
     new = yaml.safe_load(params.read_text())
     assert new["cycles"]["c2_inbox1"] == {"domain": "inbox1", "prev": "c1_kjv"}
     assert new["prepare"]["domains"]["inbox1"] == "data/corpus/inbox/inbox1.txt"
     assert params.read_text().startswith("# keep me")
-    assert (tmp_path / "data/corpus/inbox/inbox1.txt").read_text() == "first " * 100 + "\n\n" + "second " * 100 + "\n"
+    assert (tmp_path / "data/corpus/inbox/inbox1.txt").read_text() == first + "\n\n" + second + "\n"
     # The same files dropped again are not learned twice: no new cycle, no new run.
-    (box / "a.txt").write_text("first " * 100)
-    (box / "b.txt").write_text("second " * 100)
-    assert "0 of 1000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    (box / "a.txt").write_text(first)
+    (box / "b.txt").write_text(second)
+    assert "0 of 20000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
     assert len(runs) == 1 and list(yaml.safe_load(params.read_text())["cycles"]) == ["c1_kjv", "c2_inbox1"]
+
+
+def test_inbox_never_follows_a_symlink_and_counts_only_what_it_would_accept(tmp_path, monkeypatch):
+    inbox_flow, params, box, runs = inbox_project(tmp_path, monkeypatch, 20_000)
+    secret = tmp_path / "secret.txt"
+    secret.write_text(paragraphs("secret"))
+    (box / "link.txt").symlink_to(secret)
+    (box / "latin1.txt").write_bytes(paragraphs("Grüße").encode("latin-1"))  # above the threshold, not UTF-8
+    (box / "sub").mkdir()
+    (box / "sub/inner.txt").write_text(paragraphs("inner"))
+    assert "0 of 20000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    ok = paragraphs("fine")
+    (box / "ok.txt").write_text(ok)
+    (box / "ok_copy.txt").write_text(ok)  # the same content twice counts once
+    assert f"{len(ok.encode())} of 20000" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    (box / "more.txt").write_text(paragraphs("more"))
+    assert inbox_flow.inbox_flow(str(tmp_path), return_state=True).message == "ran"
+    corpus = (tmp_path / "data/corpus/inbox/inbox1.txt").read_text()
+    assert "secret" not in corpus and "inner" not in corpus and "Gr" not in corpus and corpus.count("fine 0 ") == 40
+    rejected = box / "processed/rejected"
+    assert (rejected / "link.txt").is_symlink() and secret.read_text() == paragraphs("secret")  # moved, never read
+    assert "not a regular file" in (rejected / "link.txt.reason").read_text()
+    assert "not UTF-8" in (rejected / "latin1.txt.reason").read_text()
+    assert (box / "processed/duplicates/ok_copy.txt").is_file() and (box / "sub/inner.txt").is_file()
+    assert len(runs) == 1
+
+
+def test_an_unsplittable_batch_is_rejected_before_it_reaches_params(tmp_path, monkeypatch):
+    inbox_flow, params, box, runs = inbox_project(tmp_path, monkeypatch, 1000)
+    before = params.read_text()
+    (box / "one_line.txt").write_text("x" * 250_000)  # one record: prepare cannot fill val and test
+    state = inbox_flow.inbox_flow(str(tmp_path), return_state=True)
+    assert "batch rejected" in state.message and "too little text" in state.message
+    assert params.read_text() == before and runs == []
+    assert (box / "processed/rejected/inbox1/one_line.txt").stat().st_size == 250_000
+    assert "too little text" in (box / "processed/rejected/inbox1/one_line.txt.reason").read_text()
+    # The next good batch is learned normally.
+    (box / "good.txt").write_text(paragraphs("good"))
+    assert inbox_flow.inbox_flow(str(tmp_path), return_state=True).message == "ran"
+    assert list(yaml.safe_load(params.read_text())["cycles"]) == ["c1_kjv", "c2_inbox1"]
+
+def _take(project: str, barrier) -> tuple[list[str], str]:
+    from flows.inbox import take_batch
+
+    barrier.wait()
+    return take_batch(Path(project), Path(project) / "params.yaml")
+
+
+def test_concurrent_inbox_runs_claim_each_file_once(tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    _, params, box, _ = inbox_project(tmp_path, monkeypatch, 1000)
+    texts = {f"f{i}.txt": paragraphs(f"file{i}", 10) for i in range(6)}
+    for name, text in texts.items():
+        (box / name).write_text(text)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(3)
+    with ctx.Pool(3) as pool:
+        results = pool.starmap(_take, [(str(tmp_path), barrier)] * 3)
+    added = [keys for keys, _ in results if keys]
+    assert added == [["c2_inbox1"]], results  # one run took the batch; the others found nothing waiting
+    assert list(yaml.safe_load(params.read_text())["cycles"]) == ["c1_kjv", "c2_inbox1"]
+    claimed = sorted(p.name for p in (box / "processed/inbox1").iterdir())
+    assert claimed == sorted(texts) and not list(box.glob("*.txt"))  # all claimed, once, none lost
+    assert {p.read_text() for p in (box / "processed/inbox1").iterdir()} == set(texts.values())

@@ -13,6 +13,8 @@ import torch
 import yaml
 
 from hst import checkpoint, data, sampler
+from hst.config import ModelConfig
+from hst.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,19 +218,40 @@ def gate(cwd, params, *args):
                  "--out", "c1.champion.pt", "--report", "c1.gate.json", *args)
 
 
-@pytest.mark.parametrize("forgetting, stability, passed", [(0.04, 0.95, True), (0.06, 0.95, False), (0.0, 0.85, False)])
-def test_gate_promotes_only_a_passing_cycle(tmp_path, forgetting, stability, passed):
-    (tmp_path / "params.yaml").write_text("gate: {max_forgetting: 0.05, min_routing_stability: 0.9}\n")
-    (tmp_path / "c1.pt").write_bytes(b"new model")
-    (tmp_path / "pretrain.champion.pt").write_bytes(b"old champion")
+def gate_inputs(tmp_path, forgetting, stability) -> dict[str, bytes]:
+    """Two real tiny checkpoints and the reports the gate reads; returns the checkpoints' bytes."""
+    cfg = ModelConfig(**TINY_MODEL)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL, "gate": {
+        "max_forgetting": 0.05, "min_routing_stability": 0.9}}))
+    for seed, name in [(1, "c1.pt"), (2, "pretrain.champion.pt")]:
+        torch.manual_seed(seed)
+        checkpoint.save(tmp_path / name, GPT(cfg), {})
     (tmp_path / "pretrain.gate.json").write_text(json.dumps({"champion": "pretrain"}))
     (tmp_path / "eval.json").write_text(json.dumps({"forgetting": {"python": forgetting}, "routing_stability_mean": stability}))
+    return {n: (tmp_path / n).read_bytes() for n in ("c1.pt", "pretrain.champion.pt")}
+
+
+@pytest.mark.parametrize("forgetting, stability, passed", [(0.04, 0.95, True), (0.06, 0.95, False), (0.0, 0.85, False),
+                                                           (float("nan"), 0.95, False)])
+def test_gate_promotes_only_a_passing_cycle(tmp_path, forgetting, stability, passed):
+    files = gate_inputs(tmp_path, forgetting, stability)
     proc = gate(tmp_path, tmp_path / "params.yaml")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "c1.gate.json").read_text())
     assert report["passed"] is passed and report["champion"] == ("c1" if passed else "pretrain")
-    assert (tmp_path / "c1.champion.pt").read_bytes() == (b"new model" if passed else b"old champion")
+    assert (tmp_path / "c1.champion.pt").read_bytes() == files["c1.pt" if passed else "pretrain.champion.pt"]
     assert bool(report["reasons"]) is not passed
+    if forgetting != forgetting:  # NaN: a failure and an alarm, never a champion
+        assert report["reasons"] == report["alarms"] == ["forgetting on python is nan"]
+
+
+def test_gate_never_promotes_a_model_with_non_finite_weights(tmp_path):
+    gate_inputs(tmp_path, 0.0, 0.95)
+    state = torch.load(tmp_path / "c1.pt", weights_only=True)
+    state["state_dict"]["lm_head.weight"][0, 0] = float("nan")  # as in the issue: NaN only in lm_head
+    torch.save(state, tmp_path / "c1.pt")
+    assert "c1.pt: non-finite weights (lm_head.weight)" in error_line(gate(tmp_path, tmp_path / "params.yaml"))
+    assert not (tmp_path / "c1.champion.pt").exists() and not (tmp_path / "c1.gate.json").exists()
 
 
 def test_gate_rejects_bad_params_in_one_line(tmp_path):
