@@ -85,7 +85,7 @@ def test_prepare_writes_splits_and_manifest(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["prepare"].update(val_fractoin=0.1), "unknown key(s) ['val_fractoin']"),
-    (lambda p: p["prepare"].update(val_fraction="0.1"), "prepare.val_fraction: expected float"),
+    (lambda p: p["prepare"].update(val_fraction="0.1"), "prepare.val_fraction: expected finite float"),
     (lambda p: p["prepare"]["domains"].update(legal="data/corpus/legal.txt"), "legal.txt: file not found"),
 ])
 def test_prepare_bad_input_is_one_line_and_leaves_outputs(tmp_path, edit, message):
@@ -207,7 +207,7 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     params["pretrain"]["lr"] = "fast"
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     bad = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
-    assert bad.returncode != 0 and "params.yaml:pretrain.lr: expected float" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "params.yaml:pretrain.lr: expected finite float" in bad.stdout + bad.stderr
     assert (proj / "models/pretrain.pt").read_bytes() == before
     assert (proj / "data/prepared/python/train.parquet").is_file()
 
