@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ OUTPUT_DIRS = ("data/prepared", "models", "cycles", "metrics", "plots")
 
 
 def dvc_env(proj: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1",
+    return {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
@@ -225,18 +226,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("target, edit, message", CASES, ids=[f"{t}:{m[:40]}" for t, _, m in CASES])
-def test_bad_input_is_one_line_exit_2_and_outputs_untouched(finished, tmp_path, target, edit, message):
+@pytest.fixture(scope="module")
+def outcomes(finished, tmp_path_factory) -> list[dict]:
+    """Every case run on its own copy of the finished project, two at a time (each stage run is
+    seconds of imports)."""
     src, cmds = finished
-    proj = tmp_path / "proj"
-    shutil.copytree(src, proj, symlinks=True, ignore=shutil.ignore_patterns(".dvc"))
-    edit(proj)
-    before = snapshot(proj)
-    proc = subprocess.run(cmds[target], shell=True, cwd=proj, capture_output=True, text=True, env=dvc_env(proj))
-    assert message in error_line(proc)
-    assert snapshot(proj) == before
-    assert not (proj / "pwned").exists()
-    assert not leftovers(proj)
+
+    def one(case):
+        target, edit, _ = case
+        proj = tmp_path_factory.mktemp("case") / "proj"
+        shutil.copytree(src, proj, symlinks=True, ignore=shutil.ignore_patterns(".dvc"))
+        edit(proj)
+        before = snapshot(proj)
+        proc = subprocess.run(cmds[target], shell=True, cwd=proj, capture_output=True, text=True, env=dvc_env(proj))
+        return {"proc": proc, "before": before, "after": snapshot(proj), "leftovers": leftovers(proj),
+                "pwned": (proj / "pwned").exists()}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(one, CASES))
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{t}:{m[:40]}" for t, _, m in CASES])
+def test_bad_input_is_one_line_exit_2_and_outputs_untouched(outcomes, i):
+    out, message = outcomes[i], CASES[i][2]
+    assert message in error_line(out["proc"])
+    assert out["after"] == out["before"]
+    assert not out["leftovers"] and not out["pwned"]
 
 
 def test_an_unreachable_mlflow_server_is_one_line_after_a_bounded_wait(finished, tmp_path):
@@ -273,7 +288,7 @@ def test_kill_9_during_a_training_stage_leaves_no_leftovers_after_the_next_repro
     proj = tmp_path / "proj"
     shutil.copytree(src, proj, symlinks=True)
     set_param("pretrain.steps", 14)(proj)
-    set_param("pretrain.eval_windows", 5000)(proj)  # seconds of evaluation between the first and last write
+    set_param("pretrain.eval_windows", 1500)(proj)  # seconds of evaluation between the first and last write
     before = snapshot(proj)
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=proj, env=dvc_env(proj),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -286,6 +301,7 @@ def test_kill_9_during_a_training_stage_leaves_no_leftovers_after_the_next_repro
     proc.wait(timeout=60)
     assert proc.returncode != 0 and leftovers(proj)  # what a killed writer leaves behind ...
     assert snapshot(proj) == before  # ... beside outputs that all keep their previous version
+    set_param("pretrain.eval_windows", 4)(proj)
     again = dvc(proj, "repro", "pretrain")
     assert again.returncode == 0, again.stdout + again.stderr
     assert not leftovers(proj)  # ... and the next run removes it
