@@ -1,7 +1,17 @@
+import os
+
+# One thread per process: the tests start many stage/DVC subprocesses (two at a time in places), and
+# on 2 cores torch's default of one thread per core in each of them oversubscribes the CPU (the
+# suite took 11.4 min with the default, see docs/decisions.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 
 from hst.config import ModelConfig
+
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
