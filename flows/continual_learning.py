@@ -29,6 +29,7 @@ from prefect.states import Completed
 
 from hst.config import CycleConfig, FlowConfig, HSTError, build
 from hst.consolidate import consolidate_part, merge_expert_states
+from hst.io import committed_together
 from stages import consolidate as consolidate_stage
 from stages.common import load_params
 
@@ -86,7 +87,8 @@ def expert_task(inputs: consolidate_stage.Inputs, cycle: str, name: str, i: int)
 def merge_task(project: str, cycle: str, args, inputs: consolidate_stage.Inputs, parts: list) -> str:
     """Merge the experts into the start model, write the stage's outputs, record them with `dvc commit`."""
     merge_expert_states(inputs.model, [state for state, _ in parts])
-    consolidate_stage.save(args, inputs, [curves for _, curves in parts])
+    with committed_together():  # as under `dvc repro`: all of the stage's outputs change, or none
+        consolidate_stage.save(args, inputs, [curves for _, curves in parts])
     done = run_dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
     if done.returncode != 0:
         raise StageFailed(f"consolidate@{cycle}: dvc commit failed: {done.stderr.strip()}")

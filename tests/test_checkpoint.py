@@ -50,3 +50,32 @@ def test_failed_save_leaves_the_previous_checkpoint(tiny_cfg, tmp_path):
         checkpoint.save(path, GPT(tiny_cfg), {"v": lambda: 0})  # not picklable
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_non_finite_weights_are_never_written_or_loaded(tiny_cfg, tmp_path):
+    model = GPT(tiny_cfg)
+    checkpoint.save(tmp_path / "ok.pt", model)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="ok.pt: refusing to write non-finite weights \\(lm_head.weight\\)"):
+        checkpoint.save(tmp_path / "ok.pt", model)
+    checkpoint.load(tmp_path / "ok.pt")  # the previous version is intact
+    state = torch.load(tmp_path / "ok.pt", weights_only=True)
+    state["state_dict"]["blocks.0.attn.qkv.weight"] = state["state_dict"]["blocks.0.attn.qkv.weight"] * float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="nan.pt: non-finite weights \\(blocks.0.attn.qkv.weight\\)"):
+        checkpoint.load(tmp_path / "nan.pt")
+
+
+def test_structure_that_does_not_fit_the_config_is_named(tiny_cfg, tmp_path):
+    checkpoint.save(tmp_path / "m.pt", GPT(tiny_cfg))
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    for change, message in [(lambda s: s.update(n_experts=[4]), r"expert counts \[4\] do not fit"),
+                            (lambda s: s.update(n_experts=[4, 1]), r"expert counts \[4, 1\] do not fit"),
+                            (lambda s: s.pop("state_dict"), r"lacks \['state_dict'\]"),
+                            (lambda s: s["state_dict"].pop("lm_head.weight"), "weights do not match the stored config")]:
+        bad = {**state, "state_dict": dict(state["state_dict"]), "n_experts": list(state["n_experts"])}
+        change(bad)
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(tmp_path / "bad.pt")

@@ -1,5 +1,6 @@
 """The stage CLIs on tiny inputs: outputs, one-line errors, artifacts left intact; and `dvc repro`."""
 
+import ast
 import gzip
 import json
 import os
@@ -70,6 +71,33 @@ def error_line(proc) -> str:
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return lines[0]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Project modules (``hst/x.py``, ``stages/x.py``) a file imports, directly or through them."""
+    seen, todo = set(), [path]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text())):
+            names = ([f"{node.module}.{a.name}" if node.module == "hst" else node.module for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                rel = name.replace(".", "/") + ".py"
+                if name.startswith(("hst.", "stages.")) and (ROOT / rel).is_file() and rel not in seen:
+                    seen.add(rel)
+                    todo.append(ROOT / rel)
+    return seen
+
+
+def test_every_stage_depends_on_exactly_the_code_it_imports():
+    """Narrow, honest deps: editing tracking or plotting code retrains nothing that does not import it."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        st = st.get("do", st)
+        script = next(d for d in st["deps"] if d.startswith("stages/") and d != "stages/common.py")
+        code = {d for d in st["deps"] if d.startswith(("hst", "stages/"))}
+        assert code == {script} | imported_modules(ROOT / script), name
+    assert not any("hst/tracking.py" in st.get("do", st)["deps"] for n, st in stages.items() if n != "track")
 
 
 def test_prepare_writes_splits_and_manifest(tmp_path):
@@ -200,6 +228,12 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     second = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert second.returncode == 0 and "didn't change" in second.stdout, second.stdout
     assert "Running stage" not in second.stdout
+    # Narrow deps: a change to tracking code leaves everything but the tracking stages up to date.
+    tracking = (proj / "hst/tracking.py").read_text()
+    (proj / "hst/tracking.py").write_text(tracking + "\n# edited\n")
+    status = subprocess.run([*dvc, "status", "--json"], cwd=proj, capture_output=True, text=True, env=env)
+    assert set(json.loads(status.stdout)) == {"track@c1", "track@c2"}, status.stdout
+    (proj / "hst/tracking.py").write_text(tracking)
     torch.load(proj / "models/pretrain.pt", weights_only=True)
     # Bad params under `dvc repro`: the stage fails in one line and the outputs survive (persist).
     before = (proj / "models/pretrain.pt").read_bytes()

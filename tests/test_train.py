@@ -6,7 +6,7 @@ import torch
 from hst.config import TrainConfig
 from hst.data import DataError
 from hst.model import GPT
-from hst.train import autocast_dtype, evaluate, lr_at, sample_batch, train
+from hst.train import TrainingError, autocast_dtype, evaluate, lr_at, sample_batch, train
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
@@ -107,3 +107,11 @@ def test_validation_passes_log_routing_metrics_and_warn_on_collapse(tiny_cfg):
     dense = train(GPT(dataclasses.replace(tiny_cfg, ffn="dense")), dataclasses.replace(tcfg, min_itjd=0.0),
                   {"en": text, "py": code}, {"en": text[:400]})
     assert set(dense["val"][-1]) == {"step", "en"}
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_the_step(tiny_cfg):
+    model = GPT(tiny_cfg)
+    stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
+    cfg = TrainConfig(domains=("a",), steps=20, batch_size=2, lr=1e30, warmup_steps=0, grad_clip=0.0, precision="fp32")
+    with pytest.raises(TrainingError, match=r"train: step \d+: loss is nan .*lower the learning rate, now [0-9.e+]+"):
+        train(model, cfg, {"a": stream}, {})
