@@ -1,6 +1,7 @@
 """The growth detector on the default scenario: AUROC, false expert creation, records until detection.
 
-For every cycle in params.yaml, with the checkpoint the cycle starts from (``models/<prev>.pt``):
+For every cycle in params.yaml, with the checkpoint the cycle starts from (``models/<prev>.champion.pt``, as
+`build_index` and `collect` use):
   - scores records of the learned domains' validation splits (held-in) and of the cycle's incoming
     domain (new) by surprise (record BPB, the product's score) and, per layer, by the seed's raw
     score (1 − mean best-key cosine) for comparison, and reports AUROC new vs. held-in;
@@ -71,7 +72,7 @@ def main() -> None:
     lines = ["| cycle (new domain) | AUROC surprise | AUROC raw cosine, layers 0–3 | threshold (BPB) | held-in val above | new above | false expert creation | records until detection (median, max) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, cycle in params["cycles"].items():
-        model, meta = checkpoint.load(f"models/{cycle['prev']}.pt")
+        model, meta = checkpoint.load(f"models/{cycle['prev']}.champion.pt")  # what build_index and collect used
         held_bpb, held_raw = [], []
         for d in meta["learned_domains"]:
             b, r = scores(model, data.sample_records(data.load_records(args.prepared, d, "val"), args.records, "bench"), f"{name} {d}")

@@ -1,8 +1,7 @@
 import os
 
-# One thread per process: the tests start many stage/DVC subprocesses (two at a time in places), and
-# on 2 cores torch's default of one thread per core in each of them oversubscribes the CPU (the
-# suite took 11.4 min with the default, see docs/decisions.md).
+# One thread per process: the suite runs on two xdist workers that start stage/DVC subprocesses
+# (two at a time in places); torch's default of a thread per core in each would oversubscribe 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
