@@ -48,12 +48,11 @@ def simulate(held: list[float], new: list[float], limit: float, cfg: GrowConfig,
     for _ in range(streams):
         stream = [rng.choice(held) for _ in range(n_held)]
         stream += [rng.choice(new) if rng.random() < mix else rng.choice(held) for _ in range(len(new))]
-        shares = novelty.batch_shares([s > limit for s in stream], cfg.batch_records)
-        hit = novelty.first_trigger(shares, cfg.novel_share, cfg.min_batches)
-        if hit is not None and (hit + 1) * cfg.batch_records <= n_held:
+        until = novelty.detect(stream, limit, cfg).records_until_detection  # the grow stage's own decision
+        if until is not None and until <= n_held:
             false += 1
-        elif hit is not None:
-            delays.append((hit + 1) * cfg.batch_records - n_held)
+        elif until is not None:
+            delays.append(until - n_held)
     return false / streams, delays
 
 

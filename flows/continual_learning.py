@@ -27,11 +27,9 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from hst.config import CycleConfig, FlowConfig, HSTError, build
-from hst.consolidate import consolidate_part, merge_expert_states
+from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConfig, build, load_params
+from hst.consolidate import Job, consolidate_part, load_job, merge_expert_states, save_job
 from hst.io import committed_together
-from stages import consolidate as consolidate_stage
-from stages.common import load_params
 
 CYCLE_STAGES = ("build_index", "collect", "coreset", "consolidate", "grow", "evaluate", "gate", "track")
 START = ("check_params", "prepare", "pretrain", "gate_pretrain")
@@ -78,17 +76,17 @@ def stage_task(project: str, target: str) -> str:
 
 
 @task(task_run_name="consolidate@{cycle}/{name}", cache_policy=NO_CACHE)
-def expert_task(inputs: consolidate_stage.Inputs, cycle: str, name: str, i: int) -> tuple[dict, dict]:
+def expert_task(job: Job, cycle: str, name: str, i: int) -> tuple[dict, dict]:
     """One selected expert consolidated from the cycle's start model (touches only its own weights)."""
-    return consolidate_part(inputs.model, i, len(inputs.sets), inputs.sets[i], inputs.tcfg)
+    return consolidate_part(job.model, i, len(job.sets), job.sets[i], job.tcfg)
 
 
 @task(task_run_name="consolidate@{cycle}: merge", cache_policy=NO_CACHE)
-def merge_task(project: str, cycle: str, args, inputs: consolidate_stage.Inputs, parts: list) -> str:
+def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: list) -> str:
     """Merge the experts into the start model, write the stage's outputs, record them with `dvc commit`."""
-    merge_expert_states(inputs.model, [state for state, _ in parts])
+    merge_expert_states(job.model, [state for state, _ in parts])
     with committed_together():  # as under `dvc repro`: all of the stage's outputs change, or none
-        consolidate_stage.save(args, inputs, [curves for _, curves in parts])
+        save_job(job, [curves for _, curves in parts], args["out"], args["metrics"], args["curves"])
     done = run_dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
     if done.returncode != 0:
         raise StageFailed(f"consolidate@{cycle}: dvc commit failed: {done.stderr.strip()}")
@@ -100,16 +98,20 @@ def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: fl
     root, target = Path(project), f"consolidate@{cycle}"
     if "up to date" in run_dvc(root, "status", target).stdout:
         return "skipped"
-    args = consolidate_stage.parse(shlex.split(_stage_cmd(root, target))[3:])  # drop "python -m stages.consolidate"
-    for name, value in vars(args).items():  # every argument is a path relative to the project, as under dvc
-        setattr(args, name, str(root / value))
+    # The stage's own arguments (--checkpoint, --coresets, ...): paths relative to the project, as under dvc.
+    words = shlex.split(_stage_cmd(root, target))
+    args = {w[2:]: str(root / v) for w, v in zip(words, words[1:]) if w.startswith("--")}
+    params = root / args.get("params", "params.yaml")
     try:
-        inputs = consolidate_stage.load(args)
+        cycle_sec, train_sec, model_sec = load_params(params, "cycle", "consolidate", "model")
+        job = load_job(build(CycleConfig, cycle_sec, "params.yaml:cycle"),
+                       build(TrainConfig, train_sec, "params.yaml:consolidate"),
+                       build(ModelConfig, model_sec, "params.yaml:model"), args["checkpoint"], args["coresets"], args["buffer"])
     except HSTError as e:
         raise StageFailed(f"{target}: error: {e}") from None
     parts = expert_task.with_options(retries=retries, retry_delay_seconds=retry_delay).map(
-        unmapped(inputs), unmapped(cycle), [e["name"] for e in inputs.selection], list(range(len(inputs.sets))))
-    return merge_task(project, cycle, args, inputs, parts.result())
+        unmapped(job), unmapped(cycle), [e["name"] for e in job.selection], list(range(len(job.sets))))
+    return merge_task(project, cycle, args, job, parts.result())
 
 
 def _stage_cmd(project: Path, target: str) -> str:

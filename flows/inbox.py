@@ -24,10 +24,9 @@ from ruamel.yaml import YAML
 from flows.continual_learning import continual_learning
 from hst import data
 from hst import inbox as box
-from hst.config import FlowConfig, PrepareConfig, build
+from hst.config import FlowConfig, PrepareConfig, build, load_params
 from hst.data import DataError
 from hst.io import write_text
-from stages.common import load_params
 
 
 def add_cycle(params_path: Path, domain: str, corpus: str) -> str:

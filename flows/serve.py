@@ -15,14 +15,14 @@ continual_learning/scheduled`` triggers a run now.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from prefect import serve
 
 from flows.continual_learning import continual_learning
 from flows.inbox import inbox_flow
-from hst.config import FlowConfig, build
-from stages.common import load_params, run
+from hst.config import FlowConfig, HSTError, build, load_params
 
 
 def main() -> None:
@@ -31,12 +31,16 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     root = str(Path(args.project).resolve())
-    (flow_sec,) = load_params(Path(root) / args.params, "flow")
-    cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
+    try:
+        (flow_sec,) = load_params(Path(root) / args.params, "flow")
+        cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
+    except HSTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     schedule = {"cron": cfg.cron} if cfg.cron else {"interval": cfg.interval_seconds}
     serve(continual_learning.to_deployment(name="scheduled", parameters={"project": root}, **schedule),
           inbox_flow.to_deployment(name="inbox", parameters={"project": root}, interval=cfg.inbox_interval_seconds))
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

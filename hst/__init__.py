@@ -5,6 +5,10 @@ splits, byte tokens), ``router`` (KeyRouter, learned router), ``experts`` (ReLUÂ
 dispatch, growth), ``model`` (the transformer), ``train`` (training/eval loops), ``metrics``
 (routing metrics), ``sampler`` (Smart Sampler logging of routed records), ``coreset``
 (per-expert coresets), ``checkpoint`` (self-describing checkpoints), ``plots`` (PNG figures),
-``io`` (atomic writes), ``promotion`` (the champion gate and alarms), ``tracking`` (MLflow runs and
-the registry mirror of the gate), ``inbox`` (claiming dropped text files exactly once). Importing the package has no side effects.
+``io`` (atomic writes committed together, artifact JSON), ``promotion`` (the champion gate and
+alarms), ``tracking`` (MLflow runs and the registry mirror of the gate), ``inbox`` (claiming dropped
+text files exactly once), ``novelty`` (the growth trigger and gates), ``grow``, ``generate``
+(replay-free samples), ``consolidate`` (targeted consolidation and a cycle's consolidation job),
+``runs`` (reading finished runs and DVC experiments for the studies in ``scripts/``). Importing the
+package has no side effects.
 """

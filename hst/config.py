@@ -12,6 +12,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 
 class HSTError(Exception):
@@ -26,6 +29,33 @@ FFN_KINDS = ("dense", "learned", "key")
 ROUTING_MODES = ("top_k", "top_any")
 REGROW_CRITERIA = ("gradient", "common_neighbors")
 FARS_NORMS = ("l2", "mean")
+
+
+def read_params(path: str | Path) -> dict:
+    """The whole params file at ``path`` (the caller names it) as a mapping of sections."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return params
+
+
+def load_params(path: str | Path, *sections: str) -> tuple[dict, ...]:
+    """The named top-level sections of a params file (each must be a mapping)."""
+    params = read_params(path)
+    out = []
+    for name in sections:
+        if not isinstance(params.get(name), dict):
+            raise ConfigError(f"{path}: section {name!r} missing or not a mapping")
+        out.append(params[name])
+    return tuple(out)
 
 
 def build(cls, section: dict | None, where: str):

@@ -1,5 +1,7 @@
 """Targeted consolidation (seed §6): finetune one expert on its coreset with everything else frozen,
-then move that expert's key (EMA) toward the new data routed to it.
+then move that expert's key (EMA) toward the new data routed to it; and the consolidation job of a
+cycle (:func:`load_job`, :func:`run_job`, :func:`save_job`), shared by the `consolidate` stage and
+the flow's mapped per-expert tasks.
 
 An expert is a (layer, expert id) pair: ids at different layers are unrelated experts, since each
 layer's keys live in that layer's own hidden-state space.
@@ -10,10 +12,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from hst.config import TrainConfig
+from hst import checkpoint, coreset, sampler
+from hst.config import ConfigError, CycleConfig, ModelConfig, TrainConfig
+from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.router import KeyRouter
 from hst.train import eval_mode, eval_windows, train
@@ -138,3 +144,54 @@ def merge_expert_states(model: GPT, states: list[dict]) -> None:
             moe.experts[s["expert"]].load_state_dict(s["weights"])
             if s["key"] is not None:
                 moe.router.keys[s["expert"]] = s["key"]
+
+
+class Job(NamedTuple):
+    """A cycle's consolidation, loaded."""
+    cfg: CycleConfig
+    tcfg: TrainConfig
+    model: GPT  # the cycle's start model; consolidated in place
+    meta: dict
+    selection: list[dict]  # the coreset folder's selection entries, in training order
+    sets: list[tuple]  # per entry, as hst.coreset.read_sets returns them
+    new_ids: list[str]  # record ids of the buffer, consumed by this cycle
+
+
+def load_job(cfg: CycleConfig, tcfg: TrainConfig, expect: ModelConfig, start: str | Path, coresets: str | Path,
+             buffer: str | Path) -> Job:
+    """The start checkpoint (checked against ``expect``), the coreset sets and the new records."""
+    model, meta = checkpoint.load(start, expect)
+    if cfg.mode == "experts" and model.cfg.ffn == "dense":
+        raise ConfigError("params.yaml:cycle.mode: 'experts' needs model.ffn key or learned (use full or full_replay)")
+    if cfg.mode == "grow" and model.cfg.ffn != "key":
+        raise ConfigError(f"params.yaml:cycle.mode: 'grow' needs model.ffn key, got {model.cfg.ffn!r} "
+                          "(use experts, full or full_replay)")
+    new = sampler.load_records(buffer)
+    selection, sets = coreset.read_sets(coresets, new, per_expert=cfg.mode == "experts")
+    return Job(cfg, tcfg, model, meta, selection, sets, new["record_id"].to_pylist())
+
+
+def run_job(job: Job) -> list[dict]:
+    """Train ``job.model`` in place as the mode says; return the curves, one per set."""
+    if job.cfg.mode == "grow":
+        return []
+    if job.cfg.mode != "experts":
+        ((_, _, tokens, _),) = job.sets
+        return [train(job.model, dataclasses.replace(job.tcfg, domains=("all",)), {"all": tokens}, {}, desc="finetune")]
+    if job.cfg.consolidation == "parallel":
+        return consolidate_parallel(job.model, job.sets, job.tcfg)
+    return consolidate_experts(job.model, job.sets, job.tcfg)
+
+
+def save_job(job: Job, curves: list[dict], out: str | Path, metrics: str | Path, curves_csv: str | Path) -> None:
+    """The consolidated checkpoint (the buffer's records marked consumed), its loss curve and metrics."""
+    rows, trained = [], []
+    for entry, c in zip(job.selection, curves):
+        trained.append({**entry, "steps": len(c["train"]), "final_train_bpb": c["train"][-1]["train_bpb"]})
+        rows += [{"step": len(rows) + 1, "train_bpb": r["train_bpb"], "coreset": entry["name"]} for r in c["train"]]
+    meta = {**job.meta, "stage": "consolidate", "consumed": sorted(set(job.meta.get("consumed", [])) | set(job.new_ids))}
+    checkpoint.save(out, job.model, meta)
+    write_csv(curves_csv, rows, columns=["step", "train_bpb", "coreset"])
+    write_json(metrics, {"mode": job.cfg.mode, "consolidation": job.cfg.consolidation,
+                         "experts_trained": len(trained) if job.cfg.mode == "experts" else 0,
+                         "tokens": len(rows) * job.tcfg.batch_size * job.model.cfg.seq_len, "sets": trained})

@@ -15,8 +15,11 @@ states did not separate a new domain; see ``FINDINGS.md``):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from hst.config import GrowConfig
 from hst.router import GATE_PRIOR_TOKENS, causal_mean
 
 
@@ -50,6 +53,24 @@ def first_trigger(shares: list[float], p: float, m: int) -> int | None:
         if run >= m:
             return i
     return None
+
+
+class Detection(NamedTuple):
+    """The growth trigger's view of a record stream."""
+    novel: list[bool]  # per record: score above the threshold
+    shares: list[float]  # per batch of cfg.batch_records: share of novel records
+    trigger: int | None  # batch index where growth triggers, None if it does not
+    records_until_detection: int | None  # records read when it triggers
+
+
+def detect(scores: list[float], limit: float, cfg: GrowConfig) -> Detection:
+    """The growth decision on a stream of record scores (BPB): ``cfg.min_batches`` consecutive batches
+    of ``cfg.batch_records`` with more than ``cfg.novel_share`` records above ``limit``."""
+    novel = [s > limit for s in scores]
+    shares = batch_shares(novel, cfg.batch_records)
+    trigger = first_trigger(shares, cfg.novel_share, cfg.min_batches)
+    until = None if trigger is None else min((trigger + 1) * cfg.batch_records, len(novel))
+    return Detection(novel, shares, trigger, until)
 
 
 def fit_gate(held_in: list[torch.Tensor], novel: torch.Tensor, fpr: float,

@@ -22,19 +22,15 @@ table goes between the ``compare`` markers of --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import subprocess
 from pathlib import Path
 
 import yaml
-from scripts.results_table import export, pct, read_metrics, read_text
 
-from hst.config import ModelConfig
 from hst.io import replace_section
-from hst.model import GPT
+from hst.runs import OPEN_GATE, export, model_of, pct, read_metrics
 
 
-OPEN_GATE = ["grow.enabled=false", "gate.max_forgetting=1000", "gate.min_routing_stability=0"]
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
 BASELINES = {
     "standard MoE + HST consolidation": ("learned-consolidate", ["model.ffn=learned"]),
@@ -42,13 +38,6 @@ BASELINES = {
     "dense, finetune": ("dense-finetune", ["model.ffn=dense", "cycle.mode=full"]),
     "dense + replay": ("dense-replay", ["model.ffn=dense", "cycle.mode=full_replay"]),
 }
-
-
-def model_of(source: str, experts_per_layer: list[int]) -> GPT:
-    section = yaml.safe_load(read_text(source, "params.yaml"))["model"]
-    # Older experiments may carry model keys that have since been removed (e.g. novelty_threshold).
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return GPT(ModelConfig(**{k: v for k, v in section.items() if k in known}), experts_per_layer)
 
 
 def row(label: str, source: str, cycles: list[str]) -> str:

@@ -15,14 +15,12 @@ mean routing stability. Same coresets, same step budget, same seed for every var
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
-from hst import checkpoint, data, evaluation, sampler
+from hst import checkpoint, coreset, data, evaluation, sampler
 from hst.config import CycleConfig, TrainConfig
 from hst.consolidate import consolidate_experts, consolidate_parallel
 
@@ -37,13 +35,7 @@ def main() -> None:
     item = params["cycles"][args.cycle]
     tcfg, ccfg = TrainConfig(**params["consolidate"]), CycleConfig(**params["cycle"])
     root = Path("cycles") / args.cycle
-    selection = json.loads((root / "coresets/selection.json").read_text())
-    new = sampler.load_records(root / "buffer")
-    texts, primaries = new["text"].to_pylist(), new["primary_expert"].to_pylist()
-    sets = [(e["layer"], e["expert"],
-             data.encode(pq.read_table(root / f"coresets/{e['name']}.parquet").column("text").to_pylist()),
-             data.encode([t for t, p in zip(texts, primaries) if p[e["layer"]] == e["expert"]]))
-            for e in selection]
+    _, sets = coreset.read_sets(root / "coresets", sampler.load_records(root / "buffer"), per_expert=True)
     start, meta = checkpoint.load(f"models/{item['prev']}.champion.pt")
     domains = [*meta["learned_domains"], item["domain"]]
     val = {d: data.load_tokens("data/prepared", d, "val") for d in domains}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from hst.io import replace_section
-from scripts.results_table import export, pct
+from hst.runs import export, pct
 
 
 def load(path: Path) -> dict | None:

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
-from hst import checkpoint, data, evaluation, grow, sampler
+from hst import checkpoint, coreset, data, evaluation, grow, sampler
 from hst.config import GrowConfig, TrainConfig, build
 from hst.consolidate import consolidate_experts
 
@@ -51,12 +49,7 @@ def main() -> None:
             grow.grow(model, list(range(model.cfg.n_layer)), data.encode(buf["text"].to_pylist()),
                       held_in, cfg, tcfg)
         else:
-            coresets = Path(f"cycles/{args.cycle}/coresets")
-            texts, primaries = buf["text"].to_pylist(), buf["primary_expert"].to_pylist()
-            sets = [(e["layer"], e["expert"],
-                     data.encode(pq.read_table(coresets / f"{e['name']}.parquet").column("text").to_pylist()),
-                     data.encode([t for t, p in zip(texts, primaries) if p[e["layer"]] == e["expert"]]))
-                    for e in json.loads((coresets / "selection.json").read_text())]
+            _, sets = coreset.read_sets(f"cycles/{args.cycle}/coresets", buf, per_expert=True)
             consolidate_experts(model, sets, dataclasses.replace(tcfg, steps=int(rest[0])))
         after = evaluation.evaluate_domains(model, val, args.windows)
         print(f"| {variant} | " + " | ".join(f"{100 * (after[d].bpb / base[d].bpb - 1):+.2f} %" for d in val) + " |",

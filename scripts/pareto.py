@@ -36,8 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from hst.io import atomic_path, replace_section  # noqa: E402
-from scripts.compare_table import OPEN_GATE, model_of  # noqa: E402
-from scripts.results_table import export, git, pct, read_metrics, read_text  # noqa: E402
+from hst.runs import OPEN_GATE, export, git, model_of, pct, read_metrics, read_text  # noqa: E402
 
 BASE_STEPS = 160
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)

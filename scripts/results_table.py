@@ -2,7 +2,7 @@
 
 Each variant is read from the workspace, from a DVC experiment (its git ref under `refs/exps`, where
 `dvc exp run -n NAME` stores the metrics files) or from a directory that `compare_table.py --export`
-filled from one (committed, so the table rebuilds in a fresh clone):
+filled from one (committed, so the table rebuilds in a fresh clone; see ``hst.runs``):
 
     python -m scripts.results_table --variant "HST=workspace" \
         --variant "dense finetune=docs/runs/dense_finetune" --variant "dense + replay=exp:dense-replay"
@@ -13,61 +13,12 @@ The table replaces the text between the results markers in README.md; no number 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from hst.io import replace_section
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
-
-
-def exp_ref(name: str) -> str:
-    """The git ref of the newest DVC experiment called ``name``."""
-    refs = [r for r in git("for-each-ref", "--sort=committerdate", "--format=%(refname)", "refs/exps").split()
-            if r.rsplit("/", 1)[-1] == name]
-    if not refs:
-        raise SystemExit(f"error: no DVC experiment named {name!r} (run `dvc exp list`)")
-    return refs[-1]
-
-
-def read_text(source: str, path: str) -> str:
-    """A file of the workspace (``workspace``), of a DVC experiment (``exp:NAME``) or of a directory
-    written by :func:`export` (``metrics/x`` is ``DIR/x`` there, any other path ``DIR/path``)."""
-    if source == "workspace":
-        return Path(path).read_text()
-    if not source.startswith("exp:"):
-        file = Path(source) / path.removeprefix("metrics/")
-        if not file.is_file():
-            raise SystemExit(f"error: {file}: not found (variant directory {source!r}, written by --export)")
-        return file.read_text()
-    name = source.removeprefix("exp:")
-    out = subprocess.run(["git", "show", f"{exp_ref(name)}:{path}"], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"error: experiment {name!r} has no {path}")
-    return out.stdout
-
-
-def export(name: str, dest: Path) -> None:
-    """Copy ``params.yaml`` and every file under ``metrics/`` of DVC experiment ``name`` into ``dest``
-    (``metrics/`` stripped), so that a run's numbers can be committed next to its table."""
-    ref = exp_ref(name)
-    for path in ["params.yaml", *git("ls-tree", "-r", "--full-tree", "--name-only", ref, "metrics").split()]:
-        target = dest / path.removeprefix("metrics/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(git("show", f"{ref}:{path}"))
-
-
-def read_metrics(source: str, path: str) -> dict:
-    return json.loads(read_text(source, path))
-
-
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:+.2f} %"
+from hst.runs import pct, read_metrics
 
 
 def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:

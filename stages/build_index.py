@@ -14,8 +14,8 @@ import argparse
 from tqdm import tqdm
 
 from hst import checkpoint, data, generate, sampler
-from hst.config import CycleConfig, build
-from stages.common import load_params, model_config, run
+from hst.config import CycleConfig, build, load_params
+from stages.common import model_config, run
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from hst.config import check_params
+from hst.config import check_params, read_params
 from hst.io import write_json
-from stages.common import read_params, run
+from stages.common import run
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ import argparse
 from tqdm import tqdm
 
 from hst import checkpoint, data, sampler
-from hst.config import CycleConfig, build
+from hst.config import CycleConfig, build, load_params
 from hst.data import DataError
 from hst.io import atomic_path
-from stages.common import cycle_domain, load_params, model_config, run
+from stages.common import cycle_domain, model_config, run
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Helpers shared by the stage CLIs: reading params sections and reporting bad input in one line."""
+"""Helpers shared by the stage CLIs: the expected model config, one-line errors, outputs committed together."""
 
 from __future__ import annotations
 
@@ -6,37 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
-from hst.config import ConfigError, HSTError, ModelConfig, build
+from hst.config import ConfigError, HSTError, ModelConfig, build, load_params
 from hst.io import committed_together
-
-
-def read_params(path: str | Path) -> dict:
-    """The whole params file as a mapping of sections."""
-    path = Path(path)
-    try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return params
-
-
-def load_params(path: str | Path, *sections: str) -> tuple[dict, ...]:
-    """The named top-level sections of a params file (each must be a mapping)."""
-    params = read_params(path)
-    out = []
-    for name in sections:
-        if not isinstance(params.get(name), dict):
-            raise ConfigError(f"{path}: section {name!r} missing or not a mapping")
-        out.append(params[name])
-    return tuple(out)
 
 
 def model_config(params_path: str | Path) -> ModelConfig:

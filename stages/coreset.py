@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from hst import coreset, sampler
-from hst.config import CycleConfig, build
-from hst.io import atomic_path, write_json
-from stages.common import load_params, run
+from hst.config import CycleConfig, build, load_params
+from hst.io import atomic_path
+from stages.common import run
 
 
 def main() -> None:
@@ -44,13 +41,7 @@ def main() -> None:
         ratio = cfg.new_old_ratio if cfg.mode == "full_replay" else 1.0
         sets = {"all": (None, None, coreset.mix(new, old, ratio, cfg.seed))}
     with atomic_path(args.out) as tmp:
-        tmp.mkdir()
-        for name, (_, _, df) in sets.items():
-            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp / f"{name}.parquet")
-        write_json(tmp / "selection.json", [
-            {"name": name, "layer": layer, "expert": expert,
-             "new": int((df.kind == "new").sum()), "old": int((df.kind == "old").sum())}
-            for name, (layer, expert, df) in sets.items()])
+        coreset.write_sets(tmp, sets)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 from hst import checkpoint, data, evaluation, plots
-from hst.config import CycleConfig, build
+from hst.config import CycleConfig, build, load_params
 from hst.io import read_json, write_json
-from stages.common import cycle_domain, load_params, model_config, run
+from stages.common import cycle_domain, model_config, run
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ import argparse
 import shutil
 
 from hst import checkpoint, promotion
-from hst.config import GateConfig, build
+from hst.config import GateConfig, build, load_params
 from hst.io import ArtifactError, atomic_path, read_json, write_json
-from stages.common import load_params, model_config, run
+from stages.common import model_config, run
 
 
 def main() -> None:

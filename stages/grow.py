@@ -19,9 +19,9 @@ import argparse
 import dataclasses
 
 from hst import checkpoint, data, evaluation, grow, novelty, sampler
-from hst.config import CycleConfig, GrowConfig, TrainConfig, build
+from hst.config import CycleConfig, GrowConfig, TrainConfig, build, load_params
 from hst.io import write_csv, write_json
-from stages.common import cycle_domain, load_params, model_config, run
+from stages.common import cycle_domain, model_config, run
 
 
 def main() -> None:
@@ -46,20 +46,18 @@ def main() -> None:
     new = sampler.load_records(args.buffer)
     index = sampler.read_buffer(args.index, columns=["text", "bpb", "source"])
     limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)
-    is_novel = [b > limit for b in new["bpb"].to_pylist()]
-    shares = novelty.batch_shares(is_novel, cfg.batch_records)
-    trigger = novelty.first_trigger(shares, cfg.novel_share, cfg.min_batches)
+    found = novelty.detect(new["bpb"].to_pylist(), limit, cfg)
     report = {"applicable": model.cfg.ffn == "key", "threshold_bpb": limit,
-              "novel_record_share": sum(is_novel) / max(len(is_novel), 1), "batch_shares": shares,
-              "records_until_detection": None if trigger is None else min((trigger + 1) * cfg.batch_records, len(is_novel)),
-              "triggered": cfg.enabled and model.cfg.ffn == "key" and (trigger is not None or ccfg.mode == "grow")}
+              "novel_record_share": sum(found.novel) / max(len(found.novel), 1), "batch_shares": found.shares,
+              "records_until_detection": found.records_until_detection,
+              "triggered": cfg.enabled and model.cfg.ffn == "key" and (found.trigger is not None or ccfg.mode == "grow")}
     grown, curves, gates, stability = [], {}, [], []
     if report["triggered"]:
         # Replay-free cycles read no old text: stability is measured on the start model's samples.
         val = (sampler.tokens_by_source(index) if ccfg.replay == "generated" else
                {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]})
         before = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
-        texts = [t for t, flag in zip(new["text"].to_pylist(), is_novel) if flag or ccfg.mode == "grow"]
+        texts = [t for t, flag in zip(new["text"].to_pylist(), found.novel) if flag or ccfg.mode == "grow"]
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(texts),
                                          sampler.tokens_by_source(index), cfg,
                                          dataclasses.replace(tcfg, lr=cfg.lr))

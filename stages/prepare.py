@@ -11,9 +11,9 @@ import argparse
 from tqdm import tqdm
 
 from hst import data
-from hst.config import PrepareConfig, build
+from hst.config import PrepareConfig, build, load_params
 from hst.io import atomic_path, write_json
-from stages.common import load_params, run
+from stages.common import run
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ import time
 import torch
 
 from hst import checkpoint, data, metrics, plots
-from hst.config import ConfigError, ModelConfig, TrainConfig, build
+from hst.config import ConfigError, ModelConfig, TrainConfig, build, load_params
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.train import evaluate, train
-from stages.common import device, load_params, run
+from stages.common import device, run
 
 
 def main() -> None:

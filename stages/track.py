@@ -22,9 +22,9 @@ from pathlib import Path
 import yaml
 
 from hst import tracking
-from hst.config import CycleConfig, ModelConfig, TrackingConfig, build
+from hst.config import CycleConfig, ModelConfig, TrackingConfig, build, load_params, read_params
 from hst.io import read_json, write_json
-from stages.common import load_params, read_params, run
+from stages.common import run
 
 SEQUENCE_SECTIONS = ("model", "pretrain", "cycle", "consolidate", "grow", "gate")
 
@@ -47,7 +47,8 @@ def main() -> None:
     tracking_sec, model_sec, cycle_sec, cycles = load_params(args.params, "tracking", "model", "cycle", "cycles")
     names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(
         build(ModelConfig, model_sec, "params.yaml:model").ffn, build(CycleConfig, cycle_sec, "params.yaml:cycle").mode)
-    params = read_params(args.params)
+    # Exactly the sections dvc.yaml declares for this stage: the ones that decide how cycles learn.
+    params = {s: v for s, v in read_params(args.params).items() if s in (*SEQUENCE_SECTIONS, "tracking")}
     key = hashlib.sha256(json.dumps({s: params.get(s) for s in SEQUENCE_SECTIONS}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     report, gate = read_json(args.eval), read_json(args.gate, ("alarms",))

@@ -38,3 +38,20 @@ def test_coreset_uses_all_old_records_when_too_few_and_checks_ratio():
     assert cs["kind"].value_counts().to_dict() == {"new": 5, "old": 3}
     with pytest.raises(ValueError, match="new_old_ratio"):
         coreset.build_coreset(new, old, 0, 0, new_old_ratio=0)
+
+
+def test_sets_round_trip_through_the_coreset_folder(tmp_path):
+    new = table([(0, 1), (0, 2), (3, 1), (0, 1)], "new")
+    old = table([(0, 1)] * 10 + [(2, 2)] * 5, "old")
+    sets = {f"L{layer}_E{expert}": (layer, expert, coreset.build_coreset(new, old, layer, expert, 0.5, 0))
+            for layer, expert, _ in coreset.select_experts(new, 2, 2)}
+    coreset.write_sets(tmp_path / "cs", sets)
+    selection, read = coreset.read_sets(tmp_path / "cs", new, per_expert=True)
+    assert [e["name"] for e in selection] == ["L0_E0", "L1_E1"]
+    assert [(e["new"], e["old"]) for e in selection] == [(3, 3), (3, 3)]
+    (layer, expert, tokens, fresh), _ = read
+    assert (layer, expert) == (0, 0)
+    assert bytes(fresh.tolist()).decode() == "new text 0\n\nnew text 1\n\nnew text 3"  # its new records only
+    assert len(tokens) > len(fresh)  # its coreset adds old records
+    _, whole = coreset.read_sets(tmp_path / "cs", new, per_expert=False)
+    assert [(s[0], s[1], s[3]) for s in whole] == [(None, None, None)] * 2

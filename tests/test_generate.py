@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from hst import data, generate
 from hst.config import TrainConfig

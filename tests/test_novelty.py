@@ -79,3 +79,14 @@ def test_gate_holds_the_false_positive_rate_on_every_source_not_only_pooled():
     assert gate_open(far, *gate).float().mean() < 0.02
     pooled = novelty.fit_gate([torch.cat([far, near])], novel, fpr=0.02)
     assert gate_open(near, *pooled).float().mean() > 0.03  # the pooled quantile lets the near domain through
+
+
+def test_detect_triggers_after_m_consecutive_novel_batches():
+    from hst.config import GrowConfig
+
+    cfg = GrowConfig(batch_records=2, min_batches=2, novel_share=0.5)
+    found = novelty.detect([1.0, 1.0, 5.0, 1.0, 5.0, 5.0, 5.0, 5.0, 1.0], limit=3.0, cfg=cfg)
+    assert found.novel == [False, False, True, False, True, True, True, True, False]
+    assert found.shares == [0.0, 0.5, 1.0, 1.0, 0.0]
+    assert found.trigger == 3 and found.records_until_detection == 8
+    assert novelty.detect([1.0] * 9, limit=3.0, cfg=cfg).trigger is None

@@ -100,6 +100,14 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
     assert not any("hst/tracking.py" in st.get("do", st)["deps"] for n, st in stages.items() if n != "track")
 
 
+def test_nothing_outside_stages_imports_a_stage():
+    """Flows, scripts and benchmarks share code through hst/, never through a stage's CLI module."""
+    for path in [*ROOT.glob("flows/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py")]:
+        bad = sorted(m for m in imported_modules(path) if m.startswith("stages/"))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+        assert "from scripts" not in path.read_text() and "import scripts" not in path.read_text(), path
+
+
 def test_prepare_writes_splits_and_manifest(tmp_path):
     proj = tiny_project(tmp_path)
     assert prepare(proj).returncode == 0

@@ -1,0 +1,82 @@
+"""Reading the outputs of finished runs: the workspace, DVC experiments and exported run folders.
+
+The studies under ``scripts/`` compare variants of the scenario. A variant's files are read from the
+workspace (``workspace``), from a DVC experiment (``exp:NAME``: its git ref under ``refs/exps``,
+where ``dvc exp run -n NAME`` stores params and metrics) or from a folder :func:`export` filled
+from one (committed, so tables rebuild in a fresh clone without the experiments' refs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from hst.config import HSTError, ModelConfig
+from hst.model import GPT
+
+# Baselines run with the promotion gate open (and growth off), so a cycle that forgets still becomes
+# the next cycle's start: plain sequential finetuning.
+OPEN_GATE = ["grow.enabled=false", "gate.max_forgetting=1000", "gate.min_routing_stability=0"]
+
+
+class RunError(HSTError):
+    """A variant, experiment or file of a run is missing."""
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+
+
+def exp_ref(name: str) -> str:
+    """The git ref of the newest DVC experiment called ``name``."""
+    refs = [r for r in git("for-each-ref", "--sort=committerdate", "--format=%(refname)", "refs/exps").split()
+            if r.rsplit("/", 1)[-1] == name]
+    if not refs:
+        raise RunError(f"no DVC experiment named {name!r} (run `dvc exp list`)")
+    return refs[-1]
+
+
+def read_text(source: str, path: str) -> str:
+    """A file of a variant (``metrics/x`` is ``DIR/x`` in an exported folder, any other path ``DIR/path``)."""
+    if source == "workspace":
+        return Path(path).read_text()
+    if not source.startswith("exp:"):
+        file = Path(source) / path.removeprefix("metrics/")
+        if not file.is_file():
+            raise RunError(f"{file}: not found (variant directory {source!r}, written by export)")
+        return file.read_text()
+    name = source.removeprefix("exp:")
+    out = subprocess.run(["git", "show", f"{exp_ref(name)}:{path}"], capture_output=True, text=True)
+    if out.returncode:
+        raise RunError(f"experiment {name!r} has no {path}")
+    return out.stdout
+
+
+def read_metrics(source: str, path: str) -> dict:
+    return json.loads(read_text(source, path))
+
+
+def export(name: str, dest: Path) -> None:
+    """Copy ``params.yaml`` and every file under ``metrics/`` of DVC experiment ``name`` into ``dest``
+    (``metrics/`` stripped), so that a run's numbers can be committed next to its table."""
+    ref = exp_ref(name)
+    for path in ["params.yaml", *git("ls-tree", "-r", "--full-tree", "--name-only", ref, "metrics").split()]:
+        target = dest / path.removeprefix("metrics/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(git("show", f"{ref}:{path}"))
+
+
+def model_of(source: str, experts_per_layer: list[int]) -> GPT:
+    """An (untrained) model of a variant's shape: for its FLOPs and parameter count."""
+    section = yaml.safe_load(read_text(source, "params.yaml"))["model"]
+    # Older experiments may carry model keys that have since been removed (e.g. novelty_threshold).
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return GPT(ModelConfig(**{k: v for k, v in section.items() if k in known}), experts_per_layer)
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.2f} %"
