@@ -120,7 +120,8 @@ def claim(inbox: Path, batch: str, only: list[Path] | None = None) -> list[Path]
     inbox = Path(inbox)
     accepted, duplicates, rejected = _sort(inbox)
     if only is not None:
-        accepted = [(p, d) for p, d in accepted if p in set(only)]
+        keep = set(only)
+        accepted = [(p, d) for p, d in accepted if p in keep]
     for path in duplicates:
         _move(path, inbox / "processed/duplicates")
     for path, reason in rejected:

@@ -19,14 +19,9 @@ import torch
 import yaml
 
 from hst import checkpoint
-from test_stages import error_line, tiny_project
+from test_stages import dvc_env, error_line, tiny_project
 
 OUTPUT_DIRS = ("data/prepared", "models", "cycles", "metrics", "plots")
-
-
-def dvc_env(proj: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def dvc(proj: Path, *args: str) -> subprocess.CompletedProcess:

@@ -57,6 +57,12 @@ def tiny_project(tmp: Path) -> Path:
     return tmp
 
 
+def dvc_env(proj: Path) -> dict:
+    """Environment for `dvc` in a tiny project: the stages' `python` is this interpreter, one thread each."""
+    return {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def stage(cwd: Path, name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=cwd,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(cwd)})
@@ -218,8 +224,7 @@ def test_coreset_reports_a_corrupt_buffer_in_one_line(pretrained, tmp_path):
 def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     proj = tiny_project(tmp_path)
     dvc = [sys.executable, "-m", "dvc"]
-    env = {**os.environ, "PYTHONPATH": str(proj), "DVC_NO_ANALYTICS": "1",  # stages' `python` = this one
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = dvc_env(proj)
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=proj, check=True, env=env)
     first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
