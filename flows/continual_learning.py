@@ -7,7 +7,9 @@ Each task runs ``dvc repro --single-item <stage>@<cycle>``: the flow and `dvc re
 code on the same inputs, lineage stays in ``dvc.lock``, and a re-run after a crash resumes because
 DVC skips every stage whose inputs and outputs are unchanged. With ``cycle.consolidation: parallel``
 the selected experts of a cycle run as mapped tasks (one per expert, from the cycle's start model)
-whose results merge into the stage's outputs; ``dvc commit`` then records them as the stage's.
+whose results merge into the stage's outputs; ``dvc commit`` then records them as the stage's. With
+``flow.task_runner: dask`` those expert tasks run on Dask workers (a LocalCluster, or the cluster at
+``flow.dask_address``); every other task runs in the flow's process.
 
     python -m flows.continual_learning [--project DIR] [--cycles c1_kjv c2_manpages]
 """
@@ -22,10 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from dvc.repo import Repo
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_client, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
+from prefect_dask import DaskTaskRunner
 
 from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConfig, build, load_params
 from hst.consolidate import Job, consolidate_part, load_job, merge_expert_states, save_job
@@ -76,8 +81,11 @@ def stage_task(project: str, target: str) -> str:
 
 
 @task(task_run_name="consolidate@{cycle}/{name}", cache_policy=NO_CACHE)
-def expert_task(job: Job, cycle: str, name: str, i: int) -> tuple[dict, dict]:
-    """One selected expert consolidated from the cycle's start model (touches only its own weights)."""
+def expert_task(job: Job, cycle: str, name: str, i: int, threads: int) -> tuple[dict, dict]:
+    """One selected expert consolidated from the cycle's start model (touches only its own weights), on
+    ``threads`` torch threads: the thread count changes the order of float sums, and a Dask worker has
+    its own (1 in a LocalCluster), so the flow sends the count its stage processes get under `dvc repro`."""
+    torch.set_num_threads(threads)
     return consolidate_part(job.model, i, len(job.sets), job.sets[i], job.tcfg)
 
 
@@ -110,7 +118,8 @@ def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: fl
     except HSTError as e:
         raise StageFailed(f"{target}: error: {e}") from None
     parts = expert_task.with_options(retries=retries, retry_delay_seconds=retry_delay).map(
-        unmapped(job), unmapped(cycle), [e["name"] for e in job.selection], list(range(len(job.sets))))
+        unmapped(job), unmapped(cycle), [e["name"] for e in job.selection], list(range(len(job.sets))),
+        unmapped(torch.get_num_threads()))
     return merge_task(project, cycle, args, job, parts.result())
 
 
@@ -156,10 +165,33 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     run = stage_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
     for target in START:
         run(str(root), target)
-    results = [learn_consolidate_cycle(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
-                                       cfg.retries, cfg.retry_delay_seconds)
-               for c in (cycles or list(all_cycles))]
+    cycle_flow = learn_consolidate_cycle.with_options(task_runner=expert_runner(cfg))
+    with api_by_address():
+        results = [cycle_flow(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
+                              cfg.retries, cfg.retry_delay_seconds)
+                   for c in (cycles or list(all_cycles))]
     return Completed(message=summary(results), data=results)
+
+
+def expert_runner(cfg: FlowConfig) -> DaskTaskRunner | None:
+    """The task runner of each cycle subflow. Only the mapped expert tasks are submitted to it: they get
+    their inputs and return their results as Python objects; the stage and merge tasks run in the flow's
+    process, which alone writes outputs and ``dvc.lock``. None keeps Prefect's thread pool; Dask connects
+    to a scheduler's address, or starts a LocalCluster for the cycle: ``dask_workers`` processes that run
+    one expert each at a time."""
+    if cfg.task_runner == "local":
+        return None
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1, "processes": True})
+
+
+def api_by_address():
+    """Settings naming the flow's Prefect API by its address. A task on a Dask worker reports to the API
+    named in the settings that travel with it; the temporary local API of a run without a server is not
+    named there, and each worker would try to start one of its own (and time out)."""
+    return temporary_settings({PREFECT_API_URL: str(get_client(sync_client=True).api_url)})
 
 
 def summary(results: list[dict]) -> str:

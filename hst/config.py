@@ -204,6 +204,7 @@ class TrainConfig:
     eval_windows: int = 32  # validation windows per domain (evenly spaced, deterministic)
     precision: str = "auto"  # "auto" (bf16 autocast where the CPU/GPU supports it), "bf16" or "fp32"
     seed: int = 0  # seeds init and batch sampling: same params -> same metrics
+    device: str = "auto"  # where training runs: "auto" (CUDA when present), "cpu" or "cuda"
     update_keys: bool = True  # EMA the KeyRouter keys during training
     # Topology evolution of sparse experts (model.expert_density < 1; nothing happens at 1.0):
     topology_every: int = 0  # ΔT: steps between prune-and-regrow of every trained expert; 0 = fixed masks
@@ -232,6 +233,7 @@ class TrainConfig:
         _require(self.eval_windows >= 1, "eval_windows: expected >= 1")
         _require(self.precision in ("auto", "bf16", "fp32"),
                  f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"device: expected auto, cpu or cuda, got {self.device!r}")
         _require(self.topology_every >= 0, "topology_every: expected >= 0")
         _require(0 <= self.topology_prune < 1, "topology_prune: expected in [0, 1)")
         _require(self.topology_regrow in REGROW_CRITERIA,
@@ -334,6 +336,9 @@ class FlowConfig:
     inbox: str = "data/inbox"  # text files dropped here become the next cycle (the inbox deployment)
     min_inbox_bytes: int = 200_000  # ... once at least this many bytes have arrived
     inbox_interval_seconds: int = 300  # how often the inbox deployment looks
+    task_runner: str = "local"  # where a cycle's mapped expert tasks run: local (threads of the flow) or dask
+    dask_address: str = ""  # dask: scheduler of a running cluster (tcp://host:8786); "" -> a LocalCluster per cycle
+    dask_workers: int = 2  # ... of this many worker processes, one expert each at a time
 
     def __post_init__(self):
         _require(self.retries >= 0, "retries: expected >= 0")
@@ -341,6 +346,9 @@ class FlowConfig:
         _require(self.interval_seconds >= 1, "interval_seconds: expected >= 1")
         _require(self.min_inbox_bytes >= 1, "min_inbox_bytes: expected >= 1")
         _require(self.inbox_interval_seconds >= 1, "inbox_interval_seconds: expected >= 1")
+        _require(self.task_runner in ("local", "dask"),
+                 f"task_runner: expected local or dask, got {self.task_runner!r}")
+        _require(self.dask_workers >= 1, "dask_workers: expected >= 1")
 
 
 # Every top-level section of params.yaml, with the config it is built as (None: checked by hand).

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hst import distributed
+
 
 # Expert id of a routing slot that runs no expert (a Top-Any slot below the router's weight floor).
 SKIPPED = -1
@@ -115,15 +117,19 @@ class KeyRouter(nn.Module):
         """
         xn = self.features(x.detach())
         member = xn.new_zeros(len(xn), self.n_experts).scatter_(1, expert_ids, 1.0)  # (N, E)
-        hit = member.sum(0) > 0
-        target = F.normalize((member.T @ xn)[hit], dim=-1)  # normalized mean of each expert's tokens
+        total, count = member.T @ xn, member.sum(0)  # (E, d), (E,)
+        distributed.all_reduce_(total, count)  # every rank's tokens: the keys stay equal across ranks
+        hit = count > 0
+        target = F.normalize(total[hit], dim=-1)  # normalized mean of each expert's tokens
         self.keys[hit] = F.normalize(self.momentum * self.keys[hit] + (1 - self.momentum) * target, dim=-1)
 
     @torch.no_grad()
     def update_center(self, x: torch.Tensor) -> None:
         """EMA the centre toward the mean hidden state (only used when ``centered``)."""
         if self.centered:
-            self.center.lerp_(x.detach().float().mean(0), 1 - self.momentum)
+            mean = x.detach().float().mean(0)
+            distributed.all_reduce_(mean, mean=True)  # ranks hold equally many tokens
+            self.center.lerp_(mean, 1 - self.momentum)
 
     def add_key(self, key: torch.Tensor, gate: tuple[torch.Tensor, float, float] | None = None) -> None:
         """Append a key; ``gate = (w, shift, b)`` makes the new expert eligible only where it opens."""

@@ -46,12 +46,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def cycle_domain(cycles: dict, key: str) -> str:
     """The incoming domain of cycle ``key`` in the ``cycles`` params section."""
     item = cycles.get(key)

@@ -3,6 +3,9 @@
 Writes the checkpoint, the metrics (final validation BPB per domain next to the unigram
 baseline, throughput, routing specialisation), training curves for ``dvc plots`` and a PNG of
 expert usage per domain and layer.
+
+Under ``torchrun --nproc_per_node N -m stages.pretrain ...`` the N processes train data-parallel
+(``hst.distributed``) and rank 0 alone evaluates and writes the outputs.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import time
 
 import torch
 
-from hst import checkpoint, data, metrics, plots
+from hst import checkpoint, data, distributed, metrics, plots
 from hst.config import ConfigError, ModelConfig, TrainConfig, build, load_params
 from hst.io import write_csv, write_json
 from hst.model import GPT
-from hst.train import evaluate, train
-from stages.common import device, run
+from hst.train import evaluate, resolve_device, train
+from stages.common import run
 
 
 def main() -> None:
@@ -40,13 +43,16 @@ def main() -> None:
     train_streams = {d: data.load_tokens(args.prepared, d, "train") for d in tcfg.domains}
     val_streams = {d: data.load_tokens(args.prepared, d, "val") for d in tcfg.domains}
 
+    distributed.setup(resolve_device(tcfg.device))
     torch.manual_seed(tcfg.seed)
-    dev = device()
-    model = GPT(mcfg).to(dev)
+    model = GPT(mcfg)
     t0 = time.perf_counter()
     curves = train(model, tcfg, train_streams, val_streams, desc="pretrain")
     wall = time.perf_counter() - t0
-    model.cpu()
+    writer = distributed.is_main()
+    distributed.teardown()
+    if not writer:
+        return
 
     final = {d: evaluate(model, t, tcfg.eval_windows) for d, t in val_streams.items()}
     val_bpb = {d: e.bpb for d, e in final.items()}

@@ -87,11 +87,21 @@ def test_the_whole_params_file_is_checked():
         (lambda p: p["cycles"]["c1_kjv"].update(steps=3), "cycles.c1_kjv: expected a mapping with exactly"),
         (lambda p: p["pretrain"].update(domains=["kjv", "nope"]), r"pretrain.domains: expected .* unknown \['nope'\]"),
         (lambda p: p["flow"].update(retries=-1), "flow.retries: expected >= 0"),
+        (lambda p: p["flow"].update(dask_workers=0), "flow.dask_workers: expected >= 1"),
+        (lambda p: p["flow"].update(workers=2), r"params.yaml:flow: unknown key\(s\) \['workers'\]"),
     ]:
         bad = copy.deepcopy(params)
         edit(bad)
         with pytest.raises(ConfigError, match=message):
             check_params(bad)
+
+
+def test_a_bad_task_runner_is_one_line_naming_the_key():
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["flow"]["task_runner"] = "spark"
+    with pytest.raises(ConfigError) as e:
+        check_params(params)
+    assert str(e.value) == "params.yaml:flow.task_runner: expected local or dask, got 'spark'"
 
 
 def test_config_defaults_are_the_shipped_params():

@@ -1,6 +1,8 @@
 """The Prefect flows under `prefect_test_harness` (temporary local API, no server, no network)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows import continual_learning as cl  # noqa: E402
-from test_stages import tiny_project  # noqa: E402
+from hst.config import FlowConfig  # noqa: E402
+from test_stages import dvc_env, tiny_project  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,21 +51,38 @@ def test_error_line_prefers_the_stage_message():
     assert cl.error_line("Traceback\nModuleNotFoundError: tqdm\nERROR: failed to reproduce") == "ModuleNotFoundError: tqdm"
 
 
-@pytest.mark.slow
-def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
-    proj = tiny_project(tmp_path / "proj")
+@pytest.fixture(scope="module")
+def parallel_cycle(tmp_path_factory):
+    """The tiny project with one cycle whose experts run as mapped tasks (``cycle.consolidation:
+    parallel``), run once by the flow, forced over the gate: the project, the final state, the MLflow store."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    proj = tiny_project(tmp / "proj")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["cycles"] = {"c1": {"domain": "kjv", "prev": "pretrain"}}
-    params["cycle"]["consolidation"] = "parallel"  # the experts run as mapped tasks
-    params["gate"]["min_routing_stability"] = 1.0  # forced over the gate: growth always moves some routing
+    params["cycle"]["consolidation"] = "parallel"
+    params["gate"]["min_routing_stability"] = 1.0  # growth always moves some routing
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = f"sqlite:///{tmp}/mlflow.db"
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield proj, cl.continual_learning(str(proj), return_state=True), uri
 
-    state = cl.continual_learning(str(proj), return_state=True)
+
+def assert_dvc_recomputes(proj: Path, stage: str, out: str) -> None:
+    """What the flow wrote is recorded by DVC as the stage's own output, and `dvc repro` recomputes the same bytes."""
+    dvc, env = [sys.executable, "-m", "dvc"], dvc_env(proj)
+    assert "up to date" in subprocess.run([*dvc, "status"], cwd=proj, capture_output=True, text=True, env=env).stdout
+    flow_bytes = (proj / out).read_bytes()
+    subprocess.run([*dvc, "repro", "-f", "-s", stage], cwd=proj, check=True, capture_output=True, env=env)
+    assert (proj / out).read_bytes() == flow_bytes
+
+
+@pytest.mark.slow
+def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(parallel_cycle):
+    from mlflow import MlflowClient
+
+    proj, state, uri = parallel_cycle
     assert state.is_completed(), state.message
     (result,) = state.result()
     assert not result["passed"] and result["champion"] == "pretrain"
@@ -81,19 +101,44 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(tmp
     champion = client.get_model_version_by_alias("tiny", "champion")
     assert champion.tags["cycle"] == "pretrain" and str(champion.version) == result["champion_version"]
 
-    # The mapped-task consolidation was recorded by DVC as the stage's own output, and `dvc repro`
-    # recomputes the same bytes.
-    dvc = [sys.executable, "-m", "dvc"]
-    env = {**os.environ, "PYTHONPATH": str(proj), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    assert "up to date" in subprocess.run([*dvc, "status"], cwd=proj, capture_output=True, text=True, env=env).stdout
-    flow_bytes = (proj / "models/c1_consolidated.pt").read_bytes()
-    subprocess.run([*dvc, "repro", "-f", "-s", "consolidate@c1"], cwd=proj, check=True, capture_output=True, env=env)
-    assert (proj / "models/c1_consolidated.pt").read_bytes() == flow_bytes
+    # The mapped-task consolidation was recorded by DVC as the stage's own output.
+    assert_dvc_recomputes(proj, "consolidate@c1", "models/c1_consolidated.pt")
 
     # A second run resumes: every stage is up to date and no new MLflow run appears.
     again = cl.continual_learning(str(proj), return_state=True)
     assert set(again.result()[0]["stages"].values()) == {"skipped"}
     assert len(client.search_runs([run.info.experiment_id])) == 2  # the parent and c1
+
+
+@pytest.mark.slow
+def test_experts_consolidated_on_dask_workers_give_the_bytes_of_dvc_repro(parallel_cycle, tmp_path):
+    from distributed import Client, LocalCluster
+
+    proj = Path(shutil.copytree(parallel_cycle[0], tmp_path / "proj", symlinks=True))
+    (proj / "models/c1_consolidated.pt").unlink()  # consolidate@c1 (only) is out of date
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    # Workers whose torch would use 2 threads, the flow's 1: the experts must still match `dvc repro`.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}) as cluster:
+        params["flow"].update(task_runner="dask", dask_address=cluster.scheduler_address)
+        (proj / "params.yaml").write_text(yaml.safe_dump(params))
+        state = cl.continual_learning(str(proj), return_state=True)
+        with Client(cluster) as client:
+            executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    assert state.is_completed(), state.message
+    stages = state.result()[0]["stages"]
+    assert stages.pop("consolidate") == "ran" and set(stages.values()) == {"skipped"}
+    experts = json.loads((proj / "metrics/cycles/c1/consolidate.json").read_text())["experts_trained"]
+    assert experts == 2 and sum(executed.values()) == experts  # every expert ran in a worker process, none in ours
+    assert_dvc_recomputes(proj, "consolidate@c1", "models/c1_consolidated.pt")
+
+
+def test_the_expert_runner_follows_params():
+    assert cl.expert_runner(FlowConfig()) is None  # Prefect's thread pool
+    local = cl.expert_runner(FlowConfig(task_runner="dask", dask_workers=3))
+    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True}
+    assert cl.expert_runner(FlowConfig(task_runner="dask", dask_address="tcp://10.0.0.5:8786")).address == \
+        "tcp://10.0.0.5:8786"
 
 
 def paragraphs(word: str, n: int = 40) -> str:

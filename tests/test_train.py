@@ -3,10 +3,10 @@ import dataclasses
 import pytest
 import torch
 
-from hst.config import TrainConfig
+from hst.config import ConfigError, HSTError, TrainConfig
 from hst.data import DataError
 from hst.model import GPT
-from hst.train import TrainingError, autocast_dtype, evaluate, lr_at, sample_batch, train
+from hst.train import TrainingError, autocast_dtype, evaluate, lr_at, resolve_device, sample_batch, train
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
@@ -75,6 +75,16 @@ def test_frozen_parameters_stay_bit_identical(tiny_cfg):
     train(model, tcfg, {"a": text}, {"a": text})
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"blocks.1.ffn.experts.2.up.weight", "blocks.1.ffn.experts.2.down.weight"}
+
+
+def test_device_auto_picks_cuda_only_when_present_and_a_bad_device_is_one_line():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(HSTError, match="device: cuda requested but no CUDA device is available"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device: expected auto, cpu or cuda, got 'tpu'"):
+        TrainConfig(device="tpu")
 
 
 def test_evaluate_returns_routing_per_layer(tiny_cfg):
