@@ -133,7 +133,7 @@ def main() -> None:
                   "steps": args.steps, "rounds": args.rounds, "threads": torch.get_num_threads(),
                   "torch": torch.__version__},
         "train_tokens_per_s": train,
-        "ratios": {k: train[a] / train[b] for k, (a, b) in pairs.items() if a in train and b in train},
+        "ratios": {k: train[a] / train[b] for k, (a, b) in pairs.items() if a != b and a in train and b in train},
     }
     if not args.no_sampler:
         torch.manual_seed(0)

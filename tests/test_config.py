@@ -109,3 +109,13 @@ def test_config_defaults_are_the_shipped_params():
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     for cls, name in [(ModelConfig, "model"), (CycleConfig, "cycle"), (GrowConfig, "grow"), (GateConfig, "gate")]:
         assert build(cls, params[name], name) == cls(), name
+
+
+def test_the_large_preset_is_valid_and_differs_only_in_model_and_pretrain():
+    root = Path(__file__).resolve().parents[1]
+    shipped, large = (yaml.safe_load((root / p).read_text()) for p in ("params.yaml", "presets/large.yaml"))
+    configs = check_params(large, "presets/large.yaml")
+    assert {k for k in shipped if shipped[k] != large[k]} == {"model", "pretrain"}
+    model = configs["model"]
+    assert (model.d_model, model.n_layer, model.n_experts, model.top_k) == (512, 8, 64, 2)
+    assert configs["pretrain"].batch_size % 8 == 0  # splits over 1, 2, 4 or 8 torchrun processes
