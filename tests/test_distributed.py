@@ -12,12 +12,16 @@ import yaml
 from hst import checkpoint
 from test_stages import dvc_env, prepare, stage, tiny_project
 
-OUTPUTS = ("checkpoint", "metrics", "routing", "plots", "eval")
-
-
 def pretrain_args(out: str) -> list[str]:
     return ["--prepared", "data/prepared", "--checkpoint", f"{out}/pretrain.pt", "--metrics", f"{out}/pretrain.json",
             "--routing", f"{out}/routing.json", "--plots", f"{out}/plots", "--eval", f"{out}/eval.json"]
+
+
+def torchrun_pretrain(proj, out: str) -> subprocess.CompletedProcess:
+    """The pretrain stage under `torchrun` with two processes (gloo on the CPU), outputs under ``out``."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "stages.pretrain", *pretrain_args(out)],
+                          cwd=proj, capture_output=True, text=True, env=dvc_env(proj), timeout=300)
 
 
 def curve(path) -> list[dict[str, float]]:
@@ -36,9 +40,7 @@ def test_two_torchrun_processes_follow_the_single_process_curve(tmp_path):
     assert prepare(proj).returncode == 0
     one = stage(proj, "pretrain", *pretrain_args("one"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "stages.pretrain", *pretrain_args("two")],
-                         cwd=proj, capture_output=True, text=True, env=dvc_env(proj), timeout=300)
+    two = torchrun_pretrain(proj, "two")
     assert two.returncode == 0, two.stderr[-3000:]
 
     for name in ("train.csv", "val.csv"):
@@ -65,9 +67,7 @@ def test_an_uneven_batch_split_is_one_line(tmp_path):
     params["pretrain"]["batch_size"] = 3
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     assert prepare(proj).returncode == 0
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "stages.pretrain", *pretrain_args("two")],
-                         cwd=proj, capture_output=True, text=True, env=dvc_env(proj), timeout=300)
+    two = torchrun_pretrain(proj, "two")
     assert two.returncode != 0
     assert "error: batch_size: 3 sequences do not split evenly over 2 processes" in two.stderr
     assert not (proj / "two").exists()
