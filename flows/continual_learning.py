@@ -1,5 +1,5 @@
 """Prefect flow `continual_learning`: pretraining, then every cycle of ``params.yaml:cycles`` as a
-chain of tasks, one per DVC stage (build_index → collect → coreset → consolidate → grow → evaluate →
+chain of tasks, one per DVC stage (learned → build_index → collect → coreset → consolidate → grow → evaluate →
 gate → track), each cycle a subflow, so the Prefect UI shows every stage of every cycle with its
 state, duration and logs.
 
@@ -36,8 +36,9 @@ from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConf
 from hst.consolidate import Job, consolidate_part, load_job, merge_expert_states, save_job
 from hst.io import committed_together
 
-CYCLE_STAGES = ("build_index", "collect", "coreset", "consolidate", "grow", "evaluate", "gate", "track")
-START = ("check_params", "prepare", "pretrain", "gate_pretrain")
+CYCLE_STAGES = ("learned", "build_index", "collect", "coreset", "consolidate", "grow", "evaluate", "gate", "track")
+# prepare and learned_pretrain are stage groups (one stage per domain): DVC runs every member.
+START = ("check_params", "prepare", "learned_pretrain", "pretrain", "gate_pretrain")
 
 
 class StageFailed(RuntimeError):
@@ -60,7 +61,7 @@ def run_stage(project: Path, target: str) -> str:
             logger.info(line)
     if proc.returncode != 0:
         raise StageFailed(f"{target}: {error_line(proc.stdout + proc.stderr) or f'exit code {proc.returncode}'}")
-    return "skipped" if "didn't change, skipping" in proc.stdout else "ran"
+    return "ran" if "Running stage" in proc.stdout else "skipped"
 
 
 def error_line(output: str) -> str | None:

@@ -3,8 +3,9 @@ once at least ``flow.min_inbox_bytes`` are waiting.
 
 A batch is claimed (files moved to ``<inbox>/processed/inboxN/``, see ``hst.inbox``), written as the
 corpus file ``data/corpus/inbox/inboxN.txt``, added to ``params.yaml`` as domain ``inboxN`` and as
-cycle ``c<k>_inboxN`` after the last cycle, and the continual_learning flow runs. A new domain
-changes ``data/prepared``, so DVC re-runs the stages that read it (see README). A crash after the
+cycle ``c<k>_inboxN`` after the last cycle, and the continual_learning flow runs. Only the new
+domain's ``prepare`` and the new cycle's stages run: every earlier stage reads its own domains
+(``data/learned/<cycle>``) and stays up to date. A crash after the
 claim is finished on the next run: a claimed batch missing from ``params.yaml`` is added first.
 
     python -m flows.inbox [--project DIR]

@@ -69,10 +69,11 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
                 for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name)}
         raise CheckpointError(f"{path}: model config does not match params.yaml:model (stored, expected): {diff}")
     counts = state["n_experts"]
+    least = 1 if cfg.ffn == "dense" else cfg.top_k  # a dense FFN is stored as one expert per layer
     if not (isinstance(counts, list) and len(counts) == cfg.n_layer
-            and all(isinstance(n, int) and n >= cfg.top_k for n in counts)):
+            and all(isinstance(n, int) and n >= least for n in counts)):
         raise CheckpointError(f"{path}: expert counts {counts!r} do not fit the stored config "
-                              f"(expected {cfg.n_layer} counts >= top_k={cfg.top_k})")
+                              f"(expected {cfg.n_layer} counts >= {least})")
     if not isinstance(state["meta"], dict):
         raise CheckpointError(f"{path}: meta is not a mapping")
     bad = _non_finite(state["state_dict"])

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import zlib
 from pathlib import Path
 
@@ -168,7 +169,20 @@ def split_path(prepared: str | Path, domain: str, split: str) -> Path:
 
 def prepared_domains(prepared: str | Path) -> list[str]:
     """Domains present in a prepared directory, sorted."""
+    if not Path(prepared).is_dir():
+        raise DataError(f"{prepared}: not a directory of prepared domains")
     return sorted(p.name for p in Path(prepared).iterdir() if (p / "val.parquet").is_file())
+
+
+def copy_domain(src: str | Path, dst: str | Path) -> None:
+    """Copy the splits of the prepared domain directory ``src`` into the new directory ``dst``."""
+    src, dst = Path(src), Path(dst)
+    missing = [f"{s}.parquet" for s in SPLITS if not (src / f"{s}.parquet").is_file()]
+    if missing:
+        raise DataError(f"{src}: not a prepared domain (missing {', '.join(missing)})")
+    dst.mkdir(parents=True)
+    for s in SPLITS:
+        shutil.copyfile(src / f"{s}.parquet", dst / f"{s}.parquet")
 
 
 def load_records(prepared: str | Path, domain: str, split: str) -> list[str]:

@@ -44,13 +44,15 @@ def cycle_report(history: list[dict], name: str, new_domain: str, old_domains: l
     """Everything ``evaluate`` writes for one cycle.
 
     history: earlier R-matrix rows ``{"name", "bpb": {domain: bpb}}``, oldest first (the last one is
-    the checkpoint this cycle started from).
+    the checkpoint this cycle started from). A row holds the domains known when it was evaluated; the
+    start row gains the ones first evaluated now (``before``), so R[i-1][i] is in the matrix.
     """
     bpb_before = {d: e.bpb for d, e in before.items()}
     bpb_after = {d: e.bpb for d, e in after.items()}
-    rows = history + [{"name": name, "bpb": bpb_after}]
+    start = {"name": history[-1]["name"], "bpb": {**bpb_before, **history[-1]["bpb"]}}
+    rows = history[:-1] + [start, {"name": name, "bpb": bpb_after}]
     forgetting = {d: (bpb_after[d] - bpb_before[d]) / bpb_before[d] for d in old_domains}
-    best = {d: min(r["bpb"][d] for r in history) for d in old_domains}
+    best = {d: min(r["bpb"][d] for r in rows[:-1] if d in r["bpb"]) for d in old_domains}
     forgetting_best = {d: (bpb_after[d] - best[d]) / best[d] for d in old_domains}
     stab_before, stab_after = (routing_of(ev, old_domains) for ev in (before, after))
     stability = routing_stability(stab_before, stab_after)

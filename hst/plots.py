@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,20 +33,23 @@ def usage_heatmap(layers: list[dict], path: str | Path, title: str) -> None:
 
 
 def forgetting_matrix(history: list[dict], path: str | Path, title: str) -> None:
-    """Rows = checkpoints (pretrain, cycles), columns = domains; colour = relative BPB change
-    against the first row (red = worse), with the BPB written in each cell."""
-    domains = list(history[0]["bpb"])
-    base = [history[0]["bpb"][d] for d in domains]
-    rel = [[(row["bpb"][d] - b) / b for d, b in zip(domains, base)] for row in history]
-    lim = max(0.05, max(abs(v) for r in rel for v in r))
+    """Rows = checkpoints (pretrain, cycles), columns = domains in the order they were first evaluated;
+    colour = relative BPB change against the domain's first row (red = worse), with the BPB written in
+    each cell; blank before a domain was first evaluated."""
+    domains = list(dict.fromkeys(d for row in history for d in row["bpb"]))
+    base = {d: next(row["bpb"][d] for row in history if d in row["bpb"]) for d in domains}
+    rel = np.array([[(row["bpb"][d] - base[d]) / base[d] if d in row["bpb"] else np.nan for d in domains]
+                    for row in history])
+    lim = max(0.05, float(np.nanmax(np.abs(rel))))
     fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 0.5 * len(history) + 1.6))
-    im = ax.imshow(rel, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    im = ax.imshow(np.ma.masked_invalid(rel), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     for i, row in enumerate(history):
         for j, d in enumerate(domains):
-            ax.text(j, i, f"{row['bpb'][d]:.2f}", ha="center", va="center", fontsize=7)
+            if d in row["bpb"]:
+                ax.text(j, i, f"{row['bpb'][d]:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(domains)), domains, fontsize=8, rotation=30)
     ax.set_yticks(range(len(history)), [r["name"] for r in history], fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="BPB change vs. first row")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="BPB change vs. first evaluation")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -80,3 +80,37 @@ def model_of(source: str, experts_per_layer: list[int]) -> GPT:
 
 def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.2f} %"
+
+
+# Override prefixes that change what the stages before the first cycle produce.
+PRETRAINING = ("prepare.", "model.", "pretrain.")
+
+
+def run_experiments(variants: list[tuple[str, list[str]]]) -> None:
+    """Run each ``(name, overrides)`` as a DVC experiment in the workspace (``dvc exp run -n NAME -S …``),
+    pretraining once per distinct pretraining.
+
+    A variant whose ``prepare``/``model``/``pretrain`` overrides equal an earlier variant's starts from
+    that experiment's outputs (``dvc exp apply``, then the default params.yaml back), so DVC finds
+    pretraining up to date and runs only the cycles. (The run-cache would do this, but DVC leaves
+    ``persist`` outputs out of it, and persist is what keeps a failed stage's old outputs.) The
+    workspace is back at HEAD before each variant and afterwards: commit your own changes first.
+    """
+    first: dict[tuple[str, ...], str] = {}
+    try:
+        for name, overrides in variants:
+            key = tuple(sorted(o for o in overrides if o.startswith(PRETRAINING)))
+            restore_head()
+            if key in first:
+                subprocess.run(["dvc", "exp", "apply", first[key]], check=True)
+                git("checkout", "--", "params.yaml")
+            subprocess.run(["dvc", "exp", "run", "-n", name, *(a for o in overrides for a in ("-S", o))], check=True)
+            first.setdefault(key, name)
+    finally:
+        restore_head()
+
+
+def restore_head() -> None:
+    """Params, lock, metrics, plots and DVC outputs as committed at HEAD."""
+    git("checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots")
+    subprocess.run(["dvc", "checkout", "-q"], check=True)

@@ -1,14 +1,15 @@
 """The seed's §8 comparison measured: dense vs standard (learned-router) MoE vs HST on the default
 learn–consolidate cycles.
 
-    python -m scripts.compare_table --run     # the four baselines as DVC experiments (~80 min on 2 cores)
+    python -m scripts.compare_table --run     # the four baselines as DVC experiments (two pretrainings)
     python -m scripts.compare_table --export  # the experiments already ran (e.g. `dvc queue start -j 2`)
     python -m scripts.compare_table           # rebuild the table from the committed runs
 
 HST is the workspace (the default `dvc repro`). Each baseline is the same scenario run as a DVC
 experiment with the settings of ``BASELINES`` and the promotion gate open, so a cycle that forgets
 still becomes the next cycle's start (plain sequential finetuning). ``--run`` runs every baseline
-with ``dvc exp run --temp``; ``--run`` and ``--export`` then copy each experiment's ``params.yaml``
+in the workspace (``hst.runs.run_experiments``: the two learned-router baselines share one
+pretraining, the two dense ones another); ``--run`` and ``--export`` then copy each experiment's ``params.yaml``
 and ``metrics/`` into ``--runs``/<name>, so the numbers are committed next to the table and it
 rebuilds without the experiments' git refs.
 
@@ -22,13 +23,12 @@ table goes between the ``compare`` markers of --out.
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from hst.io import replace_section
-from hst.runs import OPEN_GATE, export, model_of, pct, read_metrics
+from hst.runs import OPEN_GATE, export, model_of, pct, read_metrics, run_experiments
 
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
@@ -62,12 +62,11 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="docs/results.md")
     args = ap.parse_args()
+    if args.run:
+        run_experiments([(name, overrides + OPEN_GATE) for name, overrides in BASELINES.values()])
     variants = [("HST", "workspace")]
-    for label, (name, overrides) in BASELINES.items():
+    for label, (name, _) in BASELINES.items():
         run_dir = Path(args.runs) / name.replace("-", "_")
-        if args.run:
-            sets = [a for o in overrides + OPEN_GATE for a in ("-S", o)]
-            subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *sets], check=True)
         if args.run or args.export:
             export(name, run_dir)
         variants.append((label, str(run_dir)))

@@ -5,7 +5,8 @@
     python -m scripts.pareto            # rebuild docs/pareto.png and the table in docs/results.md
 
 Every point is the default scenario (the cycles of params.yaml) run as a DVC experiment in the
-workspace (`dvc exp run -n pareto-<method>-<budget>x`), so an unchanged pretraining is reused, with
+workspace (`dvc exp run -n pareto-<method>-<budget>x`; points with the same pretraining settings
+pretrain once, ``hst.runs.run_experiments``), with
 the method's settings and a training budget per cycle of ``budget`` × 160 steps (the default; 8 × 256
 tokens a step). HST spends it on its new gated experts (``grow.steps``), dense + replay on finetuning
 everything on 1 new : 4 old records (``consolidate.steps``). Each experiment's params and metrics are
@@ -26,7 +27,6 @@ P = mean over cycles of absorption ÷ the absorption of dense full finetuning at
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from hst.io import atomic_path, replace_section  # noqa: E402
-from hst.runs import OPEN_GATE, export, git, model_of, pct, read_metrics, read_text  # noqa: E402
+from hst.runs import OPEN_GATE, export, git, model_of, pct, read_metrics, read_text, run_experiments  # noqa: E402
 
 BASE_STEPS = 160
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
@@ -133,19 +133,17 @@ def main() -> None:
     ap.add_argument("--figure", default="docs/pareto.png")
     args = ap.parse_args()
     cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
-    for _, _, name, overrides in points():
-        dest = run_dir(args.runs, name)
-        if args.run and not dest.is_dir():
-            subprocess.run(["dvc", "exp", "run", "-n", name, *(a for o in overrides for a in ("-S", o))], check=True)
-            export(name, dest)
-        elif args.export and name in experiments():
-            export(name, dest)
+    if args.run:
+        todo = [(name, overrides) for _, _, name, overrides in points() if not run_dir(args.runs, name).is_dir()]
+        run_experiments(todo)
+        for name, _ in todo:
+            export(name, run_dir(args.runs, name))
+    elif args.export:
+        for name in sorted(experiments() & {name for _, _, name, _ in points()}):
+            export(name, run_dir(args.runs, name))
     reference = run_dir(args.runs, "pareto-dense-finetune-1x")
     rows = [(label, budget, summarize(str(run_dir(args.runs, name)), str(reference) if reference.is_dir() else None, cycles))
             for label, budget, name, _ in points() if run_dir(args.runs, name).is_dir()]
-    if args.run:
-        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots"], check=True)
-        subprocess.run(["dvc", "checkout"], check=True)
     figure(rows, cycles, args.figure)
     replace_section(args.out, "pareto", table(rows, cycles, str(reference)))
 

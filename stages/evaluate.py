@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: compare the checkpoints before and after a cycle on every domain.
+"""DVC stage `evaluate`: compare the checkpoints before and after a cycle on every domain it knows
+(the learned ones and the new one: the directory ``learned@<cycle>`` wrote).
 
 Writes the cycle's metrics (BPB row of the R matrix, forgetting per old domain against the start
 of the cycle and against the best BPB it ever had, labels, absorption, routing stability on the old
@@ -36,8 +37,7 @@ def main() -> None:
     before, meta = checkpoint.load(args.before, expect)
     after, _ = checkpoint.load(args.after, expect)
     history = read_json(args.history, ("history",))["history"]
-    domains = list(history[0]["bpb"])
-    val = {d: data.load_tokens(args.prepared, d, "val") for d in domains}
+    val = {d: data.load_tokens(args.prepared, d, "val") for d in data.prepared_domains(args.prepared)}
     report = evaluation.cycle_report(
         history, args.cycle, domain, list(meta["learned_domains"]),
         evaluation.evaluate_domains(before, val, cfg.eval_windows),
@@ -47,7 +47,7 @@ def main() -> None:
         plots.usage_heatmap(report["usage"], f"{args.plots}/usage.png",
                             title=f"Expert usage after cycle {args.cycle} (new: {domain})")
     plots.forgetting_matrix(report["history"], f"{args.plots}/forgetting.png",
-                            title=f"BPB change vs. pretraining, through cycle {args.cycle}")
+                            title=f"BPB change vs. first evaluation, through cycle {args.cycle}")
     write_json(args.out, report)
 
 

@@ -27,12 +27,12 @@ from stages.common import run
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--prepared", required=True, help="directory written by the prepare stage")
+    ap.add_argument("--prepared", required=True, help="directory of prepared domains (the pretraining ones)")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--metrics", required=True, help="JSON summary (DVC metric)")
     ap.add_argument("--routing", required=True, help="JSON expert usage per layer and domain (DVC metric)")
     ap.add_argument("--plots", required=True, help="directory for curves (CSV) and routing.png")
-    ap.add_argument("--eval", required=True, help="JSON: BPB on every prepared domain (row 0 of the R matrix)")
+    ap.add_argument("--eval", required=True, help="JSON: BPB on every domain in --prepared (row 0 of the R matrix)")
     args = ap.parse_args()
 
     model_sec, train_sec = load_params(args.params, "model", "pretrain")

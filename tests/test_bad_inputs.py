@@ -21,7 +21,7 @@ import yaml
 from hst import checkpoint
 from test_stages import dvc_env, error_line, tiny_project
 
-OUTPUT_DIRS = ("data/prepared", "models", "cycles", "metrics", "plots")
+OUTPUT_DIRS = ("data/prepared", "data/learned", "models", "cycles", "metrics", "plots")
 
 
 def dvc(proj: Path, *args: str) -> subprocess.CompletedProcess:
@@ -181,7 +181,7 @@ CASES = [
     ("pretrain", set_param("pretrain.domains", ["klingon"]), "klingon/train.parquet: missing"),
     ("grow@c1", set_param("grow.gate_fpr", 1.5), "params.yaml:grow.gate_fpr: expected in (0, 1)"),
     ("gate@c1", set_param("gate.max_forgetting", float("nan")), "params.yaml:gate.max_forgetting: expected finite float"),
-    ("prepare", set_param("prepare.test_fraction", 0.95), "val_fraction + test_fraction: expected < 1"),
+    ("prepare@kjv", set_param("prepare.test_fraction", 0.95), "val_fraction + test_fraction: expected < 1"),
     ("coreset@c1", set_param("cycle.mode", "bogus"), "params.yaml:cycle.mode: expected one of"),
     ("build_index@c1", set_param("cycle.replay", "maybe"), "params.yaml:cycle.replay: expected one of"),
     ("collect@c1", set_param("model.top_k", 9), "params.yaml:model.top_k: expected 1..n_experts=4"),
@@ -199,17 +199,17 @@ CASES = [
     ("collect@c1", malicious("models/pretrain.champion.pt"), "pretrain.champion.pt: refused: holds objects other than"),
     ("gate@c1", remove("models/c1.pt"), "c1.pt: checkpoint not found"),
     # data
-    ("prepare", domain_file("kjv.txt.gz", b"plain text, not gzip\n" * 100), "kjv.txt.gz: not a readable gzip file"),
-    ("prepare", domain_file("kjv.txt", "Grüße\n\n".encode("latin-1") * 500), "kjv.txt: not UTF-8"),
-    ("prepare", domain_file("kjv.txt", b""), "kjv.txt: no text"),
-    ("prepare", domain_file("kjv.jsonl", '{"body": "x"}\n'), "kjv.jsonl:1: expected an object with a string field 'text'"),
-    ("prepare", parquet_without_text, "kjv.parquet: not a readable Parquet file with column 'text'"),
-    ("prepare", domain_file("kjv.txt", "x" * 250_000), "kjv.txt: too little text for a non-empty"),
-    ("prepare", domain_file("kjv.csv", PARAGRAPHS), "kjv.csv: unsupported file type"),
+    ("prepare@kjv", domain_file("kjv.txt.gz", b"plain text, not gzip\n" * 100), "kjv.txt.gz: not a readable gzip file"),
+    ("prepare@kjv", domain_file("kjv.txt", "Grüße\n\n".encode("latin-1") * 500), "kjv.txt: not UTF-8"),
+    ("prepare@kjv", domain_file("kjv.txt", b""), "kjv.txt: no text"),
+    ("prepare@kjv", domain_file("kjv.jsonl", '{"body": "x"}\n'), "kjv.jsonl:1: expected an object with a string field 'text'"),
+    ("prepare@kjv", parquet_without_text, "kjv.parquet: not a readable Parquet file with column 'text'"),
+    ("prepare@kjv", domain_file("kjv.txt", "x" * 250_000), "kjv.txt: too little text for a non-empty"),
+    ("prepare@kjv", domain_file("kjv.csv", PARAGRAPHS), "kjv.csv: unsupported file type"),
     ("coreset@c1", empty_dir("cycles/c1/buffer"), "cycles/c1/buffer: no Smart Sampler buffer files"),
     ("coreset@c1", write("cycles/c1/buffer/buffer-000000.parquet", b"PAR1 broken"), "not a readable Smart Sampler buffer"),
     ("coreset@c1", write("cycles/c1/index.parquet", b"garbage"), "index.parquet: not a readable Smart Sampler buffer"),
-    ("pretrain", remove("data/prepared/python/train.parquet"), "python/train.parquet: missing"),
+    ("pretrain", remove("data/learned/pretrain/python/train.parquet"), "python/train.parquet: missing"),
     # reports written by earlier stages
     ("gate@c1", write("metrics/eval/c1.json", "{not json"), "metrics/eval/c1.json: not valid JSON"),
     ("gate@c1", json_without("metrics/eval/c1.json", "forgetting"), "metrics/eval/c1.json: missing key(s) ['forgetting']"),
@@ -273,7 +273,7 @@ def test_unknown_key_fails_the_next_dvc_repro_before_anything_runs(finished, tmp
     before = snapshot(proj)
     proc = dvc(proj, "repro")
     assert proc.returncode != 0 and "params.yaml:cycle: unknown key(s) ['lr']" in proc.stdout + proc.stderr
-    assert "Running stage 'prepare'" not in proc.stdout and snapshot(proj) == before
+    assert "Running stage 'prepare@" not in proc.stdout and snapshot(proj) == before
 
 
 def test_kill_9_during_a_training_stage_leaves_no_leftovers_after_the_next_repro(finished, tmp_path):

@@ -26,6 +26,17 @@ def test_round_trip_with_grown_experts(tiny_cfg, tmp_path):
         assert torch.equal(a.ffn.router.keys, b.ffn.router.keys)
 
 
+def test_round_trip_of_a_dense_model(tiny_cfg, tmp_path):
+    """A dense FFN is stored as one expert per layer, fewer than top_k (the dense baselines' checkpoints)."""
+    cfg = dataclasses.replace(tiny_cfg, ffn="dense")
+    model = GPT(cfg)
+    checkpoint.save(tmp_path / "m.pt", model, {})
+    loaded, _ = checkpoint.load(tmp_path / "m.pt", expect=cfg)
+    idx = torch.randint(0, 256, (2, 32))
+    model.eval(), loaded.eval()
+    assert loaded.n_experts == [1] * cfg.n_layer and torch.equal(model(idx).logits, loaded(idx).logits)
+
+
 def test_config_mismatch_names_the_field(tiny_cfg, tmp_path):
     path = tmp_path / "m.pt"
     checkpoint.save(path, GPT(tiny_cfg))

@@ -42,7 +42,8 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_naming_it(tmp_path, monk
     state = cl.continual_learning(str(tmp_path), return_state=True)
     assert state.is_failed()
     assert "coreset@c1: error: cycles/c1/buffer" in state.message
-    assert calls == ["check_params", "prepare", "pretrain", "gate_pretrain", "build_index@c1", "collect@c1"] + ["coreset@c1"] * 3
+    assert calls == ["check_params", "prepare", "learned_pretrain", "pretrain", "gate_pretrain", "learned@c1", "build_index@c1",
+                     "collect@c1"] + ["coreset@c1"] * 3
 
 
 def test_error_line_prefers_the_stage_message():

@@ -4,6 +4,7 @@ import ast
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,15 @@ def stage(cwd: Path, name: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(cwd)})
 
 
-def prepare(cwd):
-    return stage(cwd, "prepare", "--out", "data/prepared", "--manifest", "metrics/prepare.json")
+def prepare(cwd) -> subprocess.CompletedProcess:
+    """Every domain of the project's params prepared into data/prepared (one stage run per domain, as
+    dvc.yaml does); the first failing run, else the last."""
+    for domain in yaml.safe_load((cwd / "params.yaml").read_text())["prepare"]["domains"]:
+        proc = stage(cwd, "prepare", "--domain", domain, "--out", f"data/prepared/{domain}",
+                     "--manifest", f"metrics/prepare/{domain}.json")
+        if proc.returncode != 0:
+            break
+    return proc
 
 
 def error_line(proc) -> str:
@@ -117,9 +125,8 @@ def test_nothing_outside_stages_imports_a_stage():
 def test_prepare_writes_splits_and_manifest(tmp_path):
     proj = tiny_project(tmp_path)
     assert prepare(proj).returncode == 0
-    manifest = json.loads((proj / "metrics/prepare.json").read_text())
-    assert set(manifest) == set(DOMAINS)
-    for name, splits in manifest.items():
+    for name in DOMAINS:
+        splits = json.loads((proj / f"metrics/prepare/{name}.json").read_text())
         assert set(splits) == {"train", "val", "test"}
         assert splits["train"]["bytes"] > 5 * splits["val"]["bytes"] > 0
         assert (proj / f"data/prepared/{name}/val.parquet").is_file()
@@ -145,6 +152,32 @@ def test_prepare_non_utf8_domain_file(tmp_path):
     proj = tiny_project(tmp_path)
     (proj / "data/corpus/python.txt").write_bytes("Grüße aus Köln\n\n".encode("latin-1") * 100)
     assert "python.txt: not UTF-8" in error_line(prepare(proj))
+
+
+def test_prepare_names_an_unknown_domain(tmp_path):
+    proj = tiny_project(tmp_path)
+    proc = stage(proj, "prepare", "--domain", "klingon", "--out", "data/prepared/klingon", "--manifest", "m.json")
+    assert "params.yaml:prepare.domains: expected a key 'klingon'" in error_line(proc)
+
+
+def test_learned_is_the_previous_directory_plus_the_new_domain(tmp_path):
+    proj = tiny_project(tmp_path)
+    assert prepare(proj).returncode == 0
+    for d in ("shakespeare", "python"):  # one stage per pretraining domain, side by side
+        assert stage(proj, "learned", "--domain", f"data/prepared/{d}", "--out", "data/learned/pretrain").returncode == 0
+    c1 = ("--base", "data/learned/pretrain", "--out", "data/learned/c1")
+    assert stage(proj, "learned", *c1, "--domain", "data/prepared/kjv").returncode == 0
+    assert data.prepared_domains(proj / "data/learned/c1") == ["kjv", "python", "shakespeare"]
+    for d in ("kjv", "python"):
+        for split in data.SPLITS:
+            rel = f"{d}/{split}.parquet"
+            assert (proj / "data/learned/c1" / rel).read_bytes() == (proj / "data/prepared" / rel).read_bytes()
+    # A domain learned again is copied once; the directory is replaced whole.
+    assert stage(proj, "learned", *c1, "--domain", "data/prepared/python").returncode == 0
+    assert data.prepared_domains(proj / "data/learned/c1") == ["python", "shakespeare"]
+    bad = stage(proj, "learned", *c1, "--domain", "data/prepared/klingon")
+    assert "data/prepared/klingon: not a prepared domain (missing train.parquet" in error_line(bad)
+    assert data.prepared_domains(proj / "data/learned/c1") == ["python", "shakespeare"]
 
 
 def test_pretrain_writes_a_self_describing_checkpoint(tmp_path):
@@ -241,11 +274,30 @@ def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
     second = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert second.returncode == 0 and "didn't change" in second.stdout, second.stdout
     assert "Running stage" not in second.stdout
+    # Appending a cycle with a new domain runs that domain's prepare and the new cycle's stages only
+    # (and the params check, which reads the whole file).
+    text = gzip.decompress((ROOT / "data/corpus/manpages.txt.gz").read_bytes())[:60_000]
+    (proj / "data/corpus/manpages.txt").write_bytes(text[:text.rfind(b"\n\n")])
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["prepare"]["domains"]["manpages"] = "data/corpus/manpages.txt"
+    params["cycles"]["c3"] = {"domain": "manpages", "prev": "c2"}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
+    assert third.returncode == 0, third.stdout + third.stderr
+    ran = set(re.findall(r"Running stage '([^']+)'", third.stdout))
+    c3 = {f"{s}@c3" for s in ("learned", "build_index", "collect", "coreset", "consolidate", "grow", "evaluate",
+                              "gate", "track")}
+    assert ran == {"check_params", "prepare@manpages", *c3}, third.stdout
+    c3_eval = json.loads((proj / "metrics/eval/c3.json").read_text())
+    assert sorted(c3_eval["bpb"]) == ["german", "kjv", "manpages", "python", "shakespeare"]
+    # The start row gained the new domain's BPB before the cycle (R[2][3]); earlier rows are unchanged.
+    assert c3_eval["history"][2]["bpb"]["manpages"] == c3_eval["bpb_before"]["manpages"]
+    assert c3_eval["history"][:2] == c2["history"][:2]
     # Narrow deps: a change to tracking code leaves everything but the tracking stages up to date.
     tracking = (proj / "hst/tracking.py").read_text()
     (proj / "hst/tracking.py").write_text(tracking + "\n# edited\n")
     status = subprocess.run([*dvc, "status", "--json"], cwd=proj, capture_output=True, text=True, env=env)
-    assert set(json.loads(status.stdout)) == {"track@c1", "track@c2"}, status.stdout
+    assert set(json.loads(status.stdout)) == {"track@c1", "track@c2", "track@c3"}, status.stdout
     (proj / "hst/tracking.py").write_text(tracking)
     torch.load(proj / "models/pretrain.pt", weights_only=True)
     # Bad params under `dvc repro`: the stage fails in one line and the outputs survive (persist).
