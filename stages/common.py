@@ -20,30 +20,15 @@ def run(main: Callable[[], None]) -> None:
     """Run a stage's main; an input problem becomes ``error: ...`` on stderr and exit code 2.
 
     Every output is renamed into place together when ``main`` returns (``hst.io.committed_together``):
-    a stage that fails or is killed leaves all its outputs at their previous version. The stage also
-    dies with the process that started it, so killing `dvc repro` leaves no orphan writing outputs
-    that ``dvc.lock`` will not record.
+    a stage that fails or is killed leaves all its outputs at their previous version. (The stage also
+    dies with the process that started it: see ``stages/__init__.py``.)
     """
-    _die_with_parent()
     try:
         with committed_together():
             main()
     except HSTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent exits (PR_SET_PDEATHSIG); elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def cycle_domain(cycles: dict, key: str) -> str:
