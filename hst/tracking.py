@@ -35,7 +35,7 @@ from hst.config import HSTError
 CHAMPION = "champion"
 REACH_TIMEOUT_S = 10.0  # how long a tracking server may take to answer before a cycle's logging gives up
 DEFAULT_STORE = "sqlite:///mlflow.db"  # relative to the project
-SQLITE = "sqlite:///"
+SQLITE = "sqlite:///"  # + the database file's path: relative, or absolute with a fourth slash
 # The params sections that decide how cycles learn: a sequence's key hashes them.
 SEQUENCE_SECTIONS = ("model", "pretrain", "cycle", "consolidate", "grow", "gate")
 
@@ -56,24 +56,30 @@ def check_store(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
             reason = getattr(e, "reason", e)
             raise TrackingError(f"{uri}: MLflow tracking server not reachable within {timeout:.0f} s ({reason}); "
                                 "start it or set MLFLOW_TRACKING_URI") from None
-    elif scheme == "sqlite":
-        folder = Path(uri[len(SQLITE):]).parent
+    elif (db := sqlite_path(uri)) is not None:
+        folder = db.parent
         if not folder.is_dir():
             raise TrackingError(f"{uri}: folder {folder} of the SQLite store does not exist")
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store's URI; None for any other store."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
 def store_uri(environ: Mapping[str, str], cwd: Path) -> str:
-    """The store to log to: ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_STORE`, a relative SQLite path
-    made absolute against ``$DVC_ROOT``, else ``cwd``.
+    """The store to log to: ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_STORE`; a relative SQLite
+    path in either is made absolute against ``$DVC_ROOT`` (else ``cwd``).
 
     DVC sets ``DVC_ROOT`` to the original project for every stage it runs, also when `dvc exp run
     --temp` or a queued experiment runs it in a temporary copy: so every variant reaches the project's
     store, where a relative path would log into the copy and vanish with it.
     """
     uri = environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
-    if not uri.startswith(SQLITE) or Path(uri[len(SQLITE):]).is_absolute():
+    db = sqlite_path(uri)
+    if db is None or db.is_absolute():
         return uri
-    return f"{SQLITE}{(Path(environ.get('DVC_ROOT') or cwd) / uri[len(SQLITE):]).resolve()}"
+    return f"{SQLITE}{(Path(environ.get('DVC_ROOT') or cwd) / db).resolve()}"
 
 
 def sequence_params(params: dict) -> dict:
@@ -150,8 +156,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         return exp.experiment_id
     # MLflow puts a SQLite store's artifacts under the *current* folder's mlruns/; a temporary
     # experiment copy would take them away with it, so they go next to the store instead.
-    location = str(Path(uri[len(SQLITE):]).parent / "mlruns") if uri.startswith(SQLITE) else None
-    return client.create_experiment(name, location)
+    db = sqlite_path(uri)
+    return client.create_experiment(name, None if db is None else str(db.parent / "mlruns"))
 
 
 def sequence_run(client: MlflowClient, experiment_id: str, variant: str, key: str, params: dict,
