@@ -10,7 +10,8 @@ experiment with the settings of ``BASELINES`` and the promotion gate open, so a 
 still becomes the next cycle's start (plain sequential finetuning). ``--run`` runs every baseline
 with ``dvc exp run --temp``; ``--run`` and ``--export`` then copy each experiment's ``params.yaml``
 and ``metrics/`` into ``--runs``/<name>, so the numbers are committed next to the table and it
-rebuilds without the experiments' git refs.
+rebuilds without the experiments' git refs. Each experiment's `track` stages log it into the
+project's MLflow store as variant <name>, also from `--temp` and queued runs (docs/mlflow.md).
 
 Per variant, over the cycles of params.yaml: mean BPB over all domains after the last cycle, mean of
 the per-cycle average forgetting on the old domains, the worst single forgetting, mean absorption
