@@ -318,13 +318,14 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    experiment: str = ""  # MLflow experiment of the scenario; "" -> "hst-<model.ffn>-<cycle.mode>"
-    registered_model: str = ""  # registered model holding every cycle's checkpoint; "" -> the experiment name
+    experiment: str = ""  # MLflow experiment of the scenario, every variant of it; "" -> "hst"
+    registered_model: str = ""  # registered model holding a variant's checkpoints; "" -> "<experiment>-<variant>"
 
-    def resolve(self, ffn: str, mode: str) -> "TrackingConfig":
-        """The names with the scenario defaults filled in: one experiment per (model.ffn, cycle.mode)."""
-        experiment = self.experiment or f"hst-{ffn}-{mode}"
-        return TrackingConfig(experiment, self.registered_model or experiment)
+    def resolve(self, variant: str) -> "TrackingConfig":
+        """The names with the defaults filled in: all variants share one experiment (so one view compares
+        them), each variant has its own registered model (so its alias ``champion`` follows its own gate)."""
+        experiment = self.experiment or "hst"
+        return TrackingConfig(experiment, self.registered_model or f"{experiment}-{variant}")
 
 
 @dataclass(frozen=True)

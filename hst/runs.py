@@ -3,7 +3,8 @@
 The studies under ``scripts/`` compare variants of the scenario. A variant's files are read from the
 workspace (``workspace``), from a DVC experiment (``exp:NAME``: its git ref under ``refs/exps``,
 where ``dvc exp run -n NAME`` stores params and metrics) or from a folder :func:`export` filled
-from one (committed, so tables rebuild in a fresh clone without the experiments' refs).
+from one (committed, so tables rebuild in a fresh clone without the experiments' refs);
+:func:`track` logs such a finished run into the MLflow store as one variant of the scenario.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from hst.config import HSTError, ModelConfig
+from hst import tracking
+from hst.config import HSTError, ModelConfig, TrackingConfig, build
 from hst.model import GPT
 
 # Baselines run with the promotion gate open (and growth off), so a cycle that forgets still becomes
@@ -68,6 +70,25 @@ def export(name: str, dest: Path) -> None:
         target = dest / path.removeprefix("metrics/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(git("show", f"{ref}:{path}"))
+
+
+def track(source: str, variant: str, uri: str) -> list[str]:
+    """Log the cycles of finished run ``source`` into the MLflow store at ``uri`` as ``variant``, with
+    the `track` stage's functions: same experiment, parent run (metrics at ``step`` = cycle) and child
+    runs as if it had run under that name. Its params and metrics are all a run keeps (exports hold no
+    checkpoints or curves), so nothing is registered. Cycles the sequence already has are skipped, so
+    loading twice adds nothing; returns the cycles logged."""
+    params = yaml.safe_load(read_text(source, "params.yaml"))
+    names = build(TrackingConfig, params.get("tracking"), f"{source}: params.yaml:tracking").resolve(variant)
+    key, sequence = tracking.sequence_key(params, variant), tracking.sequence_params(params)
+    done, logged = tracking.tracked_cycles(uri, names.experiment, key), []
+    for index, cycle in enumerate(params["cycles"], 1):
+        if cycle not in done:
+            tracking.log_cycle(uri, names.experiment, variant, key, sequence, {}, cycle, index,
+                               read_metrics(source, f"metrics/eval/{cycle}.json"),
+                               read_metrics(source, f"metrics/gate/{cycle}.json"), {}, [], {"hst.source": source})
+            logged.append(cycle)
+    return logged
 
 
 def model_of(source: str, experts_per_layer: list[int]) -> GPT:

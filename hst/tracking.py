@@ -1,23 +1,29 @@
 """MLflow tracking of learn–consolidate cycles, and the registry mirror of the promotion gate.
 
-One experiment per scenario; one parent run per *sequence* (found by a key, so cycles run by
-separate `dvc repro` or flow invocations land under one parent); one child run per cycle with its
-metrics at ``step = cycle index``, its artifacts and its lineage tags. Every cycle's checkpoint
-becomes a version of one registered model; the alias ``champion`` always points at a version whose
-checkpoint is byte-identical (same md5) to the champion file the gate stage wrote, so the registry
-follows the gate and never decides anything itself.
+One experiment per scenario, shared by all its variants (HST, dense finetune, dense + replay, ...),
+so one view compares them; one parent run per *sequence* of a variant (found by a key of the variant
+and its settings, so cycles run by separate `dvc repro` or flow invocations land under one parent),
+named after the variant and holding every cycle's metrics at ``step = cycle index`` (a line per
+variant across cycles in MLflow's chart view); one child run per cycle with the same metrics, its
+artifacts and its lineage tags. Every cycle's checkpoint becomes a version of the variant's
+registered model; the alias ``champion`` always points at a version whose checkpoint is
+byte-identical (same md5) to the champion file the gate stage wrote, so the registry follows the
+gate and never decides anything itself.
 
-Functions take explicit URIs, paths and dicts; nothing here reads params files or the environment.
+Functions take explicit URIs, paths, dicts and environments; nothing here reads params files or
+``os.environ``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from contextlib import contextmanager
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -28,6 +34,10 @@ from hst.config import HSTError
 
 CHAMPION = "champion"
 REACH_TIMEOUT_S = 10.0  # how long a tracking server may take to answer before a cycle's logging gives up
+DEFAULT_STORE = "sqlite:///mlflow.db"  # relative to the project
+SQLITE = "sqlite:///"  # + the database file's path: relative, or absolute with a fourth slash
+# The params sections that decide how cycles learn: a sequence's key hashes them.
+SEQUENCE_SECTIONS = ("model", "pretrain", "cycle", "consolidate", "grow", "gate")
 
 
 class TrackingError(HSTError):
@@ -46,10 +56,45 @@ def check_store(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
             reason = getattr(e, "reason", e)
             raise TrackingError(f"{uri}: MLflow tracking server not reachable within {timeout:.0f} s ({reason}); "
                                 "start it or set MLFLOW_TRACKING_URI") from None
-    elif scheme == "sqlite":
-        folder = Path(uri[len("sqlite:///"):]).parent
+    elif (db := sqlite_path(uri)) is not None:
+        folder = db.parent
         if not folder.is_dir():
             raise TrackingError(f"{uri}: folder {folder} of the SQLite store does not exist")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store's URI; None for any other store."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def store_uri(environ: Mapping[str, str], cwd: Path) -> str:
+    """The store to log to: ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_STORE`; a relative SQLite
+    path in either is made absolute against ``$DVC_ROOT`` (else ``cwd``).
+
+    DVC sets ``DVC_ROOT`` to the original project for every stage it runs, also when `dvc exp run
+    --temp` or a queued experiment runs it in a temporary copy: so every variant reaches the project's
+    store, where a relative path would log into the copy and vanish with it.
+    """
+    uri = environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
+    db = sqlite_path(uri)
+    if db is None or db.is_absolute():
+        return uri
+    return f"{SQLITE}{(Path(environ.get('DVC_ROOT') or cwd) / db).resolve()}"
+
+
+def sequence_params(params: dict) -> dict:
+    """The sections of a params file logged on a sequence's parent run: those that decide how cycles
+    learn, and the tracking names (what dvc.yaml declares for the `track` stage)."""
+    return {s: v for s, v in params.items() if s in (*SEQUENCE_SECTIONS, "tracking")}
+
+
+def sequence_key(params: dict, variant: str) -> str:
+    """The key of ``variant``'s sequence: the same for every cycle run with the same settings, new for
+    changed settings or another variant (so identical settings under two names stay two lines)."""
+    keyed = {"variant": variant, **{s: params.get(s) for s in SEQUENCE_SECTIONS}}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -105,20 +150,27 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> No
         client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    # MLflow puts a SQLite store's artifacts under the *current* folder's mlruns/; a temporary
+    # experiment copy would take them away with it, so they go next to the store instead.
+    db = sqlite_path(uri)
+    return client.create_experiment(name, None if db is None else str(db.parent / "mlruns"))
 
 
-def sequence_run(client: MlflowClient, experiment_id: str, key: str, params: dict,
+def sequence_run(client: MlflowClient, experiment_id: str, variant: str, key: str, params: dict,
                  curves: dict[str, list[dict]]) -> str:
-    """The parent run of sequence ``key``: found by its tag, else created with the params (logged
-    once, flattened) and the pretraining curves (``{"pretrain.train": rows, ...}``)."""
-    found = client.search_runs([experiment_id], f"tags.`hst.sequence` = '{key}'", max_results=1)
+    """The parent run of ``variant``'s sequence ``key``: found by its tag, else created, named after the
+    variant, with the params (logged once, flattened) and the pretraining curves
+    (``{"pretrain.train": rows, ...}``)."""
+    found = client.search_runs([experiment_id], f"tags.`hst.sequence` = '{key}' and tags.`hst.role` = 'sequence'",
+                               max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"sequence {key[:8]}",
-                            tags={"hst.sequence": key, "hst.role": "sequence"})
+    run = client.create_run(experiment_id, run_name=variant,
+                            tags={"hst.sequence": key, "hst.role": "sequence", "variant": variant})
     flat = flatten(params)
     items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
@@ -127,40 +179,63 @@ def sequence_run(client: MlflowClient, experiment_id: str, key: str, params: dic
     return run.info.run_id
 
 
-def log_cycle(uri: str, experiment: str, registered_model: str, sequence_key: str, params: dict,
-              pretrain_curves: dict[str, list[dict]], cycle: str, index: int, report: dict, gate: dict,
-              curves: dict[str, list[dict]], artifacts: list[Path], checkpoint: Path, champion: Path,
-              tags: dict[str, str]) -> dict:
-    """Log cycle ``cycle`` (the ``index``-th) as a child run and mirror its gate in the registry.
+def tracked_cycles(uri: str, experiment: str, key: str) -> set[str]:
+    """The cycles sequence ``key`` already has a child run for."""
+    check_store(uri)
+    with _one_line_errors(uri):
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return set()
+        runs = client.search_runs([exp.experiment_id], f"tags.`hst.sequence` = '{key}' and tags.`hst.role` = 'cycle'")
+        return {r.data.tags["hst.cycle"] for r in runs}
 
-    ``report``: the evaluation report; ``gate``: the gate stage's decision (``passed``, ``reasons``,
-    ``alarms``, ``champion``); ``curves``: training curves of the cycle's stages by name;
-    ``checkpoint``: the cycle's final checkpoint; ``champion``: the champion file after the gate.
-    Returns the run ids, the registered version of this cycle and the version ``champion`` points to.
-    An unreachable or failing store is a one-line :class:`TrackingError`.
+
+def log_cycle(uri: str, experiment: str, variant: str, key: str, params: dict,
+              pretrain_curves: dict[str, list[dict]], cycle: str, index: int, report: dict, gate: dict,
+              curves: dict[str, list[dict]], artifacts: list[Path], tags: dict[str, str]) -> dict:
+    """Log cycle ``cycle`` (the ``index``-th) of ``variant``'s sequence ``key`` as a child run.
+
+    ``params``: the sequence's params (:func:`sequence_params`); ``report``: the evaluation report;
+    ``gate``: the gate stage's decision (``passed``, ``reasons``, ``alarms``); ``curves``: training
+    curves of the cycle's stages by name. The parent run gets the cycle's metrics at ``step = index``.
+    Returns the experiment and the run ids. An unreachable or failing store is a one-line
+    :class:`TrackingError`.
     """
     check_store(uri)
     with _one_line_errors(uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        exp_id = _experiment_id(client, experiment)
-        parent = sequence_run(client, exp_id, sequence_key, params, pretrain_curves)
-        run_tags = {"mlflow.parentRunId": parent, "hst.cycle": cycle, "hst.cycle_index": str(index),
-                    "hst.role": "cycle", "gate": "passed" if gate["passed"] else "failed",
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = _experiment_id(client, uri, experiment)
+        parent = sequence_run(client, exp_id, variant, key, params, pretrain_curves)
+        run_tags = {"mlflow.parentRunId": parent, "hst.sequence": key, "variant": variant, "hst.cycle": cycle,
+                    "hst.cycle_index": str(index), "hst.role": "cycle", "gate": "passed" if gate["passed"] else "failed",
                     "gate.reasons": "; ".join(gate["reasons"]) or "-", "alarm": "; ".join(gate["alarms"]) or "-", **tags}
-        run_id = client.create_run(exp_id, run_name=cycle, tags=run_tags).info.run_id
+        # Named with the variant: a compare view of several variants' cycles tells them apart.
+        run_id = client.create_run(exp_id, run_name=f"{variant}: {cycle}", tags=run_tags).info.run_id
         values = cycle_metrics(report)
         now = int(time.time() * 1000)
-        # The parent holds the same values at step = cycle index: one chart across the sequence.
+        # The parent holds the same values at step = cycle index: one line per variant across the sequence.
         for rid in (run_id, parent):
             _log_metrics(client, rid, [Metric(k, v, now, index) for k, v in values.items()])
         _log_metrics(client, run_id, [m for prefix, rows in curves.items() for m in curve_metrics(rows, prefix)])
         for path in artifacts:
             client.log_artifact(run_id, str(path), "evaluation")
+        client.set_terminated(run_id)
+        return {"experiment": experiment, "experiment_id": exp_id, "variant": variant, "parent_run_id": parent,
+                "run_id": run_id}
+
+
+def register_cycle(uri: str, registered_model: str, run_id: str, cycle: str, checkpoint: Path, champion: Path,
+                   gate: dict) -> dict:
+    """Log ``checkpoint`` (the cycle's final one) to the cycle's run ``run_id`` and mirror the gate in the
+    registry: ``champion`` is the champion file after the gate, ``gate["champion"]`` its cycle.
+    Returns the registered version of this cycle and the version ``champion`` points to."""
+    check_store(uri)
+    with _one_line_errors(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.log_artifact(run_id, str(checkpoint), "checkpoint")
         version, champion_version = _mirror_gate(client, registered_model, run_id, cycle, checkpoint, champion, gate)
-        client.set_terminated(run_id)
-        return {"experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent, "run_id": run_id,
-                "registered_model": registered_model, "version": version, "champion_version": champion_version}
+        return {"registered_model": registered_model, "version": version, "champion_version": champion_version}
 
 
 @contextmanager
@@ -169,7 +244,7 @@ def _one_line_errors(uri: str):
         yield
     except MlflowException as e:
         first = (str(e).strip().splitlines() or [""])[0]
-        raise TrackingError(f"{uri}: MLflow refused the cycle's logging ({first[:300]})") from None
+        raise TrackingError(f"{uri}: MLflow refused a request ({first[:300]})") from None
 
 
 def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, checkpoint: Path,

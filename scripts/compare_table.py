@@ -11,7 +11,8 @@ still becomes the next cycle's start (plain sequential finetuning). ``--run`` ru
 in the workspace (``hst.runs.run_experiments``: the two learned-router baselines share one
 pretraining, the two dense ones another); ``--run`` and ``--export`` then copy each experiment's ``params.yaml``
 and ``metrics/`` into ``--runs``/<name>, so the numbers are committed next to the table and it
-rebuilds without the experiments' git refs.
+rebuilds without the experiments' git refs. Each experiment's `track` stages log it into the
+project's MLflow store as variant <name>, also from `--temp` and queued runs (docs/mlflow.md).
 
 Per variant, over the cycles of params.yaml: mean BPB over all domains after the last cycle, mean of
 the per-cycle average forgetting on the old domains, the worst single forgetting, mean absorption

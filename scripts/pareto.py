@@ -11,8 +11,10 @@ the method's settings and a training budget per cycle of ``budget`` × 160 steps
 tokens a step). HST spends it on its new gated experts (``grow.steps``), dense + replay on finetuning
 everything on 1 new : 4 old records (``consolidate.steps``). Each experiment's params and metrics are
 exported to ``--runs``/<method>_<budget>x and committed, so the figure and table rebuild in a fresh
-clone. After ``--run`` the workspace is back at the committed pipeline (``git checkout`` of params,
-lock, metrics and plots, then ``dvc checkout``): commit your own changes first, and commit nothing
+clone. The cycles a point runs are logged into the project's MLflow store as variant
+``pareto-<method>-<budget>x`` (docs/mlflow.md; a point equal to the workspace runs nothing). After
+``--run`` the workspace is back at the committed pipeline (``git checkout`` of params, lock,
+metrics and plots, then ``dvc checkout``): commit your own changes first, and commit nothing
 while it runs (a workspace experiment detaches HEAD at its baseline and moves the branch back
 afterwards, so a commit made meanwhile is left off the branch). To run points side by side, clone
 the repository, point it at the same cache (``dvc cache dir``), ``dvc checkout`` and run there.

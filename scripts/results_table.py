@@ -8,17 +8,23 @@ filled from one (committed, so the table rebuilds in a fresh clone; see ``hst.ru
         --variant "dense finetune=docs/runs/dense_finetune" --variant "dense + replay=exp:dense-replay"
 
 The table replaces the text between the results markers in README.md; no number is typed by hand.
+With ``--mlflow`` the same variants go into the MLflow store instead (``$MLFLOW_TRACKING_URI``, else
+the project's ``mlflow.db``), each as a parent run named LABEL with its cycles' metrics at ``step`` =
+cycle, beside any run the `track` stage logged: one chart view compares them, also in a fresh clone
+(``hst.runs.track``; a variant's cycles already there are not logged again).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import yaml
 
 from hst.io import replace_section
-from hst.runs import pct, read_metrics
+from hst.runs import pct, read_metrics, track
+from hst.tracking import store_uri
 
 
 def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:
@@ -42,8 +48,14 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, help="LABEL=workspace, LABEL=exp:NAME or LABEL=DIRECTORY")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--readme", default="README.md")
+    ap.add_argument("--mlflow", action="store_true", help="log the variants into the MLflow store, not the README")
     args = ap.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.variant]
+    if args.mlflow:
+        uri = store_uri(os.environ, Path.cwd())
+        for label, source in variants:
+            print(f"{label}: {', '.join(track(source, label, uri)) or 'already logged'} -> {uri}")
+        return
     cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
     replace_section(args.readme, "results", table(variants, cycles))
 

@@ -1,19 +1,18 @@
 """DVC stage `track`: log a finished cycle to MLflow and mirror its gate in the model registry.
 
 A child run per cycle (metrics at ``step`` = the cycle's position in ``params.yaml:cycles``; the
-evaluation PNGs and JSONs and the checkpoint as artifacts; tags: git commit, the DVC hashes of the
-cycle's outputs, gate decision, alarms) under one parent run per sequence. The sequence key hashes
-the params sections that decide how cycles learn, so cycles run by separate `dvc repro` or flow
-invocations with the same settings share a parent, and changed settings start a new one. The store
-is ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the project.
+evaluation PNGs and JSONs and the checkpoint as artifacts; tags: variant, git commit, the DVC hashes
+of the cycle's outputs, gate decision, alarms) under one parent run per variant and settings
+(``hst.tracking``), in the scenario's one experiment. The variant is the DVC experiment's name
+under `dvc exp run` (``$DVC_EXP_NAME``; `-n NAME` sets it), else ``<model.ffn>-<cycle.mode>``. The
+store is ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; a relative SQLite path lies in the
+original project even when DVC runs the stage in a temporary copy (``hst.tracking.store_uri``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -25,8 +24,6 @@ from hst import tracking
 from hst.config import CycleConfig, ModelConfig, TrackingConfig, build, load_params, read_params
 from hst.io import read_json, write_json
 from stages.common import run
-
-SEQUENCE_SECTIONS = ("model", "pretrain", "cycle", "consolidate", "grow", "gate")
 
 
 def main() -> None:
@@ -45,23 +42,23 @@ def main() -> None:
     args = ap.parse_args()
 
     tracking_sec, model_sec, cycle_sec, cycles = load_params(args.params, "tracking", "model", "cycle", "cycles")
-    names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(
-        build(ModelConfig, model_sec, "params.yaml:model").ffn, build(CycleConfig, cycle_sec, "params.yaml:cycle").mode)
-    # Exactly the sections dvc.yaml declares for this stage: the ones that decide how cycles learn.
-    params = {s: v for s, v in read_params(args.params).items() if s in (*SEQUENCE_SECTIONS, "tracking")}
-    key = hashlib.sha256(json.dumps({s: params.get(s) for s in SEQUENCE_SECTIONS}, sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
+    variant = os.environ.get("DVC_EXP_NAME") or (f"{build(ModelConfig, model_sec, 'params.yaml:model').ffn}-"
+                                                 f"{build(CycleConfig, cycle_sec, 'params.yaml:cycle').mode}")
+    names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(variant)
+    uri = tracking.store_uri(os.environ, Path.cwd())
+    params = tracking.sequence_params(read_params(args.params))
     report, gate = read_json(args.eval), read_json(args.gate, ("alarms",))
     plots, mdir = Path(args.plots), Path(args.metrics_dir)
     result = tracking.log_cycle(
-        os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", names.experiment, names.registered_model,
-        key, params, {f"pretrain.{n}": _csv(Path(args.pretrain_plots) / f"{n}.csv") for n in ("train", "val")},
+        uri, names.experiment, variant, tracking.sequence_key(params, variant), params,
+        {f"pretrain.{n}": _csv(Path(args.pretrain_plots) / f"{n}.csv") for n in ("train", "val")},
         args.cycle, list(cycles).index(args.cycle) + 1, report, gate,
         {n: _csv(plots / f"{n}.csv") for n in ("consolidate", "grow")},
         [p for p in [*sorted(plots.glob("*.png")), Path(args.eval), Path(args.gate), *sorted(mdir.glob("*.json"))]
          if p.is_file() and p.name != Path(args.out).name],
-        Path(args.checkpoint), Path(args.champion),
         {"mlflow.source.git.commit": _git_commit(), **_dvc_hashes(Path(args.lock), args.cycle)})
+    result |= tracking.register_cycle(uri, names.registered_model, result["run_id"], args.cycle,
+                                      Path(args.checkpoint), Path(args.champion), gate)
     for alarm in gate["alarms"]:
         print(f"warning: cycle {args.cycle}: {alarm}", file=sys.stderr)
     write_json(args.out, {**result, "cycle": args.cycle, "gate": gate})

@@ -43,8 +43,9 @@ def test_configs_are_frozen():
 
 
 def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
-    assert TrackingConfig().resolve("dense", "full") == TrackingConfig("hst-dense-full", "hst-dense-full")
-    assert TrackingConfig("mine").resolve("key", "experts").registered_model == "mine"
+    assert TrackingConfig().resolve("dense-full") == TrackingConfig("hst", "hst-dense-full")
+    assert TrackingConfig("mine").resolve("key-grow") == TrackingConfig("mine", "mine-key-grow")
+    assert TrackingConfig("mine", "model").resolve("key-grow").registered_model == "model"
     with pytest.raises(ConfigError, match="params.yaml:flow.min_inbox_bytes: expected >= 1"):
         build(FlowConfig, {"min_inbox_bytes": 0}, "params.yaml:flow")
     with pytest.raises(ConfigError, match="cycle.consolidation: expected sequential or parallel"):
