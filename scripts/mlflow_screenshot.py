@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
-from websockets.sync.client import connect  # installed with prefect
+from websockets.sync.client import connect
 
 from hst.tracking import SQLITE, sqlite_path, store_uri
 
