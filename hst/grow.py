@@ -47,12 +47,17 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
                         "held_in_tokens_passing": sum(per_source.values()) / len(per_source),
                         "held_in_tokens_passing_per_source": per_source}))
     added, stats = [], []
-    for layer, gate, passing, stat in placed:
-        if len(passing) == 0:
-            continue
-        experts = [model.add_expert(layer, key, cfg.init, gate) for key in spherical_kmeans(passing, cfg.experts)]
-        added += [(layer, e) for e in experts]
-        stats.append({**stat, "expert": experts[0], "experts": experts})
+    # ``init: random`` draws from the training seed, not from whatever the process drew before: the
+    # grown model is then a function of the inputs in a library caller as in a fresh stage process.
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(train_cfg.seed)
+        for layer, gate, passing, stat in placed:
+            if len(passing) == 0:
+                continue
+            experts = [model.add_expert(layer, key, cfg.init, gate) for key in spherical_kmeans(passing, cfg.experts)]
+            added += [(layer, e) for e in experts]
+            stats.append({**stat, "expert": experts[0], "experts": experts})
     curves = {}
     if added and cfg.steps > 0:
         tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,

@@ -6,7 +6,7 @@ Each record is stored once, as one Parquet row:
 | --- | --- | --- |
 | ``record_id`` | string | content hash of ``text`` (stable across runs) |
 | ``source`` | string | where the text came from (domain name or file) |
-| ``timestamp`` | float64 | unix seconds when it was routed |
+| ``seq`` | int64 | logical clock: how many records the log held when this one was routed (0, 1, 2, …) |
 | ``text`` | string | the record itself |
 | ``n_tokens`` | int32 | byte tokens routed |
 | ``expert_counts`` | list<map<int32, int32>> | per layer ``{expert_id: token_count}`` over the k routed slots |
@@ -14,14 +14,19 @@ Each record is stored once, as one Parquet row:
 | ``mean_max_sim`` | list<float32> | per layer mean best-key similarity |
 | ``bpb`` | float32 | the model's surprise: bits per byte predicting the record (the novelty score) |
 
-Buffers flush to ``<dir>/buffer-<seq>.parquet`` atomically. A record whose id is already in the
+Buffers flush to ``<dir>/buffer-<n>.parquet`` atomically. A record whose id is already in the
 directory is not logged again, so re-running collection over the same texts adds nothing.
+
+Rows carry a logical clock, not wall time: a log is a DVC output, and a wall-clock column made its
+hash differ on every run though nothing the model did had changed. ``seq`` keeps what a reader
+needs from the time, the routing order (across buffer files and resumed collections), and is the
+same whenever the same texts are served in the same order. A server that wants wall-clock times
+keeps them in its own request log, outside the pipeline's outputs.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,7 +44,7 @@ from hst.train import eval_mode
 SCHEMA = pa.schema([
     ("record_id", pa.string()),
     ("source", pa.string()),
-    ("timestamp", pa.float64()),
+    ("seq", pa.int64()),
     ("text", pa.string()),
     ("n_tokens", pa.int32()),
     ("expert_counts", pa.list_(pa.map_(pa.int32(), pa.int32()))),
@@ -85,10 +90,11 @@ def route_record(model: GPT, text: str) -> tuple[int, list[Routing], float]:
     return len(tokens), merged, nll / max(len(tokens) - 1, 1) / math.log(2)
 
 
-def make_row(model: GPT, text: str, source: str) -> dict:
-    """One Smart Sampler row (see the schema above) for ``text`` routed through ``model``."""
+def make_row(model: GPT, text: str, source: str, seq: int) -> dict:
+    """One Smart Sampler row (see the schema above) for ``text`` routed through ``model`` as the
+    ``seq``-th record of its log."""
     n_tokens, routing, bpb = route_record(model, text)
-    return {"record_id": record_id(text), "source": source, "timestamp": time.time(), "text": text,
+    return {"record_id": record_id(text), "source": source, "seq": seq, "text": text,
             "n_tokens": n_tokens, **summarize(routing, model.n_experts), "bpb": bpb}
 
 
@@ -151,7 +157,8 @@ class SmartSampler:
         rid = record_id(text)
         if rid in self.seen:
             return False
-        self.pending.append(make_row(model, text, source))
+        # Every logged id is in ``seen`` (earlier runs' files included), so its size is the clock.
+        self.pending.append(make_row(model, text, source, len(self.seen)))
         self.seen.add(rid)
         if len(self.pending) >= self.flush_every:
             self.flush()
@@ -160,8 +167,8 @@ class SmartSampler:
     def flush(self) -> Path | None:
         if not self.pending:
             return None
-        seq = len(list(self.buffer_dir.glob("buffer-*.parquet")))
-        path = self.buffer_dir / f"buffer-{seq:06d}.parquet"
+        n = len(list(self.buffer_dir.glob("buffer-*.parquet")))
+        path = self.buffer_dir / f"buffer-{n:06d}.parquet"
         write_rows(path, self.pending)
         self.pending = []
         return path

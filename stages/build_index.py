@@ -10,6 +10,7 @@ in the coresets and as the growth gates' held-in reference.
 from __future__ import annotations
 
 import argparse
+import itertools
 
 from tqdm import tqdm
 
@@ -35,7 +36,8 @@ def main() -> None:
     else:
         sources = {d: data.sample_records(data.load_records(args.prepared, d, "train"), cfg.index_records,
                                           f"{cfg.seed}:{d}") for d in meta["learned_domains"]}
-    rows = [sampler.make_row(model, text, source)
+    seq = itertools.count()
+    rows = [sampler.make_row(model, text, source, next(seq))
             for source, texts in sources.items() for text in tqdm(texts, desc=f"index {source}")]
     sampler.write_rows(args.out, rows)
 

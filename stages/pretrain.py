@@ -1,8 +1,9 @@
 """DVC stage `pretrain`: train the model from scratch on the pretrain domains.
 
 Writes the checkpoint, the metrics (final validation BPB per domain next to the unigram
-baseline, throughput, routing specialisation), training curves for ``dvc plots`` and a PNG of
-expert usage per domain and layer.
+baseline, routing specialisation), training curves for ``dvc plots`` and a PNG of expert usage per
+domain and layer. Throughput goes to stderr only: every output is a function of the inputs, so a
+re-run from scratch reproduces their hashes (wall time would differ on every run).
 
 Under ``torchrun --nproc_per_node N -m stages.pretrain ...`` the N processes train data-parallel
 (``hst.distributed``) and rank 0 alone evaluates and writes the outputs.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 
 import torch
@@ -53,6 +55,8 @@ def main() -> None:
     distributed.teardown()
     if not writer:
         return
+    print(f"pretrain: {tcfg.steps} steps in {wall:.1f} s, {curves['tokens_per_s']:,.0f} tokens/s "
+          f"({torch.get_num_threads()} threads per process)", file=sys.stderr)
 
     final = {d: evaluate(model, t, tcfg.eval_windows) for d, t in val_streams.items()}
     val_bpb = {d: e.bpb for d, e in final.items()}
@@ -62,9 +66,7 @@ def main() -> None:
         "val_bpb": val_bpb,
         "unigram_bpb": {d: data.unigram_bpb(train_streams[d], val_streams[d]) for d in tcfg.domains},
         "last20_improvement": {d: at80[d] - val_bpb[d] for d in tcfg.domains},
-        "tokens_per_s": curves["tokens_per_s"],
         "precision": curves["precision"],
-        "train_seconds": wall,
         "params": sum(p.numel() for p in model.parameters()),
     }
     if mcfg.expert_density < 1:  # sparse experts: what prune-and-regrow did

@@ -6,7 +6,7 @@ from hst.sampler import SCHEMA
 
 
 def table(primaries, prefix):
-    rows = [{"record_id": f"{prefix}{i}", "source": prefix, "timestamp": 0.0, "text": f"{prefix} text {i}",
+    rows = [{"record_id": f"{prefix}{i}", "source": prefix, "seq": i, "text": f"{prefix} text {i}",
              "n_tokens": 10, "expert_counts": [[(p, 20)] for p in prim], "primary_expert": list(prim),
              "mean_max_sim": [0.5] * len(prim), "bpb": 2.0}
             for i, prim in enumerate(primaries)]

@@ -34,6 +34,21 @@ def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
     assert len(curves["train"]) == 5
 
 
+def test_random_init_draws_from_the_training_seed_not_the_global_generator(tiny_cfg):
+    start = GPT(tiny_cfg).state_dict()
+
+    def new_expert(global_seed: int, seed: int) -> torch.Tensor:
+        model = GPT(tiny_cfg)
+        model.load_state_dict(start)
+        torch.manual_seed(global_seed)
+        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8, init="random"),
+                  dataclasses.replace(TCFG, seed=seed))
+        return model.moe(0).experts[-1].up.weight
+
+    assert torch.equal(new_expert(global_seed=1, seed=0), new_expert(global_seed=2, seed=0))
+    assert not torch.equal(new_expert(global_seed=1, seed=0), new_expert(global_seed=1, seed=1))
+
+
 def test_gates_keep_held_in_routing_and_admit_novel_tokens(tiny_cfg):
     model = GPT(tiny_cfg)
     old = evaluate(model, HELD_IN_ALL, 8).expert_ids
