@@ -90,8 +90,8 @@ def serve_seconds(model: GPT, texts: list[str], log: bool) -> float:
         t0 = time.perf_counter()
         if log:
             with SmartSampler(tmp) as smart:
-                for text in texts:
-                    smart.record(model, text, "bench")
+                for text in texts:  # one request at a time, as a server logs them
+                    smart.record(model, [text], "bench")
         else:
             for text in texts:
                 tokens = encode([text]).long()

@@ -5,7 +5,7 @@ For every cycle in params.yaml, with the checkpoint the cycle starts from (``mod
   - scores records of the learned domains' validation splits (held-in) and of the cycle's incoming
     domain (new) by surprise (record BPB, the product's score) and, per layer, by the seed's raw
     score (1 − mean best-key cosine) for comparison, and reports AUROC new vs. held-in;
-  - sets the threshold as ``grow.quantile`` of the cycle's index BPB (``cycles/<c>/index.parquet``,
+  - sets the threshold as ``grow.quantile`` of the cycle's index BPB (``indexes/<prev>.parquet``,
     what `grow` uses) and reports the share of held-in and new records above it;
   - simulates ``--streams`` random streams: ``--held-in`` held-in records, then records that are new
     with probability ``--mix``; a trigger (``grow`` params) inside the held-in part is a false
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from hst import checkpoint, data, novelty, sampler
 from hst.config import GrowConfig, build
@@ -33,12 +32,9 @@ from hst.io import write_text
 
 def scores(model, texts: list[str], desc: str) -> tuple[list[float], list[list[float]]]:
     """Per record: surprise (BPB) and per-layer raw novelty (1 − mean best-key cosine)."""
-    bpb, raw = [], []
-    for text in tqdm(texts, desc=desc, leave=False):
-        _, routing, b = sampler.route_record(model, text)
-        bpb.append(b)
-        raw.append([1 - float(r.max_sim.mean()) for r in routing if r is not None])
-    return bpb, raw
+    routed = sampler.route_records(model, texts, desc=desc)
+    return ([b for _, _, b in routed],
+            [[1 - float(r.max_sim.mean()) for r in routing if r is not None] for _, routing, _ in routed])
 
 
 def simulate(held: list[float], new: list[float], limit: float, cfg: GrowConfig, n_held: int, mix: float,
@@ -79,7 +75,7 @@ def main() -> None:
             held_raw += r
         new_bpb, new_raw = scores(model, data.sample_records(data.load_records(args.prepared, cycle["domain"], "train"),
                                                              args.records, "bench"), f"{name} {cycle['domain']}")
-        ref = sampler.read_buffer(f"cycles/{name}/index.parquet", columns=["bpb"])["bpb"].to_pylist()
+        ref = sampler.read_buffer(f"indexes/{cycle['prev']}.parquet", columns=["bpb"])["bpb"].to_pylist()
         limit = novelty.threshold(ref, cfg.quantile)
         raw_auc = [novelty.auroc([h[l] for h in held_raw], [n[l] for n in new_raw]) for l in range(len(held_raw[0]))]
         false, delays = simulate(held_bpb, new_bpb, limit, cfg, args.held_in, args.mix, args.streams, seed=0)

@@ -42,17 +42,19 @@ def only_trainable(model: GPT, experts: list[tuple[int, int]]):
 
 
 @torch.no_grad()
-@torch.no_grad()
-def ffn_inputs(model: GPT, tokens: torch.Tensor, layer: int, n_windows: int) -> torch.Tensor:
-    """(windows, T, d) hidden states entering ``layer``'s MoE for evenly spaced windows of ``tokens``."""
-    captured = []
-    hook = model.moe(layer).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+def ffn_inputs(model: GPT, tokens: torch.Tensor, layers: list[int], n_windows: int) -> list[torch.Tensor]:
+    """Per layer of ``layers``, the (windows, T, d) hidden states entering its MoE for evenly spaced
+    windows of ``tokens``, all from one forward pass."""
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [model.moe(layer).register_forward_pre_hook(lambda m, args, layer=layer: captured.__setitem__(layer, args[0]))
+             for layer in layers]
     try:
         with eval_mode(model):
             model(eval_windows(tokens, model.cfg.seq_len, n_windows)[:, :-1])
     finally:
-        hook.remove()
-    return torch.cat(captured)
+        for hook in hooks:
+            hook.remove()
+    return [captured[layer] for layer in layers]
 
 
 def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tensor,
@@ -73,7 +75,7 @@ def _ema_key(model: GPT, layer: int, expert: int, new: torch.Tensor, key_windows
     """One EMA step of the expert's key toward the new tokens routed to it (key router only)."""
     router = model.moe(layer).router
     if isinstance(router, KeyRouter):
-        x = ffn_inputs(model, new, layer, key_windows)
+        (x,) = ffn_inputs(model, new, [layer], key_windows)
         mine = (router(x).expert_ids == expert).any(-1)
         x = x.reshape(-1, x.shape[-1])  # (windows·T, d), the order routing flattens to
         if mine.any():

@@ -34,11 +34,13 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
+    x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
+    x_old = {src: ffn_inputs(model, t, layers, cfg.gate_windows) for src, t in held_in.items()}
     placed = []
-    for layer in layers:
+    for i, layer in enumerate(layers):
         router = model.moe(layer).router
-        f_new = router.features(ffn_inputs(model, novel, layer, cfg.gate_windows))  # (W, T, d)
-        f_old = {src: router.features(ffn_inputs(model, t, layer, cfg.gate_windows)) for src, t in held_in.items()}
+        f_new = router.features(x_new[i])
+        f_old = {src: router.features(x[i]) for src, x in x_old.items()}
         gate = fit_gate(list(f_old.values()), f_new, cfg.gate_fpr)
         passed = gate_open(f_new, *gate)
         per_source = {src: float(gate_open(f, *gate).float().mean()) for src, f in f_old.items()}

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from hst import metrics
 from hst.data import DataError, encode, record_id
@@ -68,34 +69,50 @@ def summarize(routing: list[Routing], n_experts: list[int]) -> dict:
 
 
 @torch.no_grad()
-def route_record(model: GPT, text: str) -> tuple[int, list[Routing], float]:
-    """Route a record's bytes through the model in consecutive windows of ``seq_len``.
+def route_records(model: GPT, texts: list[str], batch_windows: int = 16,
+                  desc: str | None = None) -> list[tuple[int, list[Routing], float]]:
+    """Route each record's bytes through the model in consecutive windows of ``seq_len``; per record
+    its token count, its routing per layer and its surprise: bits per byte of predicting every byte
+    after the first from the bytes before it in its window (0 for a one-byte record).
 
-    Also returns the record's surprise: bits per byte of predicting every byte after the first
-    from the bytes before it in its window (0 for a one-byte record: nothing to predict).
+    Windows of all records run ``batch_windows`` at a time (one window at a time ran the default
+    model at half the tokens/s), padded at the end to the longest in the batch: attention is causal
+    and the growth gates' running means look only backwards, so padding reaches no real position.
+    ``desc`` labels a progress bar (none without it).
     """
-    tokens = encode([text]).long()
-    if len(tokens) == 0:
-        raise DataError("cannot route an empty record")
+    T = model.cfg.seq_len
+    windows, sizes = [], []  # (record, bytes): each record's consecutive windows of T bytes + the next byte
+    for i, text in enumerate(texts):
+        tokens = encode([text]).long()
+        if len(tokens) == 0:
+            raise DataError("cannot route an empty record")
+        windows += [(i, tokens[s:s + T + 1]) for s in range(0, len(tokens), T)]
+        sizes.append(len(tokens))
     device = next(model.parameters()).device
-    per_window, nll = [], 0.0
+    parts: list[list[list[Routing]]] = [[] for _ in texts]
+    nll = [0.0] * len(texts)
     with eval_mode(model):
-        for start in range(0, len(tokens), model.cfg.seq_len):
-            out = model(tokens[start:start + model.cfg.seq_len][None].to(device))
-            per_window.append(out.routing)
-            nxt = tokens[start + 1:start + 1 + model.cfg.seq_len].to(device)  # the byte each position predicts
-            nll += float(F.cross_entropy(out.logits[0, :len(nxt)], nxt, reduction="sum"))
-    merged = [None if layer[0] is None else Routing(*(torch.cat(parts) for parts in zip(*layer)))
-              for layer in zip(*per_window)]
-    return len(tokens), merged, nll / max(len(tokens) - 1, 1) / math.log(2)
+        for b in tqdm(range(0, len(windows), batch_windows), desc=desc, disable=desc is None, unit="batch"):
+            batch = windows[b:b + batch_windows]
+            width = max(min(len(w), T) for _, w in batch)
+            x = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, (_, w) in enumerate(batch):
+                x[row, :min(len(w), T)] = w[:T]
+            out = model(x.to(device))
+            for row, (i, w) in enumerate(batch):
+                tokens = slice(row * width, row * width + min(len(w), T))  # routing is per flattened (B·width) token
+                parts[i].append([None if r is None else Routing(*(t[tokens] for t in r)) for r in out.routing])
+                nll[i] += float(F.cross_entropy(out.logits[row, :len(w) - 1], w[1:].to(device), reduction="sum"))
+    return [(n, [None if layer[0] is None else Routing(*(torch.cat(p) for p in zip(*layer))) for layer in zip(*per_window)],
+             loss / max(n - 1, 1) / math.log(2)) for n, per_window, loss in zip(sizes, parts, nll)]
 
 
-def make_row(model: GPT, text: str, source: str, seq: int) -> dict:
-    """One Smart Sampler row (see the schema above) for ``text`` routed through ``model`` as the
-    ``seq``-th record of its log."""
-    n_tokens, routing, bpb = route_record(model, text)
-    return {"record_id": record_id(text), "source": source, "seq": seq, "text": text,
-            "n_tokens": n_tokens, **summarize(routing, model.n_experts), "bpb": bpb}
+def make_rows(model: GPT, texts: list[str], source: str, first_seq: int, desc: str | None = None) -> list[dict]:
+    """Smart Sampler rows (see the schema above) for ``texts`` routed through ``model``, the first
+    as the ``first_seq``-th record of its log."""
+    return [{"record_id": record_id(text), "source": source, "seq": first_seq + i, "text": text,
+             "n_tokens": n_tokens, **summarize(routing, model.n_experts), "bpb": bpb}
+            for i, (text, (n_tokens, routing, bpb)) in enumerate(zip(texts, route_records(model, texts, desc=desc)))]
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:
@@ -152,17 +169,19 @@ class SmartSampler:
         self.seen = existing_ids(self.buffer_dir)
         self.pending: list[dict] = []
 
-    def record(self, model: GPT, text: str, source: str) -> bool:
-        """Route ``text`` and buffer it; False if this record was already logged."""
-        rid = record_id(text)
-        if rid in self.seen:
-            return False
+    def record(self, model: GPT, texts: list[str], source: str, desc: str | None = None) -> list[bool]:
+        """Route ``texts`` (a request's, or a batch of them) and buffer them; per text False if
+        that record was already logged (earlier, or earlier in ``texts``)."""
+        new: dict[str, str] = {}
+        for text in texts:
+            if record_id(text) not in self.seen:
+                new.setdefault(record_id(text), text)
         # Every logged id is in ``seen`` (earlier runs' files included), so its size is the clock.
-        self.pending.append(make_row(model, text, source, len(self.seen)))
-        self.seen.add(rid)
+        self.pending += make_rows(model, list(new.values()), source, len(self.seen), desc)
+        self.seen.update(new)
         if len(self.pending) >= self.flush_every:
             self.flush()
-        return True
+        return [new.pop(record_id(t), None) is not None for t in texts]
 
     def flush(self) -> Path | None:
         if not self.pending:

@@ -33,12 +33,12 @@ def main() -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     gcfg = build(GrowConfig, params["grow"], "params.yaml:grow")
     tcfg = build(TrainConfig, params["consolidate"], "params.yaml:consolidate")
-    domain = params["cycles"][args.cycle]["domain"]
+    domain, prev = params["cycles"][args.cycle]["domain"], params["cycles"][args.cycle]["prev"]
     start, meta = checkpoint.load(f"models/{args.cycle}_consolidated.pt")
     val = {d: data.load_tokens("data/prepared", d, "val") for d in [*meta["learned_domains"], domain]}
     base = evaluation.evaluate_domains(start, val, args.windows)
     buf = sampler.load_records(f"cycles/{args.cycle}/buffer")
-    index = sampler.read_buffer(f"cycles/{args.cycle}/index.parquet", columns=["text", "source"])
+    index = sampler.read_buffer(f"indexes/{prev}.parquet", columns=["text", "source"])
     held_in = sampler.tokens_by_source(index)
     print(f"| variant | {' | '.join(val)} |\n| --- |{' --- |' * len(val)}")
     for variant in args.variant:

@@ -10,9 +10,6 @@ in the coresets and as the growth gates' held-in reference.
 from __future__ import annotations
 
 import argparse
-import itertools
-
-from tqdm import tqdm
 
 from hst import checkpoint, data, generate, sampler
 from hst.config import CycleConfig, build, load_params
@@ -36,9 +33,9 @@ def main() -> None:
     else:
         sources = {d: data.sample_records(data.load_records(args.prepared, d, "train"), cfg.index_records,
                                           f"{cfg.seed}:{d}") for d in meta["learned_domains"]}
-    seq = itertools.count()
-    rows = [sampler.make_row(model, text, source, next(seq))
-            for source, texts in sources.items() for text in tqdm(texts, desc=f"index {source}")]
+    rows: list[dict] = []
+    for source, texts in sources.items():
+        rows += sampler.make_rows(model, texts, source, len(rows), desc=f"index {source}")
     sampler.write_rows(args.out, rows)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from tqdm import tqdm
-
 from hst import checkpoint, data, sampler
 from hst.config import CycleConfig, build, load_params
 from hst.data import DataError
@@ -38,8 +36,7 @@ def main() -> None:
                         f"(empty, or all already consumed by earlier cycles)")
     incoming = data.sample_records(records, cfg.incoming_records, f"{cfg.seed}:{args.cycle}")
     with atomic_path(args.out) as tmp, sampler.SmartSampler(tmp) as smart:
-        for text in tqdm(incoming, desc=f"collect {domain}"):
-            smart.record(model, text, domain)
+        smart.record(model, incoming, domain, desc=f"collect {domain}")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ CASES = [
     ("gate@c1", set_param("gate.max_forgetting", float("nan")), "params.yaml:gate.max_forgetting: expected finite float"),
     ("prepare@kjv", set_param("prepare.test_fraction", 0.95), "val_fraction + test_fraction: expected < 1"),
     ("coreset@c1", set_param("cycle.mode", "bogus"), "params.yaml:cycle.mode: expected one of"),
-    ("build_index@c1", set_param("cycle.replay", "maybe"), "params.yaml:cycle.replay: expected one of"),
+    ("build_index_pretrain", set_param("cycle.replay", "maybe"), "params.yaml:cycle.replay: expected one of"),
     ("collect@c1", set_param("model.top_k", 9), "params.yaml:model.top_k: expected 1..n_experts=4"),
     # checkpoints
     ("consolidate@c1", edit_checkpoint("models/pretrain.champion.pt", other_config),
@@ -195,7 +195,7 @@ CASES = [
     ("grow@c1", edit_checkpoint("models/c1_consolidated.pt", nan_weight),
      "c1_consolidated.pt: non-finite weights (lm_head.weight)"),
     ("evaluate@c1", edit_checkpoint("models/c1.pt", old_format), "c1.pt: not an HST checkpoint of format 2"),
-    ("build_index@c1", truncate("models/pretrain.champion.pt"), "pretrain.champion.pt: not a readable checkpoint"),
+    ("build_index_pretrain", truncate("models/pretrain.champion.pt"), "pretrain.champion.pt: not a readable checkpoint"),
     ("collect@c1", malicious("models/pretrain.champion.pt"), "pretrain.champion.pt: refused: holds objects other than"),
     ("gate@c1", remove("models/c1.pt"), "c1.pt: checkpoint not found"),
     # data
@@ -208,7 +208,7 @@ CASES = [
     ("prepare@kjv", domain_file("kjv.csv", PARAGRAPHS), "kjv.csv: unsupported file type"),
     ("coreset@c1", empty_dir("cycles/c1/buffer"), "cycles/c1/buffer: no Smart Sampler buffer files"),
     ("coreset@c1", write("cycles/c1/buffer/buffer-000000.parquet", b"PAR1 broken"), "not a readable Smart Sampler buffer"),
-    ("coreset@c1", write("cycles/c1/index.parquet", b"garbage"), "index.parquet: not a readable Smart Sampler buffer"),
+    ("coreset@c1", write("indexes/pretrain.parquet", b"garbage"), "pretrain.parquet: not a readable Smart Sampler buffer"),
     ("pretrain", remove("data/learned/pretrain/python/train.parquet"), "python/train.parquet: missing"),
     # reports written by earlier stages
     ("gate@c1", write("metrics/eval/c1.json", "{not json"), "metrics/eval/c1.json: not valid JSON"),

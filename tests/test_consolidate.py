@@ -12,7 +12,7 @@ CFG = TrainConfig(domains=("x",), steps=15, batch_size=4, lr=5e-3, warmup_steps=
 
 def pick_expert(model, layer):
     """The expert the text routes to most at ``layer`` (so the key update has tokens)."""
-    ids = model.moe(layer).router(ffn_inputs(model, TEXT, layer, 4)).expert_ids
+    ids = model.moe(layer).router(ffn_inputs(model, TEXT, [layer], 4)[0]).expert_ids
     return int(torch.bincount(ids.reshape(-1)).argmax())
 
 
@@ -42,8 +42,11 @@ def test_only_trainable_freezes_the_rest(tiny_cfg):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_ffn_inputs_shape(tiny_cfg):
-    assert ffn_inputs(GPT(tiny_cfg), TEXT, 0, 3).shape == (3, 32, 32)
+def test_ffn_inputs_of_several_layers_equal_one_layer_at_a_time(tiny_cfg):
+    model = GPT(tiny_cfg)
+    both = ffn_inputs(model, TEXT, [1, 0], 3)
+    assert [x.shape for x in both] == [(3, 32, 32)] * 2 and not torch.equal(both[0], both[1])
+    assert all(torch.equal(x, ffn_inputs(model, TEXT, [layer], 3)[0]) for x, layer in zip(both, [1, 0]))
 
 
 def test_consolidating_several_experts_sequentially_or_jointly_touches_only_them(tiny_cfg):

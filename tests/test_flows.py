@@ -32,18 +32,19 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_naming_it(tmp_path, monk
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     calls = []
 
-    def fake_stage(project, target):
+    def fake_stage(project, target, stale):
         calls.append(target)
         if target == "coreset@c1":
             raise cl.StageFailed("coreset@c1: error: cycles/c1/buffer: not a readable Smart Sampler buffer")
         return "ran"
 
     monkeypatch.setattr(cl, "run_stage", fake_stage)
+    monkeypatch.setattr(cl, "stale_stages", lambda project: set())
     state = cl.continual_learning(str(tmp_path), return_state=True)
     assert state.is_failed()
     assert "coreset@c1: error: cycles/c1/buffer" in state.message
-    assert calls == ["check_params", "prepare", "learned_pretrain", "pretrain", "gate_pretrain", "learned@c1", "build_index@c1",
-                     "collect@c1"] + ["coreset@c1"] * 3
+    assert calls == ["check_params", "prepare", "learned_pretrain", "pretrain", "gate_pretrain", "build_index_pretrain",
+                     "learned@c1", "collect@c1"] + ["coreset@c1"] * 3
 
 
 def test_error_line_prefers_the_stage_message():
@@ -80,7 +81,7 @@ def assert_dvc_recomputes(proj: Path, stage: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(parallel_cycle):
+def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(parallel_cycle, monkeypatch):
     from mlflow import MlflowClient
 
     proj, state, uri = parallel_cycle
@@ -105,9 +106,12 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(par
     # The mapped-task consolidation was recorded by DVC as the stage's own output.
     assert_dvc_recomputes(proj, "consolidate@c1", "models/c1_consolidated.pt")
 
-    # A second run resumes: every stage is up to date and no new MLflow run appears.
+    # A second run resumes: every stage is up to date, found by one status query (no `dvc` process),
+    # and no new MLflow run appears.
+    calls = []
+    monkeypatch.setattr(cl, "run_dvc", lambda *args: calls.append(args))
     again = cl.continual_learning(str(proj), return_state=True)
-    assert set(again.result()[0]["stages"].values()) == {"skipped"}
+    assert set(again.result()[0]["stages"].values()) == {"skipped"} and calls == []
     assert len(client.search_runs([run.info.experiment_id])) == 2  # the parent and c1
 
 
@@ -132,6 +136,16 @@ def test_experts_consolidated_on_dask_workers_give_the_bytes_of_dvc_repro(parall
     experts = json.loads((proj / "metrics/cycles/c1/consolidate.json").read_text())["experts_trained"]
     assert experts == 2 and sum(executed.values()) == experts  # every expert ran in a worker process, none in ours
     assert_dvc_recomputes(proj, "consolidate@c1", "models/c1_consolidated.pt")
+
+
+@pytest.mark.slow
+def test_stale_stages_are_the_changed_ones_and_everything_downstream(parallel_cycle, tmp_path):
+    proj = Path(shutil.copytree(parallel_cycle[0], tmp_path / "proj", symlinks=True))
+    assert cl.stale_stages(proj) == set()
+    (proj / "models/c1.pt").unlink()  # grow@c1's output: grow and what reads the cycle's model
+    assert cl.stale_stages(proj) == {"grow@c1", "evaluate@c1", "gate@c1", "track@c1", "build_index@c1"}
+    assert cl.up_to_date("prepare", {"grow@c1"}) and not cl.up_to_date("prepare", {"prepare@kjv"})
+    assert not cl.up_to_date("grow@c1", {"grow@c1"}) and cl.up_to_date("grow@c1", {"grow@c10"})
 
 
 def test_the_expert_runner_follows_params():

@@ -63,7 +63,7 @@ def test_gates_keep_held_in_routing_and_admit_novel_tokens(tiny_cfg):
 def test_new_key_is_the_mean_of_the_novel_tokens_passing_the_gate(tiny_cfg):
     model = GPT(tiny_cfg)
     router = model.moe(1).router
-    feats = router.features(ffn_inputs(model, NOVEL, 1, 8))
+    feats = router.features(ffn_inputs(model, NOVEL, [1], 8)[0])
     grow.grow(model, [1], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8), TCFG)
     passing = router.eligible(feats)[..., -1]
     want = torch.nn.functional.normalize(feats[passing].mean(0), dim=-1)
@@ -98,7 +98,7 @@ def test_several_experts_per_layer_share_one_gate_split_the_novel_tokens_and_alo
         assert torch.equal(after[k][:4] if k.split(".")[-1] in ("keys", "gate_w", "gate_shift", "gate_b") else after[k], v), k
     # The shared gate keeps most held-in tokens away from all three new experts.
     closed = ~torch.stack([model.moe(layer).router.eligible(model.moe(layer).router.features(
-        ffn_inputs(model, HELD_IN_ALL, layer, 2)[:, :tiny_cfg.seq_len]))[..., 4:].any(-1) for layer in (0, 1)]).any(0)
+        ffn_inputs(model, HELD_IN_ALL, [layer], 2)[0][:, :tiny_cfg.seq_len]))[..., 4:].any(-1) for layer in (0, 1)]).any(0)
     assert closed.float().mean() > 0.8
 
 

@@ -25,10 +25,10 @@ def test_summarize_counts_slots_and_breaks_ties_low():
     assert s["mean_max_sim"] == pytest.approx([0.4, 0.9])
 
 
-def test_route_record_covers_every_byte_in_windows(tiny_cfg):
+def test_route_records_covers_every_byte_in_windows(tiny_cfg):
     model = GPT(tiny_cfg)
     text = "x" * 70 + "ü"  # 72 bytes: windows of 32, 32, 8
-    n, routing_, bpb = sampler.route_record(model, text)
+    ((n, routing_, bpb),) = sampler.route_records(model, [text])
     assert n == 72 and [r.expert_ids.shape for r in routing_] == [(72, 2), (72, 2)]
     tokens = torch.tensor(list(text.encode()))
     with torch.no_grad():
@@ -41,11 +41,22 @@ def test_route_record_covers_every_byte_in_windows(tiny_cfg):
     assert bpb == pytest.approx(nll / 71 / math.log(2), rel=1e-5)
 
 
+def test_batched_routing_equals_one_window_at_a_time(tiny_cfg):
+    """Windows of several records share a batch, padded to the longest: no record sees another's bytes."""
+    model = GPT(tiny_cfg)
+    texts = ["a" * 5, "b" * 70, "x" * 33, "ü" * 20]  # windows of 5; 32, 32, 6; 32, 1; 32, 8 bytes
+    alone, batched = (sampler.route_records(model, texts, batch_windows=b) for b in (1, 3))
+    for (n1, r1, b1), (n2, r2, b2) in zip(alone, batched):
+        assert n1 == n2 and b1 == pytest.approx(b2, rel=1e-5)
+        assert all(torch.equal(x.expert_ids, y.expert_ids) and torch.allclose(x.max_sim, y.max_sim, atol=1e-5)
+                   for x, y in zip(r1, r2))
+
+
 def test_records_are_flushed_atomically_and_logged_exactly_once(tiny_cfg, tmp_path):
     model = GPT(tiny_cfg)
     with sampler.SmartSampler(tmp_path, flush_every=2) as s:
-        assert all(s.record(model, t, "demo") for t in TEXTS)
-        assert not s.record(model, TEXTS[0], "demo")
+        assert all(s.record(model, [t], "demo") == [True] for t in TEXTS)
+        assert s.record(model, [TEXTS[0]], "demo") == [False]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "buffer-000000.parquet", "buffer-000001.parquet", "buffer-000002.parquet"]
     table = sampler.load_records(tmp_path)
@@ -56,7 +67,7 @@ def test_records_are_flushed_atomically_and_logged_exactly_once(tiny_cfg, tmp_pa
     assert len(counts) == 2 and sum(c for _, c in counts[0]) == 2 * len(TEXTS[0])
     # A second run over the same texts (and one new text) logs only the new one.
     with sampler.SmartSampler(tmp_path) as again:
-        assert [again.record(model, t, "demo") for t in TEXTS + ["new text"]] == [False] * 5 + [True]
+        assert again.record(model, TEXTS + ["new text", "new text"], "demo") == [False] * 5 + [True, False]
     assert sampler.load_records(tmp_path).num_rows == 6
 
 
@@ -66,13 +77,12 @@ def test_a_log_is_a_function_of_the_texts_served_with_a_logical_clock(tiny_cfg, 
     for run in ("a", "b"):
         with sampler.SmartSampler(tmp_path / run, flush_every=2) as s:
             for t in TEXTS[:3]:
-                s.record(model, t, "demo")
+                s.record(model, [t], "demo")
     assert [p.read_bytes() for p in sorted((tmp_path / "a").iterdir())] == \
            [p.read_bytes() for p in sorted((tmp_path / "b").iterdir())]
     # The clock counts on across flushes and across a resumed log; a skipped duplicate does not tick.
     with sampler.SmartSampler(tmp_path / "a") as again:
-        for t in [TEXTS[0], *TEXTS[3:]]:
-            again.record(model, t, "demo")
+        again.record(model, [TEXTS[0], *TEXTS[3:]], "demo")
     table = sampler.load_records(tmp_path / "a")
     assert table["seq"].to_pylist() == [0, 1, 2, 3, 4]
     assert table["record_id"].to_pylist() == [record_id(t) for t in TEXTS]
@@ -82,8 +92,8 @@ def test_records_routed_before_an_error_are_not_lost(tiny_cfg, tmp_path):
     model = GPT(tiny_cfg)
     with pytest.raises(DataError):
         with sampler.SmartSampler(tmp_path) as s:
-            s.record(model, TEXTS[0], "demo")
-            s.record(model, "", "demo")
+            s.record(model, [TEXTS[0]], "demo")
+            s.record(model, [""], "demo")
     assert sampler.load_records(tmp_path).num_rows == 1
 
 
