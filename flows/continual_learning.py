@@ -60,10 +60,10 @@ def stale_stages(project: Path) -> set[str]:
     of one. Asked once per flow run, so the finished stages of earlier cycles cost no `dvc` process
     each (the inbox measurement: ~2 of its 14 minutes went to skipping c1–c4 that way)."""
     with Repo(str(project)) as repo:
-        changed = set(repo.status())
+        status = repo.status()  # keyed by stage address, relative to the working directory
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return {s.addressing for s in graph.nodes
-                if s.addressing in changed or any(d.addressing in changed for d in nx.descendants(graph, s))}
+        changed = {s for s in graph.nodes if s.addressing in status}
+        return {s.name for s in graph.nodes if s in changed or not changed.isdisjoint(nx.descendants(graph, s))}
 
 
 def up_to_date(target: str, stale: set[str]) -> bool:
