@@ -5,8 +5,8 @@ state, duration and logs.
 
 Each task runs ``dvc repro --single-item <stage>@<cycle>``: the flow and `dvc repro` run the same
 code on the same inputs, lineage stays in ``dvc.lock``, and a re-run after a crash resumes because
-DVC skips every stage whose inputs and outputs are unchanged (the flow asks DVC once which stages are
-stale, and skips the others without starting a `dvc` process each). With ``cycle.consolidation: parallel``
+DVC skips every stage whose inputs and outputs are unchanged (the flow asks DVC once what changed,
+and skips the stages that neither changed nor follow one that ran without a `dvc` process each). With ``cycle.consolidation: parallel``
 the selected experts of a cycle run as mapped tasks (one per expert, from the cycle's start model)
 whose results merge into the stage's outputs; ``dvc commit`` then records them as the stage's. With
 ``flow.task_runner: dask`` those expert tasks run on Dask workers (a LocalCluster, or the cluster at
@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
@@ -55,29 +57,35 @@ def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, env=env)
 
 
-def stale_stages(project: Path) -> set[str]:
-    """Every stage `dvc repro` would run: those `dvc status` finds changed and every stage downstream
-    of one. Asked once per flow run, so the finished stages of earlier cycles cost no `dvc` process
-    each (the inbox measurement: ~2 of its 14 minutes went to skipping c1–c4 that way)."""
-    with Repo(str(project)) as repo:
-        status = repo.status()  # keyed by stage address, relative to the working directory
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        changed = {s for s in graph.nodes if s.addressing in status}
-        return {s.name for s in graph.nodes if s in changed or not changed.isdisjoint(nx.descendants(graph, s))}
+@dataclass(frozen=True)
+class Pending:
+    """What a flow run must hand to `dvc repro`, from one question to DVC at its start: the stages
+    `dvc status` finds changed and every stage's transitive dependencies. A stage runs under DVC when
+    it changed or a stage it depends on ran in this flow run; every other stage is skipped without a
+    `dvc` process (before: one `dvc repro` of ~2 s per finished stage, ~2 of the 14 minutes of an
+    inbox cycle on the default scenario)."""
+
+    changed: frozenset[str]  # stage names (``collect@c1``)
+    upstream: dict[str, frozenset[str]]  # stage name -> names of the stages it depends on, transitively
+
+    @classmethod
+    def of(cls, project: Path) -> "Pending":
+        with Repo(str(project)) as repo:
+            status = repo.status()  # keyed by stage address, relative to the working directory
+            graph = repo.index.graph  # edges point from a stage to the stages it depends on
+            return cls(frozenset(s.name for s in graph.nodes if s.addressing in status),
+                       {s.name: frozenset(d.name for d in nx.descendants(graph, s)) for s in graph.nodes})
+
+    def must_run(self, target: str, ran: list[str]) -> bool:
+        """Whether ``target`` (a stage, or a foreach group: ``prepare`` is every ``prepare@…``) needs
+        `dvc repro`; an unknown target does (DVC names the problem)."""
+        members = [s for s in self.upstream if s == target or s.startswith(f"{target}@")]
+        return not members or any(s in self.changed or not self.upstream[s].isdisjoint(ran) for s in members)
 
 
-def up_to_date(target: str, stale: set[str]) -> bool:
-    """No stage of ``target`` (a stage, or a foreach group: ``prepare`` is every ``prepare@…``) is in
-    ``stale`` (:func:`stale_stages`)."""
-    return not any(s == target or s.startswith(f"{target}@") for s in stale)
-
-
-def run_stage(project: Path, target: str, stale: set[str]) -> str:
-    """``dvc repro --single-item target``: "ran" or "skipped" (up to date, DVC not asked when
-    :func:`up_to_date`); StageFailed otherwise."""
-    if up_to_date(target, stale):
-        get_run_logger().info(f"{target}: up to date")
-        return "skipped"
+def run_stage(project: Path, target: str) -> list[str]:
+    """``dvc repro --single-item target``: the names of the stages that ran (none: up to date);
+    StageFailed otherwise."""
     proc = run_dvc(project, "repro", "--single-item", target)
     logger = get_run_logger()
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -85,7 +93,7 @@ def run_stage(project: Path, target: str, stale: set[str]) -> str:
             logger.info(line)
     if proc.returncode != 0:
         raise StageFailed(f"{target}: {error_line(proc.stdout + proc.stderr) or f'exit code {proc.returncode}'}")
-    return "ran" if "Running stage" in proc.stdout else "skipped"
+    return re.findall(r"Running stage '([^']+)'", proc.stdout)
 
 
 def error_line(output: str) -> str | None:
@@ -101,8 +109,12 @@ def error_line(output: str) -> str | None:
 
 
 @task(task_run_name="{target}", cache_policy=NO_CACHE)
-def stage_task(project: str, target: str, stale: set[str]) -> str:
-    return run_stage(Path(project), target, stale)
+def stage_task(project: str, target: str, needed: bool) -> list[str]:
+    """The stages of ``target`` that ran; none without asking DVC when not ``needed`` (:class:`Pending`)."""
+    if not needed:
+        get_run_logger().info(f"{target}: up to date")
+        return []
+    return run_stage(Path(project), target)
 
 
 @task(task_run_name="consolidate@{cycle}/{name}", cache_policy=NO_CACHE)
@@ -115,7 +127,7 @@ def expert_task(job: Job, cycle: str, name: str, i: int, threads: int) -> tuple[
 
 
 @task(task_run_name="consolidate@{cycle}: merge", cache_policy=NO_CACHE)
-def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: list) -> str:
+def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: list) -> list[str]:
     """Merge the experts into the start model, write the stage's outputs, record them with `dvc commit`."""
     merge_expert_states(job.model, [state for state, _ in parts])
     with committed_together():  # as under `dvc repro`: all of the stage's outputs change, or none
@@ -123,14 +135,15 @@ def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: 
     done = run_dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
     if done.returncode != 0:
         raise StageFailed(f"consolidate@{cycle}: dvc commit failed: {done.stderr.strip()}")
-    return "ran"
+    return [f"consolidate@{cycle}"]
 
 
-def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: float, stale: set[str]) -> str:
-    """The consolidate stage with its selected experts as mapped tasks (skipped when up to date)."""
+def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: float, needed: bool) -> list[str]:
+    """The consolidate stage with its selected experts as mapped tasks (skipped when not ``needed``
+    or up to date)."""
     root, target = Path(project), f"consolidate@{cycle}"
-    if up_to_date(target, stale):
-        return "skipped"
+    if not needed or "up to date" in run_dvc(root, "status", target).stdout:
+        return []
     # The stage's own arguments (--checkpoint, --coresets, ...): paths relative to the project, as under dvc.
     words = shlex.split(_stage_cmd(root, target))
     args = {w[2:]: str(root / v) for w, v in zip(words, words[1:]) if w.startswith("--")}
@@ -157,13 +170,18 @@ def _stage_cmd(project: Path, target: str) -> str:
 
 @flow(name="learn_consolidate_cycle", flow_run_name="cycle {cycle}")
 def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: int, retry_delay: float,
-                            stale: set[str]) -> dict:
-    """One cycle: its stages in order; returns the gate decision, the MLflow run of the cycle and
-    what each stage did ("ran" or "skipped"). ``stale``: see :func:`stale_stages`."""
+                            pending: Pending, ran_before: list[str]) -> dict:
+    """One cycle: its stages in order; returns the gate decision, the MLflow run of the cycle, what
+    each stage did ("ran" or "skipped") and the stages that ran. ``pending``, ``ran_before`` (the
+    stages this flow run ran before the cycle): see :class:`Pending`."""
     run = stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay)
-    done = {stage: parallel_consolidate(project, cycle, retries, retry_delay, stale)
-            if stage == "consolidate" and parallel else run(project, f"{stage}@{cycle}", stale)
-            for stage in CYCLE_STAGES}
+    done, ran = {}, list(ran_before)
+    for stage in CYCLE_STAGES:
+        target = f"{stage}@{cycle}"
+        needed = pending.must_run(target, ran)
+        names = (parallel_consolidate(project, cycle, retries, retry_delay, needed)
+                 if stage == "consolidate" and parallel else run(project, target, needed))
+        done[stage], ran = "ran" if names else "skipped", ran + names
     root = Path(project)
     gate = json.loads((root / f"metrics/gate/{cycle}.json").read_text())
     mlflow = json.loads((root / f"metrics/cycles/{cycle}/mlflow.json").read_text())
@@ -174,7 +192,7 @@ def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: i
         logger.warning(f"cycle {cycle} failed its gate ({'; '.join(gate['reasons'])}); champion stays {gate['champion']}")
     return {"cycle": cycle, "passed": gate["passed"], "reasons": gate["reasons"], "alarms": gate["alarms"],
             "champion": gate["champion"], "run_id": mlflow["run_id"], "parent_run_id": mlflow["parent_run_id"],
-            "champion_version": mlflow["champion_version"], "stages": done}
+            "champion_version": mlflow["champion_version"], "stages": done, "ran": ran[len(ran_before):]}
 
 
 @flow(name="continual_learning", log_prints=True)
@@ -189,14 +207,16 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
     ccfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     run = stage_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
-    stale = stale_stages(root)
+    pending, ran = Pending.of(root), []
     for target in START:
-        run(str(root), target, stale)
+        ran += run(str(root), target, pending.must_run(target, ran))
     cycle_flow = learn_consolidate_cycle.with_options(task_runner=expert_runner(cfg))
+    results = []
     with api_by_address():
-        results = [cycle_flow(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
-                              cfg.retries, cfg.retry_delay_seconds, stale)
-                   for c in (cycles or list(all_cycles))]
+        for c in cycles or list(all_cycles):
+            results.append(cycle_flow(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
+                                      cfg.retries, cfg.retry_delay_seconds, pending, ran))
+            ran += results[-1]["ran"]
     return Completed(message=summary(results), data=results)
 
 

@@ -32,14 +32,14 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_naming_it(tmp_path, monk
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     calls = []
 
-    def fake_stage(project, target, stale):
+    def fake_stage(project, target):
         calls.append(target)
         if target == "coreset@c1":
             raise cl.StageFailed("coreset@c1: error: cycles/c1/buffer: not a readable Smart Sampler buffer")
-        return "ran"
+        return [target]
 
     monkeypatch.setattr(cl, "run_stage", fake_stage)
-    monkeypatch.setattr(cl, "stale_stages", lambda project: set())
+    monkeypatch.setattr(cl.Pending, "of", classmethod(lambda cls, project: cls(frozenset(), {})))  # run everything
     state = cl.continual_learning(str(tmp_path), return_state=True)
     assert state.is_failed()
     assert "coreset@c1: error: cycles/c1/buffer" in state.message
@@ -139,13 +139,19 @@ def test_experts_consolidated_on_dask_workers_give_the_bytes_of_dvc_repro(parall
 
 
 @pytest.mark.slow
-def test_stale_stages_are_the_changed_ones_and_everything_downstream(parallel_cycle, tmp_path):
+def test_a_stage_runs_when_it_changed_or_a_stage_it_depends_on_ran(parallel_cycle, tmp_path):
     proj = Path(shutil.copytree(parallel_cycle[0], tmp_path / "proj", symlinks=True))
-    assert cl.stale_stages(proj) == set()
-    (proj / "models/c1.pt").unlink()  # grow@c1's output: grow and what reads the cycle's model
-    assert cl.stale_stages(proj) == {"grow@c1", "evaluate@c1", "gate@c1", "track@c1", "build_index@c1"}
-    assert cl.up_to_date("prepare", {"grow@c1"}) and not cl.up_to_date("prepare", {"prepare@kjv"})
-    assert not cl.up_to_date("grow@c1", {"grow@c1"}) and cl.up_to_date("grow@c1", {"grow@c10"})
+    assert cl.Pending.of(proj).changed == set()
+    (proj / "params.yaml").write_text((proj / "params.yaml").read_text() + "# a comment\n")
+    pending = cl.Pending.of(proj)  # as after an inbox drop: check_params reads the whole file
+    assert pending.changed == {"check_params"}
+    assert not pending.must_run("prepare", []) and pending.must_run("prepare", ["check_params"])
+    (proj / "models/c1.pt").unlink()
+    pending = cl.Pending.of(proj)
+    assert pending.changed == {"check_params", "grow@c1", "evaluate@c1", "gate@c1", "track@c1"}
+    assert pending.must_run("grow@c1", []) and not pending.must_run("build_index@c1", [])
+    assert pending.must_run("build_index@c1", ["gate@c1"]) and pending.must_run("grow", []) and not pending.must_run("collect", [])
+    assert pending.must_run("no_such_stage", [])  # DVC names the problem
 
 
 def test_the_expert_runner_follows_params():
