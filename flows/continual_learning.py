@@ -6,7 +6,8 @@ state, duration and logs.
 Each task runs ``dvc repro --single-item <stage>@<cycle>``: the flow and `dvc repro` run the same
 code on the same inputs, lineage stays in ``dvc.lock``, and a re-run after a crash resumes because
 DVC skips every stage whose inputs and outputs are unchanged (the flow asks DVC once what changed,
-and skips the stages that neither changed nor follow one that ran without a `dvc` process each). With ``cycle.consolidation: parallel``
+and skips the stages that neither changed nor depend on one that wrote new outputs without a `dvc`
+process each). With ``cycle.consolidation: parallel``
 the selected experts of a cycle run as mapped tasks (one per expert, from the cycle's start model)
 whose results merge into the stage's outputs; ``dvc commit`` then records them as the stage's. With
 ``flow.task_runner: dask`` those expert tasks run on Dask workers (a LocalCluster, or the cluster at
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import networkx as nx
 import torch
+import yaml
 from dvc.repo import Repo
 from prefect import flow, get_client, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
@@ -61,9 +63,11 @@ def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 class Pending:
     """What a flow run must hand to `dvc repro`, from one question to DVC at its start: the stages
     `dvc status` finds changed and every stage's transitive dependencies. A stage runs under DVC when
-    it changed or a stage it depends on ran in this flow run; every other stage is skipped without a
-    `dvc` process (before: one `dvc repro` of ~2 s per finished stage, ~2 of the 14 minutes of an
-    inbox cycle on the default scenario)."""
+    it changed or a stage it depends on wrote new outputs in this flow run; every other stage is
+    skipped without a `dvc` process (before: one `dvc repro` of ~2 s per finished stage, ~2 of the 14
+    minutes of an inbox cycle on the default scenario). New outputs, not "ran": after an inbox drop
+    `check_params` runs (it reads the whole params.yaml) and writes the same bytes, and every stage
+    depends on it."""
 
     changed: frozenset[str]  # stage names (``collect@c1``)
     upstream: dict[str, frozenset[str]]  # stage name -> names of the stages it depends on, transitively
@@ -76,16 +80,25 @@ class Pending:
             return cls(frozenset(s.name for s in graph.nodes if s.addressing in status),
                        {s.name: frozenset(d.name for d in nx.descendants(graph, s)) for s in graph.nodes})
 
-    def must_run(self, target: str, ran: list[str]) -> bool:
+    def must_run(self, target: str, updated: list[str]) -> bool:
         """Whether ``target`` (a stage, or a foreach group: ``prepare`` is every ``prepare@…``) needs
-        `dvc repro`; an unknown target does (DVC names the problem)."""
+        `dvc repro`, given the stages that wrote new outputs so far; an unknown target does (DVC
+        names the problem)."""
         members = [s for s in self.upstream if s == target or s.startswith(f"{target}@")]
-        return not members or any(s in self.changed or not self.upstream[s].isdisjoint(ran) for s in members)
+        return not members or any(s in self.changed or not self.upstream[s].isdisjoint(updated) for s in members)
 
 
-def run_stage(project: Path, target: str) -> list[str]:
-    """``dvc repro --single-item target``: the names of the stages that ran (none: up to date);
-    StageFailed otherwise."""
+def out_hashes(project: Path) -> dict[str, list]:
+    """Per stage in ``dvc.lock``, its outputs' hashes."""
+    lock = project / "dvc.lock"
+    stages = yaml.load(lock.read_text(), Loader=yaml.CSafeLoader)["stages"] if lock.exists() else {}
+    return {name: [(o["path"], o.get("md5")) for o in st.get("outs", [])] for name, st in stages.items()}
+
+
+def run_stage(project: Path, target: str) -> tuple[list[str], list[str]]:
+    """``dvc repro --single-item target``: the names of the stages that ran (none: up to date) and
+    of those among them whose outputs changed; StageFailed otherwise."""
+    before = out_hashes(project)
     proc = run_dvc(project, "repro", "--single-item", target)
     logger = get_run_logger()
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -93,7 +106,8 @@ def run_stage(project: Path, target: str) -> list[str]:
             logger.info(line)
     if proc.returncode != 0:
         raise StageFailed(f"{target}: {error_line(proc.stdout + proc.stderr) or f'exit code {proc.returncode}'}")
-    return re.findall(r"Running stage '([^']+)'", proc.stdout)
+    ran, after = re.findall(r"Running stage '([^']+)'", proc.stdout), out_hashes(project)
+    return ran, [name for name in ran if after.get(name) != before.get(name)]
 
 
 def error_line(output: str) -> str | None:
@@ -109,11 +123,11 @@ def error_line(output: str) -> str | None:
 
 
 @task(task_run_name="{target}", cache_policy=NO_CACHE)
-def stage_task(project: str, target: str, needed: bool) -> list[str]:
-    """The stages of ``target`` that ran; none without asking DVC when not ``needed`` (:class:`Pending`)."""
+def stage_task(project: str, target: str, needed: bool) -> tuple[list[str], list[str]]:
+    """:func:`run_stage`; nothing, without asking DVC, when not ``needed`` (:class:`Pending`)."""
     if not needed:
         get_run_logger().info(f"{target}: up to date")
-        return []
+        return [], []
     return run_stage(Path(project), target)
 
 
@@ -127,7 +141,7 @@ def expert_task(job: Job, cycle: str, name: str, i: int, threads: int) -> tuple[
 
 
 @task(task_run_name="consolidate@{cycle}: merge", cache_policy=NO_CACHE)
-def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: list) -> list[str]:
+def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: list) -> tuple[list[str], list[str]]:
     """Merge the experts into the start model, write the stage's outputs, record them with `dvc commit`."""
     merge_expert_states(job.model, [state for state, _ in parts])
     with committed_together():  # as under `dvc repro`: all of the stage's outputs change, or none
@@ -135,15 +149,16 @@ def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: 
     done = run_dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
     if done.returncode != 0:
         raise StageFailed(f"consolidate@{cycle}: dvc commit failed: {done.stderr.strip()}")
-    return [f"consolidate@{cycle}"]
+    return [f"consolidate@{cycle}"], [f"consolidate@{cycle}"]
 
 
-def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: float, needed: bool) -> list[str]:
+def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: float,
+                         needed: bool) -> tuple[list[str], list[str]]:
     """The consolidate stage with its selected experts as mapped tasks (skipped when not ``needed``
     or up to date)."""
     root, target = Path(project), f"consolidate@{cycle}"
     if not needed or "up to date" in run_dvc(root, "status", target).stdout:
-        return []
+        return [], []
     # The stage's own arguments (--checkpoint, --coresets, ...): paths relative to the project, as under dvc.
     words = shlex.split(_stage_cmd(root, target))
     args = {w[2:]: str(root / v) for w, v in zip(words, words[1:]) if w.startswith("--")}
@@ -170,18 +185,18 @@ def _stage_cmd(project: Path, target: str) -> str:
 
 @flow(name="learn_consolidate_cycle", flow_run_name="cycle {cycle}")
 def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: int, retry_delay: float,
-                            pending: Pending, ran_before: list[str]) -> dict:
+                            pending: Pending, updated_before: list[str]) -> dict:
     """One cycle: its stages in order; returns the gate decision, the MLflow run of the cycle, what
-    each stage did ("ran" or "skipped") and the stages that ran. ``pending``, ``ran_before`` (the
-    stages this flow run ran before the cycle): see :class:`Pending`."""
+    each stage did ("ran" or "skipped") and the stages that wrote new outputs. ``pending``,
+    ``updated_before`` (the stages that did so earlier in this flow run): see :class:`Pending`."""
     run = stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay)
-    done, ran = {}, list(ran_before)
+    done, updated = {}, list(updated_before)
     for stage in CYCLE_STAGES:
         target = f"{stage}@{cycle}"
-        needed = pending.must_run(target, ran)
-        names = (parallel_consolidate(project, cycle, retries, retry_delay, needed)
-                 if stage == "consolidate" and parallel else run(project, target, needed))
-        done[stage], ran = "ran" if names else "skipped", ran + names
+        needed = pending.must_run(target, updated)
+        ran, new = (parallel_consolidate(project, cycle, retries, retry_delay, needed)
+                    if stage == "consolidate" and parallel else run(project, target, needed))
+        done[stage], updated = "ran" if ran else "skipped", updated + new
     root = Path(project)
     gate = json.loads((root / f"metrics/gate/{cycle}.json").read_text())
     mlflow = json.loads((root / f"metrics/cycles/{cycle}/mlflow.json").read_text())
@@ -192,7 +207,7 @@ def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: i
         logger.warning(f"cycle {cycle} failed its gate ({'; '.join(gate['reasons'])}); champion stays {gate['champion']}")
     return {"cycle": cycle, "passed": gate["passed"], "reasons": gate["reasons"], "alarms": gate["alarms"],
             "champion": gate["champion"], "run_id": mlflow["run_id"], "parent_run_id": mlflow["parent_run_id"],
-            "champion_version": mlflow["champion_version"], "stages": done, "ran": ran[len(ran_before):]}
+            "champion_version": mlflow["champion_version"], "stages": done, "updated": updated[len(updated_before):]}
 
 
 @flow(name="continual_learning", log_prints=True)
@@ -207,16 +222,16 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
     ccfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
     run = stage_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
-    pending, ran = Pending.of(root), []
+    pending, updated = Pending.of(root), []
     for target in START:
-        ran += run(str(root), target, pending.must_run(target, ran))
+        updated += run(str(root), target, pending.must_run(target, updated))[1]
     cycle_flow = learn_consolidate_cycle.with_options(task_runner=expert_runner(cfg))
     results = []
     with api_by_address():
         for c in cycles or list(all_cycles):
             results.append(cycle_flow(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
-                                      cfg.retries, cfg.retry_delay_seconds, pending, ran))
-            ran += results[-1]["ran"]
+                                      cfg.retries, cfg.retry_delay_seconds, pending, updated))
+            updated += results[-1]["updated"]
     return Completed(message=summary(results), data=results)
 
 

@@ -36,7 +36,7 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_naming_it(tmp_path, monk
         calls.append(target)
         if target == "coreset@c1":
             raise cl.StageFailed("coreset@c1: error: cycles/c1/buffer: not a readable Smart Sampler buffer")
-        return [target]
+        return [target], [target]
 
     monkeypatch.setattr(cl, "run_stage", fake_stage)
     monkeypatch.setattr(cl.Pending, "of", classmethod(lambda cls, project: cls(frozenset(), {})))  # run everything
@@ -152,6 +152,8 @@ def test_a_stage_runs_when_it_changed_or_a_stage_it_depends_on_ran(parallel_cycl
     assert pending.must_run("grow@c1", []) and not pending.must_run("build_index@c1", [])
     assert pending.must_run("build_index@c1", ["gate@c1"]) and pending.must_run("grow", []) and not pending.must_run("collect", [])
     assert pending.must_run("no_such_stage", [])  # DVC names the problem
+    # check_params runs (params.yaml changed) but writes the same bytes: nothing downstream must run.
+    assert cl.stage_task(str(proj), "check_params", True) == (["check_params"], [])
 
 
 def test_the_expert_runner_follows_params():
