@@ -34,7 +34,7 @@ from hst.runs import OPEN_GATE, export, model_of, pct, read_metrics, run_experim
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
 BASELINES = {
-    "standard MoE + HST consolidation": ("learned-consolidate", ["model.ffn=learned"]),
+    "standard MoE + HST consolidation": ("learned-consolidate", ["model.ffn=learned", "cycle.mode=experts"]),
     "standard MoE, finetune": ("learned-finetune", ["model.ffn=learned", "cycle.mode=full"]),
     "dense, finetune": ("dense-finetune", ["model.ffn=dense", "cycle.mode=full"]),
     "dense + replay": ("dense-replay", ["model.ffn=dense", "cycle.mode=full_replay"]),
