@@ -359,6 +359,14 @@ SECTIONS = {"prepare": PrepareConfig, "model": ModelConfig, "pretrain": TrainCon
 OPTIONAL_SECTIONS = ("flow",)
 
 
+def check_cycle_mode(mode: str, ffn: str, where: str = "params.yaml") -> None:
+    """Modes that train experts need a mixture of experts, and growth needs HST's key router."""
+    _require(mode != "experts" or ffn != "dense",
+             f"{where}:cycle.mode: 'experts' needs model.ffn key or learned (use full or full_replay)")
+    _require(mode != "grow" or ffn == "key",
+             f"{where}:cycle.mode: 'grow' needs model.ffn key, got {ffn!r} (use experts, full or full_replay)")
+
+
 def check_params(params, where: str = "params.yaml") -> dict:
     """Validate a whole params file (every section, every key, the cycle chain); return the built configs.
 
@@ -379,6 +387,7 @@ def check_params(params, where: str = "params.yaml") -> dict:
     extra = sorted(set(built["pretrain"].domains) - domains)
     _require(built["pretrain"].domains and not extra,
              f"{where}:pretrain.domains: expected a non-empty list of prepare.domains, got unknown {extra}")
+    check_cycle_mode(built["cycle"].mode, built["model"].ffn, where)
     cycles = params["cycles"]
     if not isinstance(cycles, dict):
         raise ConfigError(f"{where}:cycles: expected a mapping of cycle key -> {{domain, prev}}")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from hst import checkpoint, coreset, sampler
-from hst.config import ConfigError, CycleConfig, ModelConfig, TrainConfig
+from hst.config import CycleConfig, ModelConfig, TrainConfig, check_cycle_mode
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.router import KeyRouter
@@ -163,11 +163,7 @@ def load_job(cfg: CycleConfig, tcfg: TrainConfig, expect: ModelConfig, start: st
              buffer: str | Path) -> Job:
     """The start checkpoint (checked against ``expect``), the coreset sets and the new records."""
     model, meta = checkpoint.load(start, expect)
-    if cfg.mode == "experts" and model.cfg.ffn == "dense":
-        raise ConfigError("params.yaml:cycle.mode: 'experts' needs model.ffn key or learned (use full or full_replay)")
-    if cfg.mode == "grow" and model.cfg.ffn != "key":
-        raise ConfigError(f"params.yaml:cycle.mode: 'grow' needs model.ffn key, got {model.cfg.ffn!r} "
-                          "(use experts, full or full_replay)")
+    check_cycle_mode(cfg.mode, model.cfg.ffn)
     new = sampler.load_records(buffer)
     selection, sets = coreset.read_sets(coresets, new, per_expert=cfg.mode == "experts")
     return Job(cfg, tcfg, model, meta, selection, sets, new["record_id"].to_pylist())

@@ -9,6 +9,7 @@ from one (committed, so tables rebuild in a fresh clone without the experiments'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from hst import tracking
-from hst.config import HSTError, ModelConfig, TrackingConfig, build
+from hst.config import HSTError, ModelConfig, TrackingConfig, build, check_params, read_params
 from hst.model import GPT
 
 # Baselines run with the promotion gate open (and growth off), so a cycle that forgets still becomes
@@ -107,6 +108,21 @@ def pct(x: float | None) -> str:
 PRETRAINING = ("prepare.", "model.", "pretrain.")
 
 
+def with_overrides(params: dict, overrides: list[str]) -> dict:
+    """A copy of ``params`` with each ``section.key=value`` set as ``dvc exp run -S`` sets it (value as YAML)."""
+    out = copy.deepcopy(params)
+    for override in overrides:
+        path, sep, value = override.partition("=")
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not sep or not leaf or not isinstance(node, dict):
+            raise RunError(f"override {override!r}: expected SECTION.KEY=VALUE naming a key of params.yaml")
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
 def run_experiments(variants: list[tuple[str, list[str]]]) -> None:
     """Run each ``(name, overrides)`` as a DVC experiment in the workspace (``dvc exp run -n NAME -S …``),
     pretraining once per distinct pretraining.
@@ -116,7 +132,12 @@ def run_experiments(variants: list[tuple[str, list[str]]]) -> None:
     pretraining up to date and runs only the cycles. (The run-cache would do this, but DVC leaves
     ``persist`` outputs out of it, and persist is what keeps a failed stage's old outputs.) The
     workspace is back at HEAD before each variant and afterwards: commit your own changes first.
+    Every variant's params are checked before the first one runs, so a bad variant fails in seconds,
+    not after another variant's pretraining.
     """
+    params = read_params("params.yaml")
+    for name, overrides in variants:
+        check_params(with_overrides(params, overrides), f"params.yaml with {name}'s overrides")
     first: dict[tuple[str, ...], str] = {}
     try:
         for name, overrides in variants:
