@@ -172,16 +172,17 @@ class SmartSampler:
     def record(self, model: GPT, texts: list[str], source: str, desc: str | None = None) -> list[bool]:
         """Route ``texts`` (a request's, or a batch of them) and buffer them; per text False if
         that record was already logged (earlier, or earlier in ``texts``)."""
+        ids = [record_id(text) for text in texts]
         new: dict[str, str] = {}
-        for text in texts:
-            if record_id(text) not in self.seen:
-                new.setdefault(record_id(text), text)
+        for rid, text in zip(ids, texts):
+            if rid not in self.seen:
+                new.setdefault(rid, text)
         # Every logged id is in ``seen`` (earlier runs' files included), so its size is the clock.
         self.pending += make_rows(model, list(new.values()), source, len(self.seen), desc)
         self.seen.update(new)
         if len(self.pending) >= self.flush_every:
             self.flush()
-        return [new.pop(record_id(t), None) is not None for t in texts]
+        return [new.pop(rid, None) is not None for rid in ids]
 
     def flush(self) -> Path | None:
         if not self.pending:
