@@ -1,4 +1,5 @@
-"""The stage CLIs on tiny inputs: outputs, one-line errors, artifacts left intact; and `dvc repro`."""
+"""The stage CLIs on tiny inputs: outputs, one-line errors, artifacts left intact; and `dvc repro`
+(end to end, twice from scratch: same bytes)."""
 
 import ast
 import gzip
@@ -253,14 +254,35 @@ def test_coreset_reports_a_corrupt_buffer_in_one_line(pretrained, tmp_path):
     assert not (tmp_path / "cs").exists()
 
 
+def out_hashes(proj: Path) -> dict[str, str]:
+    """``stage: path`` -> md5 of every output recorded in the project's dvc.lock."""
+    stages = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    return {f"{name}: {out['path']}": out["md5"] for name, st in stages.items() for out in st.get("outs", [])}
+
+
 @pytest.mark.slow
-def test_dvc_repro_runs_the_pipeline_and_then_is_a_no_op(tmp_path):
-    proj = tiny_project(tmp_path)
+def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
+    proj, twin = tiny_project(tmp_path / "a"), tiny_project(tmp_path / "b")
     dvc = [sys.executable, "-m", "dvc"]
     env = dvc_env(proj)
-    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=proj, check=True, env=env)
-    first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stdout + first.stderr
+    for p in (proj, twin):
+        subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=p, check=True, env=dvc_env(p))
+    # Determinism: a second copy from scratch, side by side (one thread each), must write the same
+    # bytes. Every stage but `track`, whose receipt holds the MLflow run ids its store assigns; the
+    # last champion's index needs every other stage.
+    log = tmp_path / "b.log"  # a file, not a pipe nobody reads while the first run goes on
+    with log.open("w") as out:
+        second = subprocess.Popen([*dvc, "repro", "build_index@c2"], cwd=twin, env=dvc_env(twin),
+                                  stdout=out, stderr=subprocess.STDOUT)
+        first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert second.wait() == 0, log.read_text()
+    a = {out: md5 for out, md5 in out_hashes(proj).items() if not out.startswith("track@")}
+    b = out_hashes(twin)
+    assert {"pretrain: models/pretrain.pt", "gate@c2: models/c2.champion.pt", "build_index@c2: indexes/c2.parquet"} <= set(a)
+    assert set(a) == set(b), set(a) ^ set(b)
+    differ = [out for out in a if a[out] != b[out]]
+    assert not differ, f"outputs that differ between two runs of the same project: {differ}"
     assert (proj / "models/pretrain.pt").is_file() and (proj / "dvc.lock").is_file()
     # Two chained cycles ran; growth was forced (grow.quantile ~0) and added one expert a cycle.
     c1, c2 = (json.loads((proj / f"metrics/eval/{c}.json").read_text()) for c in ("c1", "c2"))
