@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from flows.continual_learning import out_hashes
 from hst import checkpoint, data, sampler
 from hst.config import ModelConfig
 from hst.model import GPT
@@ -254,12 +255,6 @@ def test_coreset_reports_a_corrupt_buffer_in_one_line(pretrained, tmp_path):
     assert not (tmp_path / "cs").exists()
 
 
-def out_hashes(proj: Path) -> dict[str, str]:
-    """``stage: path`` -> md5 of every output recorded in the project's dvc.lock."""
-    stages = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
-    return {f"{name}: {out['path']}": out["md5"] for name, st in stages.items() for out in st.get("outs", [])}
-
-
 @pytest.mark.slow
 def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     proj, twin = tiny_project(tmp_path / "a"), tiny_project(tmp_path / "b")
@@ -277,9 +272,10 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
         first = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
         assert first.returncode == 0, first.stdout + first.stderr
         assert second.wait() == 0, log.read_text()
-    a = {out: md5 for out, md5 in out_hashes(proj).items() if not out.startswith("track@")}
-    b = out_hashes(twin)
-    assert {"pretrain: models/pretrain.pt", "gate@c2: models/c2.champion.pt", "build_index@c2: indexes/c2.parquet"} <= set(a)
+    a, b = ({(name, path): md5 for name, outs in out_hashes(p).items() if not name.startswith("track@")
+             for path, md5 in outs} for p in (proj, twin))
+    assert {("pretrain", "models/pretrain.pt"), ("gate@c2", "models/c2.champion.pt"),
+            ("build_index@c2", "indexes/c2.parquet")} <= set(a)
     assert set(a) == set(b), set(a) ^ set(b)
     differ = [out for out in a if a[out] != b[out]]
     assert not differ, f"outputs that differ between two runs of the same project: {differ}"
