@@ -312,13 +312,14 @@ def test_killing_dvc_stops_the_stage_it_started(finished, tmp_path):
     set_param("pretrain.steps", 400)(proj)
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=proj, env=dvc_env(proj),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill once the stage has torch mapped: it is then past `import stages` (which sets the death
+    # signal), so the test does not depend on how fast an interpreter starts on a loaded machine.
     deadline = time.monotonic() + 120
     stage_pids = []
     while time.monotonic() < deadline and not stage_pids:
-        stage_pids = [p for p in _children(proc.pid) if "stages.pretrain" in _cmdline(p)]
+        stage_pids = [p for p in _children(proc.pid) if "stages.pretrain" in _cmdline(p) and _maps_torch(p)]
         time.sleep(0.2)
-    assert stage_pids
-    time.sleep(2)
+    assert stage_pids, "pretrain never started (or never loaded torch) under dvc repro"
     os.kill(proc.pid, signal.SIGKILL)  # dvc itself, not the stage
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30
@@ -337,6 +338,14 @@ def _children(pid: int) -> list[int]:
             out += map(int, kids)
             todo += map(int, kids)
     return out
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether the process has loaded torch's shared library."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def _cmdline(pid: int) -> str:
