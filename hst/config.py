@@ -258,7 +258,7 @@ class CycleConfig:
     #                         "generated" (sampled from the cycle's start model; no old record is read)
     replay_records: int = 64  # records sampled from the start model per cycle when replay is "generated"
     incoming_records: int = 200  # records of the cycle's domain (train split) collected as new data
-    index_records: int = 600  # old train records per learned domain routed into the expert index
+    index_records: int = 150  # old train records per learned domain routed into the expert index
     min_new_data: int = 10  # an expert is consolidated when it is primary for at least this many new records
     new_old_ratio: float = 0.2  # share of new records in a coreset / replay mix (0.2 -> 1 new : 4 old)
     eval_windows: int = 32  # validation windows per domain for BPB and routing stability

@@ -24,6 +24,9 @@ from hst.model import GPT
 # Baselines run with the promotion gate open (and growth off), so a cycle that forgets still becomes
 # the next cycle's start: plain sequential finetuning.
 OPEN_GATE = ["grow.enabled=false", "gate.max_forgetting=1000", "gate.min_routing_stability=0"]
+# Methods that train on old index records (coresets, replay) need a pool of ~4x a cycle's 200 new
+# records: 600 per learned domain, where HST's default index (novelty threshold, gate text) has 150.
+REPLAY_POOL = ["cycle.index_records=600"]
 
 
 class RunError(HSTError):

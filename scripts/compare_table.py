@@ -29,15 +29,15 @@ from pathlib import Path
 import yaml
 
 from hst.io import replace_section
-from hst.runs import OPEN_GATE, export, model_of, pct, read_metrics, run_experiments
+from hst.runs import OPEN_GATE, REPLAY_POOL, export, model_of, pct, read_metrics, run_experiments
 
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
 BASELINES = {
-    "standard MoE + HST consolidation": ("learned-consolidate", ["model.ffn=learned", "cycle.mode=experts"]),
+    "standard MoE + HST consolidation": ("learned-consolidate", ["model.ffn=learned", "cycle.mode=experts", *REPLAY_POOL]),
     "standard MoE, finetune": ("learned-finetune", ["model.ffn=learned", "cycle.mode=full"]),
     "dense, finetune": ("dense-finetune", ["model.ffn=dense", "cycle.mode=full"]),
-    "dense + replay": ("dense-replay", ["model.ffn=dense", "cycle.mode=full_replay"]),
+    "dense + replay": ("dense-replay", ["model.ffn=dense", "cycle.mode=full_replay", *REPLAY_POOL]),
 }
 
 

@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from hst.io import atomic_path, replace_section  # noqa: E402
-from hst.runs import OPEN_GATE, export, git, model_of, pct, read_metrics, read_text, run_experiments  # noqa: E402
+from hst.runs import OPEN_GATE, REPLAY_POOL, export, git, model_of, pct, read_metrics, read_text, run_experiments  # noqa: E402
 
 BASE_STEPS = 160
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
@@ -49,7 +49,7 @@ METHODS = {
                                      ["cycle.replay=generated", "grow.gate_fpr=0.005"], (1,)),
     "HST, replay-free, gate 3 %": ("hst-replay-free", "grow.steps", ["cycle.replay=generated", "grow.gate_fpr=0.03"], (1,)),
     "dense + replay": ("dense-replay", "consolidate.steps",
-                       ["model.ffn=dense", "cycle.mode=full_replay", *OPEN_GATE], (0.5, 1, 2)),
+                       ["model.ffn=dense", "cycle.mode=full_replay", *REPLAY_POOL, *OPEN_GATE], (0.5, 1, 2)),
     # P's denominator; in the table, not in the figure (it forgets tens of percent).
     "dense finetune": ("dense-finetune", "consolidate.steps", ["model.ffn=dense", "cycle.mode=full", *OPEN_GATE], (1,)),
 }
