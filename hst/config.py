@@ -287,7 +287,7 @@ class GrowConfig:
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
     novel_share: float = 0.5  # p: share of novel records in a batch
     gate_fpr: float = 0.01  # share of each learned domain's tokens a new expert's gate may let through (its bias)
-    gate_windows: int = 64  # windows of novel and of held-in records the gate is fitted on
+    gate_windows: int = 256  # windows of novel and of held-in records the gate is fitted on
     experts: int = 4  # new experts per grown layer, behind one gate; keys split the passing novel tokens (k-means)
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
     steps: int = 160  # optimizer steps training only the new experts on the novel records

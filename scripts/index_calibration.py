@@ -1,14 +1,18 @@
-"""How the grow stage's calibration changes with fewer expert-index records per learned domain.
+"""How the grow stage's calibration depends on the index size and on the gate's sample.
 
 In mode ``grow`` a cycle reads the previous champion's index for two things only: the novelty
 threshold (``grow.quantile`` of the index records' BPB) and the gates' held-in text. For each cycle
-of the finished default pipeline and each size n, this takes the first n records per domain of that
-index, and reports the threshold, the share of the cycle's buffer marked novel and, per layer, a
-gate fitted as ``hst.grow.grow`` fits it: the share of the cycle's new tokens it passes and the
-largest share of any learned domain's *validation* tokens it passes (out-of-sample false positives;
-the target is ``grow.gate_fpr``). Sizes above the index's ``cycle.index_records`` see the whole index:
+of the finished default pipeline, each size n and each gate sample of w windows, this takes the
+first n records per domain of that index and reports the threshold, the share of the cycle's buffer
+marked novel and, per layer, a gate fitted on w windows as ``hst.grow.grow`` fits it: the share of
+the cycle's new tokens it passes and the largest share of any learned domain's *validation* tokens
+it passes (out-of-sample false positives; the target is ``grow.gate_fpr``), both measured on
+``--eval-windows`` windows (0: the w windows the gate was fitted on). Sizes above the index's
+``cycle.index_records`` see the whole index:
 
-    python -m scripts.index_calibration --sizes 600 300 150 100 --out docs/runs/index_calibration.json
+    python -m scripts.index_calibration --sizes 600 300 150 100 --windows 64 --eval-windows 0 \
+        --out docs/runs/index_calibration.json
+    python -m scripts.index_calibration --sizes 150 --windows 64 128 256 --out docs/runs/gate_windows.json
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ def first_per_source(index: pa.Table, n: int) -> pa.Table:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[600, 300, 150, 100])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[600, 300, 150, 100], help="index records per domain")
+    ap.add_argument("--windows", type=int, nargs="+", default=[64], help="windows per source the gate is fitted on")
+    ap.add_argument("--eval-windows", type=int, default=256, help="windows pass rates are measured on; 0: the fit's")
     ap.add_argument("--out", required=True, help="JSON report")
     args = ap.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -49,24 +55,28 @@ def main() -> None:
         model, meta = checkpoint.load(f"models/{cycle}_consolidated.pt")
         index = sampler.read_buffer(f"indexes/{item['prev']}.parquet", columns=["text", "bpb", "source"])
         new = sampler.load_records(f"cycles/{cycle}/buffer")
+        new_tokens = data.encode(new["text"].to_pylist())
+        val = [data.load_tokens("data/prepared", d, "val") for d in meta["learned_domains"]]
         layers = list(range(model.cfg.n_layer))
-        x_new = ffn_inputs(model, data.encode(new["text"].to_pylist()), layers, cfg.gate_windows)
-        x_val = [ffn_inputs(model, data.load_tokens("data/prepared", d, "val"), layers, cfg.gate_windows)
-                 for d in meta["learned_domains"]]
-        for n in args.sizes:
+        inputs = lambda tokens, w: ffn_inputs(model, tokens, layers, w)  # noqa: E731
+        for n, w in ((n, w) for n in args.sizes for w in args.windows):
             sub = first_per_source(index, n)
             limit = novelty.threshold(sub["bpb"].to_pylist(), cfg.quantile)
-            x_old = [ffn_inputs(model, t, layers, cfg.gate_windows) for t in sampler.tokens_by_source(sub).values()]
+            x_old = [inputs(t, w) for t in sampler.tokens_by_source(sub).values()]
+            x_new = inputs(new_tokens, w)
+            e = args.eval_windows or w
+            x_new_eval, x_val = inputs(new_tokens, e), [inputs(t, e) for t in val]
             rows = []
             for i in layers:
                 router = model.moe(i).router
                 gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr)
                 share = lambda x: round(float(gate_open(router.features(x), *gate).float().mean()), 4)  # noqa: E731
-                rows.append({"pass_new": share(x_new[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
-            report[f"{cycle}/{n}"] = {"records": sub.num_rows, "threshold_bpb": round(limit, 4),
-                                      "novel_share": round(sum(b > limit for b in new["bpb"].to_pylist()) / len(new), 3),
-                                      "layers": rows}
-            print(cycle, n, json.dumps(report[f"{cycle}/{n}"]), flush=True)
+                rows.append({"pass_new": share(x_new_eval[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
+            report[f"{cycle}/{n}/{w}"] = {"records": sub.num_rows, "gate_windows": w, "eval_windows": e,
+                                          "threshold_bpb": round(limit, 4),
+                                          "novel_share": round(sum(b > limit for b in new["bpb"].to_pylist()) / len(new), 3),
+                                          "layers": rows}
+            print(cycle, n, w, json.dumps(report[f"{cycle}/{n}/{w}"]["layers"]), flush=True)
     write_json(args.out, report)
 
 
