@@ -58,14 +58,20 @@ def main() -> None:
         new_tokens = data.encode(new["text"].to_pylist())
         val = [data.load_tokens("data/prepared", d, "val") for d in meta["learned_domains"]]
         layers = list(range(model.cfg.n_layer))
-        inputs = lambda tokens, w: ffn_inputs(model, tokens, layers, w)  # noqa: E731
+        memo: dict[tuple[str, int], list] = {}  # the new records' and validation inputs depend only on the window count
+
+        def inputs(name: str, tokens, w: int) -> list:
+            if (name, w) not in memo:
+                memo[name, w] = ffn_inputs(model, tokens, layers, w)
+            return memo[name, w]
+
         for n, w in ((n, w) for n in args.sizes for w in args.windows):
             sub = first_per_source(index, n)
             limit = novelty.threshold(sub["bpb"].to_pylist(), cfg.quantile)
-            x_old = [inputs(t, w) for t in sampler.tokens_by_source(sub).values()]
-            x_new = inputs(new_tokens, w)
+            x_old = [ffn_inputs(model, t, layers, w) for t in sampler.tokens_by_source(sub).values()]
+            x_new = inputs("new", new_tokens, w)
             e = args.eval_windows or w
-            x_new_eval, x_val = inputs(new_tokens, e), [inputs(t, e) for t in val]
+            x_new_eval, x_val = inputs("new", new_tokens, e), [inputs(f"val{j}", t, e) for j, t in enumerate(val)]
             rows = []
             for i in layers:
                 router = model.moe(i).router
@@ -74,7 +80,7 @@ def main() -> None:
                 rows.append({"pass_new": share(x_new_eval[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
             report[f"{cycle}/{n}/{w}"] = {"records": sub.num_rows, "gate_windows": w, "eval_windows": e,
                                           "threshold_bpb": round(limit, 4),
-                                          "novel_share": round(sum(b > limit for b in new["bpb"].to_pylist()) / len(new), 3),
+                                          "novel_share": round(sum(novelty.detect(new["bpb"].to_pylist(), limit, cfg).novel) / len(new), 3),
                                           "layers": rows}
             print(cycle, n, w, json.dumps(report[f"{cycle}/{n}/{w}"]["layers"]), flush=True)
     write_json(args.out, report)
