@@ -16,7 +16,7 @@ from hst.config import ConfigError, HSTError, ModelConfig
 from hst.io import atomic_path
 from hst.model import GPT
 
-FORMAT_VERSION = 2  # 2: key routers carry growth gates (gate_w, gate_b)
+FORMAT_VERSION = 3  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP
 
 
 class CheckpointError(HSTError):
@@ -55,8 +55,8 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
             raise CheckpointError(f"{path}: refused: holds objects other than tensors and plain values "
                                   f"(loading it could run code: {reason})") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION}")
+    if not isinstance(state, dict) or state.get("format_version") not in (2, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2)")
     missing = [k for k in ("config", "n_experts", "state_dict", "meta") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
@@ -81,11 +81,33 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
         raise CheckpointError(f"{path}: non-finite weights ({bad}); a diverged model is never used")
     model = GPT(cfg, counts)
     try:
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state["state_dict"] if state["format_version"] == FORMAT_VERSION
+                              else _from_format_2(state["state_dict"]))
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
     return model, state["meta"]
+
+
+def _from_format_2(state_dict: dict) -> dict:
+    """Format 2 stored one linear gate per expert (``gate_w`` (E, d), ``gate_shift``, ``gate_b``;
+    ungated: 0, 0, 1): one gate per distinct gated row, which is exactly how it routed."""
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith("router.gate_w")]:
+        prefix = key[:-len("gate_w")]
+        w, shift, b = (out.pop(prefix + name) for name in ("gate_w", "gate_shift", "gate_b"))
+        rows = [(w[e], shift[e], b[e]) for e in range(len(w)) if w[e].any() or shift[e] != 0 or b[e] != 1]
+        distinct = list({(tuple(r[0].tolist()), float(r[1]), float(r[2])): r for r in rows}.values())
+        index = {(tuple(r[0].tolist()), float(r[1]), float(r[2])): g for g, r in enumerate(distinct)}
+        out[prefix + "expert_gate"] = torch.tensor([index.get((tuple(w[e].tolist()), float(shift[e]), float(b[e])), -1)
+                                                    for e in range(len(w))])
+        d, n = w.shape[1], len(distinct)
+        out |= {prefix + "gate_w": torch.stack([r[0] for r in distinct]) if n else w.new_zeros(0, d),
+                prefix + "gate_u": w.new_zeros(n, 0, d), prefix + "gate_c": w.new_zeros(n, 0),
+                prefix + "gate_v": w.new_zeros(n, 0),
+                prefix + "gate_shift": torch.stack([r[1] for r in distinct]) if n else w.new_zeros(0),
+                prefix + "gate_b": torch.stack([r[2] for r in distinct]) if n else w.new_zeros(0)}
+    return out
 
 
 def _reason(e: Exception) -> str:

@@ -288,6 +288,7 @@ class GrowConfig:
     novel_share: float = 0.5  # p: share of novel records in a batch
     gate_fpr: float = 0.01  # share of each learned domain's tokens a new expert's gate may let through (its bias)
     gate_windows: int = 256  # windows of novel and of held-in records the gate is fitted on
+    gate_hidden: int = 128  # hidden width of the gate's MLP token scorer; 0 = a linear (Fisher) gate
     experts: int = 4  # new experts per grown layer, behind one gate; keys split the passing novel tokens (k-means)
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
     steps: int = 160  # optimizer steps training only the new experts on the novel records
@@ -300,6 +301,7 @@ class GrowConfig:
         _require(0 <= self.novel_share <= 1, "novel_share: expected in [0, 1]")
         _require(0 < self.gate_fpr < 1, "gate_fpr: expected in (0, 1)")
         _require(self.gate_windows >= 2, "gate_windows: expected >= 2")
+        _require(self.gate_hidden >= 0, "gate_hidden: expected >= 0")
         _require(self.experts >= 1, "experts: expected >= 1")
         _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
         _require(self.steps >= 0, "steps: expected >= 0")

@@ -103,8 +103,9 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def add_expert(self, key: torch.Tensor, init: str = "copy_nearest",
-                   gate: tuple[torch.Tensor, float] | None = None) -> int:
-        """Append an expert with ``key`` (and growth ``gate``, see :class:`KeyRouter`); return its index.
+                   gate: int | None = None) -> int:
+        """Append an expert with ``key`` (behind the router's growth gate number ``gate``, see
+        :class:`KeyRouter`); return its index.
 
         ``copy_nearest`` copies the weights of the expert whose key is most similar to ``key``;
         ``random`` draws fresh weights. Tokens whose top-k does not include the new expert — in

@@ -1,7 +1,8 @@
 """Expert growth: add gated experts for data the model finds novel, then train only them.
 
-Each grown layer gets ``GrowConfig.experts`` experts behind one gate (:func:`hst.novelty.fit_gate`)
-that opens only for tokens whose context looks like the novel records, not like the held-in ones.
+Each grown layer gets ``GrowConfig.experts`` experts behind one gate (:func:`hst.novelty.fit_gate`,
+an MLP of width ``GrowConfig.gate_hidden`` or a linear one) that opens only for tokens whose context
+looks like the novel records, not like the held-in ones.
 Their keys are the centroids of a spherical k-means over the novel tokens that pass the gate (for
 one expert: their normalized mean) — not of all novel hidden states, which point along the
 direction every hidden state shares (``FINDINGS.md``) — so the new experts split the new data
@@ -41,9 +42,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         router = model.moe(layer).router
         f_new = router.features(x_new[i])
         f_old = {src: router.features(x[i]) for src, x in x_old.items()}
-        gate = fit_gate(list(f_old.values()), f_new, cfg.gate_fpr)
-        passed = gate_open(f_new, *gate)
-        per_source = {src: float(gate_open(f, *gate).float().mean()) for src, f in f_old.items()}
+        gate = fit_gate(list(f_old.values()), f_new, cfg.gate_fpr, cfg.gate_hidden, train_cfg.seed)
+        passed = gate_open(f_new, gate)
+        per_source = {src: float(gate_open(f, gate).float().mean()) for src, f in f_old.items()}
         placed.append((layer, gate, f_new[passed],
                        {"layer": layer, "novel_tokens_passing": float(passed.float().mean()),
                         "held_in_tokens_passing": sum(per_source.values()) / len(per_source),
@@ -57,7 +58,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         for layer, gate, passing, stat in placed:
             if len(passing) == 0:
                 continue
-            experts = [model.add_expert(layer, key, cfg.init, gate) for key in spherical_kmeans(passing, cfg.experts)]
+            index = model.moe(layer).router.add_gate(gate)
+            experts = [model.add_expert(layer, key, cfg.init, index) for key in spherical_kmeans(passing, cfg.experts)]
             added += [(layer, e) for e in experts]
             stats.append({**stat, "expert": experts[0], "experts": experts})
     curves = {}

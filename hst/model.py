@@ -130,7 +130,7 @@ class GPT(nn.Module):
         return ffn
 
     def add_expert(self, layer: int, key: torch.Tensor, init: str = "copy_nearest",
-                   gate: tuple[torch.Tensor, float] | None = None) -> int:
+                   gate: int | None = None) -> int:
         return self.moe(layer).add_expert(key, init, gate)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,

@@ -43,13 +43,45 @@ def causal_mean(s: torch.Tensor, prior: float = 0.0) -> torch.Tensor:
     return s.cumsum(1) / steps.view(1, -1, *([1] * (s.dim() - 2)))
 
 
-def gate_open(features: torch.Tensor, w: torch.Tensor, shift: torch.Tensor | float,
-              b: torch.Tensor | float) -> torch.Tensor:
-    """Growth gates on (B, T, d) features: open where the causal running mean of
-    ``features @ w - shift`` (``shift``: the held-in mean score, so the prior pulls toward held-in)
-    plus ``b`` is positive. ``w``: (d, G) with ``shift``, ``b``: (G,) give (B, T, G); ``w``: (d,)
-    gives (B, T)."""
-    return causal_mean(features @ w.to(features.dtype) - shift, GATE_PRIOR_TOKENS) + b > 0
+class Gate(NamedTuple):
+    """Growth gates, stacked along a leading gate axis G (or one gate without it).
+
+    A gate's per-token score is ``features · w + v · gelu(u features + c) - shift`` — linear (the
+    Fisher gate, hidden width h = 0) or a small MLP; it opens where the causal running mean of the
+    score plus ``b`` is positive. Hidden units with zero weights add exactly 0, so gates of different
+    widths stack by zero padding."""
+
+    w: torch.Tensor  # (G, d) linear term
+    u: torch.Tensor  # (G, h, d) hidden layer
+    c: torch.Tensor  # (G, h) its bias
+    v: torch.Tensor  # (G, h) output weights of the hidden units
+    shift: torch.Tensor  # (G,) the held-in tokens' mean score: the running mean's prior pulls toward held-in
+    b: torch.Tensor  # (G,) bias of the running mean: at most the gate's false-positive rate of held-in tokens pass
+
+    @classmethod
+    def linear(cls, w: torch.Tensor, shift: float, b: float) -> Gate:
+        """One gate scoring ``features · w`` (no hidden units)."""
+        return cls(w, w.new_zeros(0, len(w)), w.new_zeros(0), w.new_zeros(0), torch.tensor(float(shift)),
+                   torch.tensor(float(b)))
+
+
+def gate_scores(features: torch.Tensor, gate: Gate) -> torch.Tensor:
+    """(B, T, d) features -> (B, T, G) per-token scores of stacked gates."""
+    f = features.float()
+    scores = f @ gate.w.T
+    if gate.u.shape[1]:
+        G, h, d = gate.u.shape
+        hidden = F.gelu(f @ gate.u.reshape(G * h, d).T + gate.c.reshape(-1))  # (B, T, G·h)
+        scores = scores + (hidden.unflatten(-1, (G, h)) * gate.v).sum(-1)
+    return scores - gate.shift
+
+
+def gate_open(features: torch.Tensor, gate: Gate) -> torch.Tensor:
+    """Where growth gates open on (B, T, d) features: (B, T, G) for stacked gates, (B, T) for one
+    (``gate.w`` of shape (d,))."""
+    if gate.w.dim() == 1:
+        return gate_open(features, Gate(*(torch.as_tensor(t)[None] for t in gate)))[..., 0]
+    return causal_mean(gate_scores(features, gate), GATE_PRIOR_TOKENS) + gate.b > 0
 
 
 class KeyRouter(nn.Module):
@@ -58,21 +90,23 @@ class KeyRouter(nn.Module):
     Keys move only through :meth:`update_keys`, an EMA toward the normalized mean of the
     (normalized) hidden states routed to each expert.
 
-    Experts added by growth carry a gate (:func:`gate_open`): expert e is eligible for a token only
-    when the causal running mean of ``features · gate_w[e] - gate_shift[e]`` over the token's
-    sequence so far, plus ``gate_b[e]``, is positive. A single token is a weak domain signal (a
-    byte); its context is a strong one, and the running mean uses no future tokens. Experts present
-    from the start are always eligible (``gate_w = 0, gate_shift = 0, gate_b = 1``), so a token whose
-    gates are closed routes exactly as before growth.
+    Experts added by growth sit behind a gate (:class:`Gate`, :func:`gate_open`): expert e is
+    eligible for a token only where gate ``expert_gate[e]`` opens, i.e. where the causal running
+    mean of the gate's score over the token's sequence so far, plus its bias, is positive. A single
+    token is a weak domain signal (a byte); its context is a strong one, and the running mean uses
+    no future tokens. Experts present from the start have no gate (``expert_gate = -1``) and are
+    always eligible, so a token whose gates are closed routes exactly as before growth. The experts
+    grown together in one layer share one gate.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, temperature: float,
                  momentum: float, centered: bool = False):
         super().__init__()
         self.register_buffer("keys", F.normalize(torch.randn(n_experts, d_model), dim=-1))
-        self.register_buffer("gate_w", torch.zeros(n_experts, d_model))
-        self.register_buffer("gate_shift", torch.zeros(n_experts))
-        self.register_buffer("gate_b", torch.ones(n_experts))
+        # No gates until growth adds them; checkpoints bring their number and width (see load below).
+        for name, shape in zip(Gate._fields, [(0, d_model), (0, 0, d_model), (0, 0), (0, 0), (0,), (0,)]):
+            self.register_buffer(f"gate_{name}", torch.zeros(shape))
+        self.register_buffer("expert_gate", torch.full((n_experts,), -1, dtype=torch.long))
         # Running mean of the routed hidden states; subtracted before the cosine when ``centered``,
         # because all hidden states share a large common direction (anisotropy).
         self.register_buffer("center", torch.zeros(d_model))
@@ -95,9 +129,24 @@ class KeyRouter(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self.features(x) @ F.normalize(self.keys, dim=-1).T
 
+    @property
+    def gates(self) -> Gate:
+        return Gate(*(getattr(self, f"gate_{name}") for name in Gate._fields))
+
     def eligible(self, f: torch.Tensor) -> torch.Tensor:
         """(B, T, d) features -> (B, T, E) bool: which experts' gates are open for each token."""
-        return gate_open(f, self.gate_w.T, self.gate_shift, self.gate_b)
+        always = torch.ones(*f.shape[:-1], 1, dtype=torch.bool, device=f.device)
+        if not len(self.gate_b):
+            return always.expand(*f.shape[:-1], self.n_experts)
+        return torch.cat([always, gate_open(f, self.gates)], -1)[..., self.expert_gate + 1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Growth adds gates: take their number and hidden width from the checkpoint being loaded.
+        for name in Gate._fields:
+            stored = state_dict.get(f"{prefix}gate_{name}")
+            if stored is not None:
+                setattr(self, f"gate_{name}", torch.zeros_like(stored, device=self.keys.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> Routing:
         with torch.autocast(x.device.type, enabled=False):
@@ -131,13 +180,22 @@ class KeyRouter(nn.Module):
             distributed.all_reduce_(mean, mean=True)  # ranks hold equally many tokens
             self.center.lerp_(mean, 1 - self.momentum)
 
-    def add_key(self, key: torch.Tensor, gate: tuple[torch.Tensor, float, float] | None = None) -> None:
-        """Append a key; ``gate = (w, shift, b)`` makes the new expert eligible only where it opens."""
-        w, shift, b = gate if gate is not None else (torch.zeros_like(self.keys[0]), 0.0, 1.0)
+    def add_gate(self, gate: Gate) -> int:
+        """Append one gate (fields without the gate axis); return its index for :meth:`add_key`."""
+        width = max(self.gate_u.shape[1], gate.u.shape[0])
+        for name, new in zip(Gate._fields, gate):
+            old = getattr(self, f"gate_{name}")
+            new = torch.as_tensor(new, dtype=old.dtype, device=old.device)[None]
+            if name in ("u", "c", "v"):  # zero hidden units add nothing: pad both to the wider gate
+                old, new = (F.pad(t, (0, 0) * (name == "u") + (0, width - t.shape[1])) for t in (old, new))
+            setattr(self, f"gate_{name}", torch.cat([old, new]))
+        return len(self.gate_b) - 1
+
+    def add_key(self, key: torch.Tensor, gate: int | None = None) -> None:
+        """Append a key; with ``gate`` (an index from :meth:`add_gate`) its expert is eligible only
+        where that gate opens."""
         self.keys = torch.cat([self.keys, F.normalize(key.float(), dim=-1)[None].to(self.keys)])
-        self.gate_w = torch.cat([self.gate_w, w.float()[None].to(self.gate_w)])
-        self.gate_shift = torch.cat([self.gate_shift, self.gate_shift.new_tensor([shift])])
-        self.gate_b = torch.cat([self.gate_b, self.gate_b.new_tensor([b])])
+        self.expert_gate = torch.cat([self.expert_gate, self.expert_gate.new_tensor([-1 if gate is None else gate])])
 
 
 class LearnedRouter(nn.Module):

@@ -75,8 +75,9 @@ def main() -> None:
             rows = []
             for i in layers:
                 router = model.moe(i).router
-                gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr)
-                share = lambda x: round(float(gate_open(router.features(x), *gate).float().mean()), 4)  # noqa: E731
+                gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr,
+                                        cfg.gate_hidden)
+                share = lambda x: round(float(gate_open(router.features(x), gate).float().mean()), 4)  # noqa: E731
                 rows.append({"pass_new": share(x_new_eval[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
             report[f"{cycle}/{n}/{w}"] = {"records": sub.num_rows, "gate_windows": w, "eval_windows": e,
                                           "threshold_bpb": round(limit, 4),

@@ -6,6 +6,7 @@ import torch
 from hst import checkpoint
 from hst.checkpoint import CheckpointError
 from hst.model import GPT
+from hst.router import Gate
 
 
 def test_round_trip_with_grown_experts(tiny_cfg, tmp_path):
@@ -24,6 +25,57 @@ def test_round_trip_with_grown_experts(tiny_cfg, tmp_path):
     assert torch.equal(model(idx).logits, loaded(idx).logits)
     for a, b in zip(model.blocks, loaded.blocks):
         assert torch.equal(a.ffn.router.keys, b.ffn.router.keys)
+
+
+def gated(model: GPT) -> GPT:
+    """Two gates of different widths at layer 0, one linear gate at layer 1, experts behind them."""
+    torch.manual_seed(0)
+    for layer, widths in [(0, [2, 6]), (1, [0])]:
+        router = model.moe(layer).router
+        for h in widths:
+            g = router.add_gate(Gate(torch.randn(32), torch.randn(h, 32), torch.randn(h), torch.randn(h),
+                                     torch.tensor(0.0), torch.tensor(0.5)))
+            model.add_expert(layer, torch.randn(32), gate=g)
+    return model
+
+
+def test_round_trip_with_gates_of_any_width(tiny_cfg, tmp_path):
+    model = gated(GPT(tiny_cfg))
+    checkpoint.save(tmp_path / "m.pt", model)
+    loaded, _ = checkpoint.load(tmp_path / "m.pt", expect=tiny_cfg)
+    assert loaded.moe(0).router.gate_u.shape == (2, 6, 32) and loaded.moe(1).router.gate_u.shape == (1, 0, 32)
+    idx = torch.randint(0, 256, (2, 32))
+    model.eval(), loaded.eval()
+    assert torch.equal(model(idx).logits, loaded(idx).logits)
+
+
+def test_a_format_2_checkpoint_loads_and_routes_as_before(tiny_cfg, tmp_path):
+    """Format 2 stored one linear gate per expert (ungated: w 0, shift 0, b 1)."""
+    model = GPT(tiny_cfg)
+    for layer in (0, 1):
+        router = model.moe(layer).router
+        g = router.add_gate(Gate.linear(torch.randn(32), 0.1, 0.5))
+        for _ in range(2):
+            model.add_expert(layer, torch.randn(32), gate=g)
+    state = model.state_dict()
+    for layer in (0, 1):
+        p = f"blocks.{layer}.ffn.router."
+        per_expert = state.pop(p + "expert_gate")
+        gated_rows = per_expert >= 0
+        w = torch.zeros(len(per_expert), 32)
+        w[gated_rows] = state[p + "gate_w"][per_expert[gated_rows]]
+        shift, b = torch.zeros(len(per_expert)), torch.ones(len(per_expert))
+        shift[gated_rows], b[gated_rows] = state[p + "gate_shift"][0], state[p + "gate_b"][0]
+        for name in ("u", "c", "v"):
+            del state[p + "gate_" + name]
+        state |= {p + "gate_w": w, p + "gate_shift": shift, p + "gate_b": b}
+    torch.save({"format_version": 2, "config": dataclasses.asdict(tiny_cfg), "n_experts": model.n_experts,
+                "state_dict": state, "meta": {}}, tmp_path / "v2.pt")
+    loaded, _ = checkpoint.load(tmp_path / "v2.pt")
+    assert loaded.moe(0).router.expert_gate.tolist() == [-1, -1, -1, -1, 0, 0]
+    idx = torch.randint(0, 256, (2, 32))
+    model.eval(), loaded.eval()
+    assert torch.equal(model(idx).logits, loaded(idx).logits)
 
 
 def test_round_trip_of_a_dense_model(tiny_cfg, tmp_path):

@@ -59,6 +59,8 @@ def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
     (CycleConfig, {"mode": "adapters"}, r"cycle.mode: expected one of \('grow', 'experts'"),
     (GrowConfig, {"lr": 0}, "grow.lr: expected > 0"),
     (GrowConfig, {"gate_fpr": 1.5}, r"grow.gate_fpr: expected in \(0, 1\)"),
+    (GrowConfig, {"gate_hidden": -1}, "grow.gate_hidden: expected >= 0"),
+    (GrowConfig, {"gate_hidden": 1.5}, "grow.gate_hidden: expected int, got float"),
 ])
 def test_cycle_and_growth_params_are_checked(cls, section, message):
     with pytest.raises(ConfigError, match=message):

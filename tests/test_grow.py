@@ -7,6 +7,7 @@ from hst.config import GrowConfig, TrainConfig
 from hst.consolidate import ffn_inputs, only_trainable
 from hst.evaluation import routing_stability
 from hst.model import GPT
+from hst.router import Gate
 from hst.train import evaluate, train
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
@@ -17,6 +18,13 @@ HELD_IN_ALL = data.encode(list(HELD_IN_TEXT.values()))
 TCFG = TrainConfig(batch_size=4, warmup_steps=1, eval_every=5, eval_windows=2, precision="fp32")
 
 
+def assert_only_appended(before: dict, after: dict) -> None:
+    """Every tensor of ``before`` is in ``after`` bit for bit: routers' keys and gates appended to, the rest equal."""
+    for k, v in before.items():
+        grown = k.split(".")[-1] in ("keys", "expert_gate") or k.split(".")[-1].startswith("gate_")
+        assert v.numel() == 0 or torch.equal(after[k][:len(v)] if grown else after[k], v), k  # numel 0: no gate yet
+
+
 def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
     model = GPT(tiny_cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -24,13 +32,10 @@ def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
     assert added == [(0, 4), (1, 4)] and model.n_experts == [5, 5]
     assert [s["expert"] for s in stats] == [4, 4]
     after = model.state_dict()
-    for k, v in before.items():
-        if k.split(".")[-1] in ("keys", "gate_w", "gate_shift", "gate_b"):
-            assert torch.equal(after[k][:4], v), k  # old keys and gates untouched, one appended
-        else:
-            assert torch.equal(after[k], v), k
+    assert_only_appended(before, after)
     assert not torch.equal(after["blocks.0.ffn.experts.4.up.weight"], before["blocks.0.ffn.experts.0.up.weight"])
-    assert after["blocks.0.ffn.router.gate_w"][4].abs().sum() > 0  # the new expert carries a gate
+    assert after["blocks.0.ffn.router.expert_gate"].tolist() == [-1, -1, -1, -1, 0]  # the new expert has a gate
+    assert after["blocks.0.ffn.router.gate_v"][0].abs().sum() > 0  # an MLP one (GrowConfig.gate_hidden)
     assert len(curves["train"]) == 5
 
 
@@ -76,7 +81,8 @@ def test_a_closed_gate_is_honoured_in_the_forward_pass_even_after_training(tiny_
     with torch.no_grad():
         before = model(x).logits
     for layer in range(tiny_cfg.n_layer):  # a gate that never opens: b = -1
-        model.add_expert(layer, torch.randn(tiny_cfg.d_model), "random", (torch.zeros(tiny_cfg.d_model), 0.0, -1.0))
+        gate = model.moe(layer).router.add_gate(Gate.linear(torch.zeros(tiny_cfg.d_model), 0.0, -1.0))
+        model.add_expert(layer, torch.randn(tiny_cfg.d_model), "random", gate)
     with only_trainable(model, [(l, 4) for l in range(tiny_cfg.n_layer)]):
         train(model, dataclasses.replace(TCFG, steps=3, domains=("novel",), update_keys=False), {"novel": NOVEL}, {})
     with torch.no_grad():
@@ -90,12 +96,10 @@ def test_several_experts_per_layer_share_one_gate_split_the_novel_tokens_and_alo
     assert added == [(0, 4), (0, 5), (0, 6), (1, 4), (1, 5), (1, 6)] and model.n_experts == [7, 7]
     assert [s["experts"] for s in stats] == [[4, 5, 6], [4, 5, 6]]
     router = model.moe(1).router
-    assert torch.equal(router.gate_w[4], router.gate_w[6]) and router.gate_w[4].abs().sum() > 0
+    assert router.expert_gate[4:].tolist() == [0, 0, 0] and len(router.gate_b) == 1
     keys = router.keys[4:]
     assert (keys @ keys.T - torch.eye(3)).abs().max() < 0.9999  # distinct centroids
-    after = model.state_dict()
-    for k, v in before.items():
-        assert torch.equal(after[k][:4] if k.split(".")[-1] in ("keys", "gate_w", "gate_shift", "gate_b") else after[k], v), k
+    assert_only_appended(before, model.state_dict())
     # The shared gate keeps most held-in tokens away from all three new experts.
     closed = ~torch.stack([model.moe(layer).router.eligible(model.moe(layer).router.features(
         ffn_inputs(model, HELD_IN_ALL, [layer], 2)[0][:, :tiny_cfg.seq_len]))[..., 4:].any(-1) for layer in (0, 1)]).any(0)

@@ -35,9 +35,9 @@ def test_gate_separates_a_shifted_distribution_at_the_requested_false_positive_r
     gate = novelty.fit_gate([held_in], novel, fpr=0.02)
     fresh_held_in = F.normalize(torch.randn(64, 32, d), dim=-1)
     fresh_novel = F.normalize(torch.randn(64, 32, d) / 4 ** 0.5 + shift, dim=-1)
-    assert gate_open(held_in, *gate).float().mean() == pytest.approx(0.02, abs=0.005)
-    assert gate_open(fresh_held_in, *gate).float().mean() < 0.04
-    assert gate_open(fresh_novel, *gate).float().mean() > 0.9
+    assert gate_open(held_in, gate).float().mean() == pytest.approx(0.02, abs=0.005)
+    assert gate_open(fresh_held_in, gate).float().mean() < 0.04
+    assert gate_open(fresh_novel, gate).float().mean() > 0.9
 
 
 def test_surprise_flags_a_novel_distribution_and_not_held_in_records(tiny_cfg):
@@ -75,10 +75,10 @@ def test_gate_holds_the_false_positive_rate_on_every_source_not_only_pooled():
     near = F.normalize(torch.randn(64, 32, d) + 0.5 * shift, dim=-1)  # and one close to it
     novel = F.normalize(torch.randn(64, 32, d) / 4 ** 0.5 + shift, dim=-1)
     gate = novelty.fit_gate([far, near], novel, fpr=0.02)
-    assert gate_open(near, *gate).float().mean() <= 0.021  # quantile in float64, gate in float32
-    assert gate_open(far, *gate).float().mean() < 0.02
+    assert gate_open(near, gate).float().mean() <= 0.021  # quantile in float64, gate in float32
+    assert gate_open(far, gate).float().mean() < 0.02
     pooled = novelty.fit_gate([torch.cat([far, near])], novel, fpr=0.02)
-    assert gate_open(near, *pooled).float().mean() > 0.03  # the pooled quantile lets the near domain through
+    assert gate_open(near, pooled).float().mean() > 0.03  # the pooled quantile lets the near domain through
 
 
 def test_detect_triggers_after_m_consecutive_novel_batches():
@@ -90,3 +90,26 @@ def test_detect_triggers_after_m_consecutive_novel_batches():
     assert found.shares == [0.0, 0.5, 1.0, 1.0, 0.0]
     assert found.trigger == 3 and found.records_until_detection == 8
     assert novelty.detect([1.0] * 9, limit=3.0, cfg=cfg).trigger is None
+
+
+def test_an_mlp_gate_admits_what_no_linear_gate_can_at_the_same_false_positive_rate():
+    # Held-in tokens sit at x0 = ±2, novel ones between them at x0 = 0: the class means agree, so no
+    # direction separates them, while one hidden layer does.
+    torch.manual_seed(0)
+    d = 8
+
+    def tokens(centres: torch.Tensor) -> torch.Tensor:  # (128 windows, 32 tokens, d)
+        x = 0.3 * torch.randn(128, 32, d)
+        x[..., 0] += centres[torch.randint(len(centres), (128, 32))]
+        return x
+
+    held_in, novel = tokens(torch.tensor([-2.0, 2.0])), tokens(torch.tensor([0.0]))
+    fresh_held_in, fresh_novel = tokens(torch.tensor([-2.0, 2.0])), tokens(torch.tensor([0.0]))
+    linear = novelty.fit_gate([held_in], novel, fpr=0.02)
+    mlp = novelty.fit_gate([held_in], novel, fpr=0.02, hidden=16)
+    assert mlp.u.shape == (16, d) and not linear.u.numel()
+    assert gate_open(held_in, mlp).float().mean() <= 0.021
+    assert gate_open(fresh_held_in, mlp).float().mean() < 0.05  # a 2 % tail of 128 windows: 1-5 % over seeds
+    assert gate_open(fresh_novel, mlp).float().mean() > 0.9
+    assert gate_open(fresh_novel, linear).float().mean() < 0.2
+    assert torch.equal(novelty.fit_gate([held_in], novel, 0.02, hidden=16).u, mlp.u)  # seeded: same gate again

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hst.router import GATE_PRIOR_TOKENS, SKIPPED, KeyRouter, LearnedRouter, causal_mean, gate_open
+from hst.router import GATE_PRIOR_TOKENS, SKIPPED, Gate, KeyRouter, LearnedRouter, causal_mean, gate_open
 
 
 def make_router(**kw):
@@ -46,7 +46,7 @@ def test_gated_expert_is_eligible_only_where_its_gate_opens():
     before.keys.copy_(r.keys)
     w = torch.zeros(8)
     w[0] = 1.0
-    r.add_key(w.clone(), gate=(w, 0.0, -0.5))  # open where the running mean of feature 0 exceeds 0.5
+    r.add_key(w.clone(), gate=r.add_gate(Gate.linear(w, 0.0, -0.5)))  # open where the running mean of feature 0 exceeds 0.5
     x = torch.randn(2, 12, 8)
     x[0, :, 0] = -5.0  # sequence 0: feature 0 strongly negative -> gate closed everywhere
     x[1, :, 0] = 50.0  # sequence 1: feature 0 dominates -> gate open, and the new key is the best match
@@ -57,14 +57,14 @@ def test_gated_expert_is_eligible_only_where_its_gate_opens():
     assert torch.equal(out.belief[closed, :3], ref.belief[closed]) and (out.belief[closed, 3] == 0).all()
     # In sequence 1 the running mean (which starts from GATE_PRIOR_TOKENS zeros) passes 0.5 later on.
     assert (out.expert_ids[12 + 2 * GATE_PRIOR_TOKENS:] == 3).any(-1).all()
-    assert torch.equal(r.eligible(r.features(x))[..., 3], gate_open(r.features(x), w, 0.0, -0.5))
+    assert torch.equal(r.eligible(r.features(x))[..., 3], gate_open(r.features(x), Gate.linear(w, 0.0, -0.5)))
 
 
 def test_gate_looks_only_at_earlier_tokens():
     r = make_router(n_experts=2, top_k=1)
     w = torch.zeros(8)
     w[0] = 1.0
-    r.add_key(torch.ones(8), gate=(w, 0.0, -0.2))
+    r.add_key(torch.ones(8), gate=r.add_gate(Gate.linear(w, 0.0, -0.2)))
     x = torch.randn(1, 10, 8)
     changed = x.clone()
     changed[0, 6:, 0] = 100.0  # a burst late in the sequence cannot open the gate for earlier tokens
@@ -154,3 +154,23 @@ def test_centered_routing_subtracts_the_running_mean():
     assert torch.allclose(r.similarity(x), want, atol=1e-6)
     # The shared offset dominates raw cosine (every token looks alike); centring removes it.
     assert raw(x).max_sim.std() < r(x).max_sim.std()
+
+
+def test_stacked_gates_of_different_widths_open_as_each_does_alone():
+    torch.manual_seed(0)
+    r = make_router(n_experts=2, top_k=1)
+    narrow = Gate(torch.randn(8), torch.randn(3, 8), torch.randn(3), torch.randn(3), torch.tensor(0.1), torch.tensor(0.2))
+    wide = Gate(torch.zeros(8), torch.randn(5, 8), torch.randn(5), torch.randn(5), torch.tensor(-0.3), torch.tensor(0.0))
+    f = r.features(torch.randn(3, 10, 8))
+    alone = gate_open(f, narrow)
+    assert r.add_gate(narrow) == 0 and r.add_gate(wide) == 1 and r.gate_u.shape == (2, 5, 8)
+    for g in (1, 0, None):
+        r.add_key(torch.randn(8), gate=g)
+    eligible = r.eligible(f)
+    assert torch.equal(eligible[..., 3], alone)  # zero-padded to the wider gate, it opens where it did
+    assert torch.equal(eligible[..., 2], gate_open(f, wide))
+    assert eligible[..., [0, 1, 4]].all()
+    # The score is the documented formula.
+    h = F.gelu(f @ narrow.u.T + narrow.c) @ narrow.v
+    want = causal_mean(f @ narrow.w + h - narrow.shift, GATE_PRIOR_TOKENS) + narrow.b > 0
+    assert torch.equal(alone, want)
