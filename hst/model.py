@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from hst.config import ModelConfig
 from hst.experts import Expert, MoE
-from hst.router import LearnedRouter, Routing
+from hst.router import KeyRouter, LearnedRouter, Routing
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +119,8 @@ class GPT(nn.Module):
                 n = block.ffn.router.n_experts
                 k = experts_per_token[layer] if experts_per_token else (n if c.routing == "top_any" else c.top_k)
                 total += 2 * d * n + k * 2 * 2 * d * c.expert_hidden  # router scores, k experts
+                if isinstance(block.ffn.router, KeyRouter):  # growth gates: linear term + hidden units
+                    total += 2 * d * len(block.ffn.router.gate_b) * (1 + block.ffn.router.gate_u.shape[1])
             else:
                 total += 2 * 2 * d * c.dense_hidden
         return total

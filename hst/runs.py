@@ -15,11 +15,13 @@ import json
 import subprocess
 from pathlib import Path
 
+import torch
 import yaml
 
 from hst import tracking
-from hst.config import HSTError, ModelConfig, TrackingConfig, build, check_params, read_params
+from hst.config import GrowConfig, HSTError, ModelConfig, TrackingConfig, build, check_params, read_params
 from hst.model import GPT
+from hst.router import Gate
 
 # Baselines run with the promotion gate open (and growth off), so a cycle that forgets still becomes
 # the next cycle's start: plain sequential finetuning.
@@ -96,11 +98,20 @@ def track(source: str, variant: str, uri: str) -> list[str]:
 
 
 def model_of(source: str, experts_per_layer: list[int]) -> GPT:
-    """An (untrained) model of a variant's shape: for its FLOPs and parameter count."""
-    section = yaml.safe_load(read_text(source, "params.yaml"))["model"]
+    """An (untrained) model of a variant's shape, grown experts' gates included (one per grown cycle
+    and layer, ``grow.experts`` experts behind each): for its FLOPs and parameter count."""
+    params = yaml.safe_load(read_text(source, "params.yaml"))
     # Older experiments may carry model keys that have since been removed (e.g. novelty_threshold).
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return GPT(ModelConfig(**{k: v for k, v in section.items() if k in known}), experts_per_layer)
+    model = GPT(ModelConfig(**{k: v for k, v in params["model"].items() if k in known}), experts_per_layer)
+    if model.cfg.ffn == "key":
+        grow = {**dataclasses.asdict(GrowConfig(gate_hidden=0)), **params.get("grow", {})}  # older runs: linear gates
+        d, h = model.cfg.d_model, grow["gate_hidden"]
+        for layer, n in enumerate(experts_per_layer):
+            for _ in range((n - model.cfg.n_experts) // grow["experts"]):
+                model.moe(layer).router.add_gate(Gate(torch.zeros(d), torch.zeros(h, d), torch.zeros(h), torch.zeros(h),
+                                                      torch.tensor(0.0), torch.tensor(0.0)))
+    return model
 
 
 def pct(x: float | None) -> str:

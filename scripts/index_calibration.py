@@ -7,12 +7,14 @@ first n records per domain of that index and reports the threshold, the share of
 marked novel and, per layer, a gate fitted on w windows as ``hst.grow.grow`` fits it: the share of
 the cycle's new tokens it passes and the largest share of any learned domain's *validation* tokens
 it passes (out-of-sample false positives; the target is ``grow.gate_fpr``), both measured on
-``--eval-windows`` windows (0: the w windows the gate was fitted on). Sizes above the index's
-``cycle.index_records`` see the whole index:
+``--eval-windows`` windows (0: the w windows the gate was fitted on), for each gate kind
+``--hidden`` (0: linear Fisher gate, h: an MLP scorer of width h; default ``grow.gate_hidden``).
+Sizes above the index's ``cycle.index_records`` see the whole index:
 
     python -m scripts.index_calibration --sizes 600 300 150 100 --windows 64 --eval-windows 0 \
         --out docs/runs/index_calibration.json
-    python -m scripts.index_calibration --sizes 150 --windows 64 128 256 --out docs/runs/gate_windows.json
+    python -m scripts.index_calibration --sizes 150 --windows 64 128 256 --hidden 0 --out docs/runs/gate_windows.json
+    python -m scripts.index_calibration --sizes 150 --windows 256 --hidden 0 128 --out docs/runs/gate_mlp.json
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[600, 300, 150, 100], help="index records per domain")
     ap.add_argument("--windows", type=int, nargs="+", default=[64], help="windows per source the gate is fitted on")
     ap.add_argument("--eval-windows", type=int, default=256, help="windows pass rates are measured on; 0: the fit's")
+    ap.add_argument("--hidden", type=int, nargs="+", help="gate MLP widths (0: linear); default grow.gate_hidden")
     ap.add_argument("--out", required=True, help="JSON report")
     args = ap.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -65,7 +68,7 @@ def main() -> None:
                 memo[name, w] = ffn_inputs(model, tokens, layers, w)
             return memo[name, w]
 
-        for n, w in ((n, w) for n in args.sizes for w in args.windows):
+        for n, w, h in ((n, w, h) for n in args.sizes for w in args.windows for h in args.hidden or [cfg.gate_hidden]):
             sub = first_per_source(index, n)
             limit = novelty.threshold(sub["bpb"].to_pylist(), cfg.quantile)
             x_old = [ffn_inputs(model, t, layers, w) for t in sampler.tokens_by_source(sub).values()]
@@ -75,15 +78,14 @@ def main() -> None:
             rows = []
             for i in layers:
                 router = model.moe(i).router
-                gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr,
-                                        cfg.gate_hidden)
+                gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr, h)
                 share = lambda x: round(float(gate_open(router.features(x), gate).float().mean()), 4)  # noqa: E731
                 rows.append({"pass_new": share(x_new_eval[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
-            report[f"{cycle}/{n}/{w}"] = {"records": sub.num_rows, "gate_windows": w, "eval_windows": e,
+            report[f"{cycle}/{n}/{w}/{h}"] = {"records": sub.num_rows, "gate_windows": w, "gate_hidden": h, "eval_windows": e,
                                           "threshold_bpb": round(limit, 4),
                                           "novel_share": round(sum(novelty.detect(new["bpb"].to_pylist(), limit, cfg).novel) / len(new), 3),
                                           "layers": rows}
-            print(cycle, n, w, json.dumps(report[f"{cycle}/{n}/{w}"]["layers"]), flush=True)
+            print(cycle, n, w, h, json.dumps(report[f"{cycle}/{n}/{w}/{h}"]["layers"]), flush=True)
     write_json(args.out, report)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hst.model import GPT
+from hst.router import Gate
 
 
 @pytest.mark.parametrize("ffn", ["key", "learned", "dense"])
@@ -83,3 +84,7 @@ def test_flops_per_token_count_the_active_matmuls(tiny_cfg):
     any_cfg = dataclasses.replace(tiny_cfg, ffn="learned", routing="top_any")
     assert GPT(any_cfg).flops_per_token() == key.flops_per_token() + tiny_cfg.n_layer * 2 * 4 * d * h
     assert GPT(any_cfg).flops_per_token([1.0, 1.0]) == key.flops_per_token() - tiny_cfg.n_layer * 4 * d * h
+    gated = GPT(tiny_cfg)  # a growth gate of 8 hidden units scores every token: (1 + 8) multiply-adds per feature
+    gated.moe(0).router.add_gate(Gate(torch.zeros(d), torch.zeros(8, d), torch.zeros(8), torch.zeros(8),
+                                      torch.tensor(0.0), torch.tensor(0.0)))
+    assert gated.flops_per_token() == key.flops_per_token() + 2 * d * 9
