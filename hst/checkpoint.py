@@ -96,17 +96,23 @@ def _from_format_2(state_dict: dict) -> dict:
     for key in [k for k in state_dict if k.endswith("router.gate_w")]:
         prefix = key[:-len("gate_w")]
         w, shift, b = (out.pop(prefix + name) for name in ("gate_w", "gate_shift", "gate_b"))
-        rows = [(w[e], shift[e], b[e]) for e in range(len(w)) if w[e].any() or shift[e] != 0 or b[e] != 1]
-        distinct = list({(tuple(r[0].tolist()), float(r[1]), float(r[2])): r for r in rows}.values())
-        index = {(tuple(r[0].tolist()), float(r[1]), float(r[2])): g for g, r in enumerate(distinct)}
-        out[prefix + "expert_gate"] = torch.tensor([index.get((tuple(w[e].tolist()), float(shift[e]), float(b[e])), -1)
-                                                    for e in range(len(w))])
-        d, n = w.shape[1], len(distinct)
-        out |= {prefix + "gate_w": torch.stack([r[0] for r in distinct]) if n else w.new_zeros(0, d),
-                prefix + "gate_u": w.new_zeros(n, 0, d), prefix + "gate_c": w.new_zeros(n, 0),
-                prefix + "gate_v": w.new_zeros(n, 0),
-                prefix + "gate_shift": torch.stack([r[1] for r in distinct]) if n else w.new_zeros(0),
-                prefix + "gate_b": torch.stack([r[2] for r in distinct]) if n else w.new_zeros(0)}
+        gates: dict[tuple, int] = {}  # distinct gated row -> its gate index
+        expert_gate, first = [], []  # per expert its gate (-1: ungated); per gate its first expert
+        for e in range(len(w)):
+            row = (tuple(w[e].tolist()), float(shift[e]), float(b[e]))
+            if row == ((0.0,) * w.shape[1], 0.0, 1.0):
+                expert_gate.append(-1)
+                continue
+            if row not in gates:
+                gates[row] = len(first)
+                first.append(e)
+            expert_gate.append(gates[row])
+        first = torch.tensor(first, dtype=torch.long)
+        n, d = len(first), w.shape[1]
+        out |= {prefix + "expert_gate": torch.tensor(expert_gate, dtype=torch.long),
+                prefix + "gate_w": w[first], prefix + "gate_u": w.new_zeros(n, 0, d),
+                prefix + "gate_c": w.new_zeros(n, 0), prefix + "gate_v": w.new_zeros(n, 0),
+                prefix + "gate_shift": shift[first], prefix + "gate_b": b[first]}
     return out
 
 

@@ -66,7 +66,10 @@ class Gate(NamedTuple):
 
 
 def gate_scores(features: torch.Tensor, gate: Gate) -> torch.Tensor:
-    """(B, T, d) features -> (B, T, G) per-token scores of stacked gates."""
+    """(B, T, d) features -> per-token scores: (B, T, G) for stacked gates, (B, T) for one gate
+    (``gate.w`` of shape (d,))."""
+    if gate.w.dim() == 1:
+        return gate_scores(features, Gate(*(torch.as_tensor(t)[None] for t in gate)))[..., 0]
     f = features.float()
     scores = f @ gate.w.T
     if gate.u.shape[1]:
@@ -77,10 +80,7 @@ def gate_scores(features: torch.Tensor, gate: Gate) -> torch.Tensor:
 
 
 def gate_open(features: torch.Tensor, gate: Gate) -> torch.Tensor:
-    """Where growth gates open on (B, T, d) features: (B, T, G) for stacked gates, (B, T) for one
-    (``gate.w`` of shape (d,))."""
-    if gate.w.dim() == 1:
-        return gate_open(features, Gate(*(torch.as_tensor(t)[None] for t in gate)))[..., 0]
+    """Where growth gates open on (B, T, d) features: (B, T, G) for stacked gates, (B, T) for one."""
     return causal_mean(gate_scores(features, gate), GATE_PRIOR_TOKENS) + gate.b > 0
 
 
