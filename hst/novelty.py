@@ -107,11 +107,9 @@ def fit_gate(held_in: list[torch.Tensor], novel: torch.Tensor, fpr: float, hidde
         cov = (torch.cov(old.T) + torch.cov(new.T)) / 2
         cov += shrinkage * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
         gate = Gate.linear(torch.linalg.solve(cov, new.mean(0) - old.mean(0)).float(), 0.0, 0.0)
-    # Scores before the shift (``gate`` has shift 0 here).
-    shift = float(torch.cat([gate_scores(h, gate) for h in held_in]).double().mean())
-    top = max(float(torch.quantile(causal_mean(gate_scores(h, gate).double() - shift, GATE_PRIOR_TOKENS).flatten(),
-                                   1 - fpr))
-              for h in held_in)
+    scores = [gate_scores(h, gate).double() for h in held_in]  # before the shift: ``gate`` has shift 0 here
+    shift = float(torch.cat(scores).mean())
+    top = max(float(torch.quantile(causal_mean(s - shift, GATE_PRIOR_TOKENS).flatten(), 1 - fpr)) for s in scores)
     return gate._replace(shift=torch.tensor(shift), b=torch.tensor(-top))
 
 
