@@ -305,15 +305,19 @@ def test_kill_9_during_a_training_stage_leaves_no_leftovers_after_the_next_repro
     assert snapshot(proj) != before and checkpoint.load(proj / "models/pretrain.pt")[1]["train"]["steps"] == 14
 
 
-def test_killing_dvc_stops_the_stage_it_started(finished, tmp_path):
+@pytest.mark.parametrize("shell", ["/bin/sh", "bash"])
+def test_killing_dvc_stops_the_stage_it_started(finished, tmp_path, shell):
+    """DVC runs a command through $SHELL (or /bin/sh): bash execs it, dash waits for it, so with
+    dash the stage's parent is the shell, which outlives dvc; the stage must stop either way."""
     src, _ = finished
     proj = tmp_path / "proj"
     shutil.copytree(src, proj, symlinks=True)
-    set_param("pretrain.steps", 400)(proj)
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=proj, env=dvc_env(proj),
+    set_param("pretrain.steps", 10**6)(proj)  # cannot finish by itself while the test waits
+    env = {**dvc_env(proj), "SHELL": shutil.which(shell)}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=proj, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill once the stage has torch mapped: it is then past `import stages` (which sets the death
-    # signal), so the test does not depend on how fast an interpreter starts on a loaded machine.
+    # Kill once the stage has torch mapped: it is then past `import stages` (which sets up the
+    # watch), so the test does not depend on how fast an interpreter starts on a loaded machine.
     deadline = time.monotonic() + 120
     stage_pids = []
     while time.monotonic() < deadline and not stage_pids:
@@ -323,9 +327,12 @@ def test_killing_dvc_stops_the_stage_it_started(finished, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # dvc itself, not the stage
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and all(_cmdline(p) for p in stage_pids):
+    while time.monotonic() < deadline and any(_cmdline(p) for p in stage_pids):
         time.sleep(0.2)
-    assert not any(_cmdline(p) for p in stage_pids), "the stage outlived dvc"
+    alive = [p for p in stage_pids if _cmdline(p)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the stage outlived dvc"
 
 
 def _children(pid: int) -> list[int]:
