@@ -44,10 +44,12 @@ BASE_STEPS = 160
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
 METHODS = {
     "HST": ("hst-gate1", "grow.steps", [], (0.5, 1, 2)),
-    "HST, gate 3 %": ("hst", "grow.steps", ["grow.gate_fpr=0.03"], (0.5, 1, 2)),
+    # The linear (Fisher) gate's points, run before MLP gates and the index defaults of 2026-11-30.
+    "HST, linear gate 3 %": ("hst", "grow.steps", ["grow.gate_fpr=0.03", "grow.gate_hidden=0"], (0.5, 1, 2)),
     "HST, replay-free, gate 0.5 %": ("hst-replay-free-gate0.5", "grow.steps",
                                      ["cycle.replay=generated", "grow.gate_fpr=0.005"], (1,)),
-    "HST, replay-free, gate 3 %": ("hst-replay-free", "grow.steps", ["cycle.replay=generated", "grow.gate_fpr=0.03"], (1,)),
+    "HST, replay-free, linear gate 3 %": ("hst-replay-free", "grow.steps",
+                                          ["cycle.replay=generated", "grow.gate_fpr=0.03", "grow.gate_hidden=0"], (1,)),
     "dense + replay": ("dense-replay", "consolidate.steps",
                        ["model.ffn=dense", "cycle.mode=full_replay", *REPLAY_POOL, *OPEN_GATE], (0.5, 1, 2)),
     # P's denominator; in the table, not in the figure (it forgets tens of percent).
