@@ -68,24 +68,24 @@ def main() -> None:
                 memo[name, w] = ffn_inputs(model, tokens, layers, w)
             return memo[name, w]
 
-        for n, w, h in ((n, w, h) for n in args.sizes for w in args.windows for h in args.hidden or [cfg.gate_hidden]):
+        for n, w in ((n, w) for n in args.sizes for w in args.windows):
             sub = first_per_source(index, n)
             limit = novelty.threshold(sub["bpb"].to_pylist(), cfg.quantile)
+            novel_share = round(sum(novelty.detect(new["bpb"].to_pylist(), limit, cfg).novel) / len(new), 3)
             x_old = [ffn_inputs(model, t, layers, w) for t in sampler.tokens_by_source(sub).values()]
             x_new = inputs("new", new_tokens, w)
             e = args.eval_windows or w
             x_new_eval, x_val = inputs("new", new_tokens, e), [inputs(f"val{j}", t, e) for j, t in enumerate(val)]
-            rows = []
-            for i in layers:
-                router = model.moe(i).router
-                gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr, h)
-                share = lambda x: round(float(gate_open(router.features(x), gate).float().mean()), 4)  # noqa: E731
-                rows.append({"pass_new": share(x_new_eval[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
-            report[f"{cycle}/{n}/{w}/{h}"] = {"records": sub.num_rows, "gate_windows": w, "gate_hidden": h, "eval_windows": e,
-                                          "threshold_bpb": round(limit, 4),
-                                          "novel_share": round(sum(novelty.detect(new["bpb"].to_pylist(), limit, cfg).novel) / len(new), 3),
-                                          "layers": rows}
-            print(cycle, n, w, h, json.dumps(report[f"{cycle}/{n}/{w}/{h}"]["layers"]), flush=True)
+            for h in args.hidden or [cfg.gate_hidden]:
+                rows = []
+                for i in layers:
+                    router = model.moe(i).router
+                    gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr, h)
+                    share = lambda x: round(float(gate_open(router.features(x), gate).float().mean()), 4)  # noqa: E731
+                    rows.append({"pass_new": share(x_new_eval[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
+                report[f"{cycle}/{n}/{w}/{h}"] = {"records": sub.num_rows, "gate_windows": w, "gate_hidden": h, "eval_windows": e,
+                                                  "threshold_bpb": round(limit, 4), "novel_share": novel_share, "layers": rows}
+                print(cycle, n, w, h, json.dumps(rows), flush=True)
     write_json(args.out, report)
 
 
