@@ -293,6 +293,8 @@ class GrowConfig:
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
     steps: int = 160  # optimizer steps training only the new experts on the novel records
     lr: float = 3e-3  # their peak learning rate: isolated behind gates, they take a higher one than shared experts
+    old_share: float = 0.0  # share of the training records drawn from the index's old ones (stored or generated):
+    #                         with any, the experts grown in earlier cycles train too (each only where its gate opens)
 
     def __post_init__(self):
         _require(0 < self.quantile < 1, "quantile: expected in (0, 1)")
@@ -306,6 +308,7 @@ class GrowConfig:
         _require(self.init in ("copy_nearest", "random"), f"init: expected copy_nearest or random, got {self.init!r}")
         _require(self.steps >= 0, "steps: expected >= 0")
         _require(self.lr > 0, "lr: expected > 0")
+        _require(0 <= self.old_share < 1, "old_share: expected in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ Their keys are the centroids of a spherical k-means over the novel tokens that p
 one expert: their normalized mean) — not of all novel hidden states, which point along the
 direction every hidden state shares (``FINDINGS.md``) — so the new experts split the new data
 between them. Weights are copied from the expert nearest each key (or drawn fresh); then only the
-new experts train on the novel records.
+new experts train on the novel records — or, given old (replay) records too, the new experts and the
+ones grown in earlier cycles train on both: an earlier cycle's experts keep learning their domain
+where their gate opens, as every parameter of dense + replay does, while the experts present before
+any growth and all shared weights stay frozen.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from hst.train import train
 
 
 def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, torch.Tensor], cfg: GrowConfig,
-         train_cfg: TrainConfig) -> tuple[list[tuple[int, int]], dict, list[dict]]:
+         train_cfg: TrainConfig, replay: torch.Tensor | None = None) -> tuple[list[tuple[int, int]], dict, list[dict]]:
     """Add ``cfg.experts`` gated experts to each of ``layers`` and train the new experts on ``novel`` tokens.
 
     ``held_in`` maps each learned domain (source) to its tokens; every gate lets at most
-    ``cfg.gate_fpr`` of each source's tokens through. Returns the new
-    ``(layer, expert)`` pairs, the training curves and per-layer gate statistics.
+    ``cfg.gate_fpr`` of each source's tokens through. With ``replay`` (old records' tokens) the
+    training stream is ``novel`` followed by ``replay``, and every gated expert trains, not only the
+    new ones. Returns the new ``(layer, expert)`` pairs, the training curves and per-layer gate
+    statistics.
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
@@ -66,8 +71,11 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     if added and cfg.steps > 0:
         tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,
                                    warmup_steps=min(train_cfg.warmup_steps, cfg.steps))
-        with only_trainable(model, added):
-            curves = train(model, tcfg, {"novel": novel}, {}, desc="grow")
+        trained = added if replay is None else [
+            (layer, e) for layer in range(model.cfg.n_layer) for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist()]
+        stream = novel if replay is None else torch.cat([novel, replay])
+        with only_trainable(model, trained):
+            curves = train(model, tcfg, {"novel": stream}, {}, desc="grow")
     return added, curves, stats
 
 

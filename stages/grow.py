@@ -10,7 +10,10 @@ tokens across growth is measured and reported. The output checkpoint is the cycl
 
 With ``cycle.mode: grow`` every cycle grows (DEMix-style dedicated capacity, no domain labels: the
 cycle's incoming records are the unit) and the new experts train on all incoming records; the
-novelty check is still reported. The new experts train at ``grow.lr`` for ``grow.steps``.
+novelty check is still reported. The new experts train at ``grow.lr`` for ``grow.steps``; with
+``grow.old_share`` > 0 that share of the training records is sampled from the index (old training
+records, or the start model's samples when ``cycle.replay: generated``), and the experts grown in
+earlier cycles train with the new ones.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from hst import checkpoint, data, evaluation, grow, novelty, sampler
+import pyarrow as pa
+
+from hst import checkpoint, coreset, data, evaluation, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig, build, load_params
 from hst.io import write_csv, write_json
 from stages.common import cycle_domain, model_config, run
@@ -44,23 +49,24 @@ def main() -> None:
     domain = cycle_domain(cycles, args.cycle)
     model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     new = sampler.load_records(args.buffer)
-    index = sampler.read_buffer(args.index, columns=["text", "bpb", "source"])
+    index = sampler.read_buffer(args.index, columns=["record_id", "text", "bpb", "source"])
     limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)
     found = novelty.detect(new["bpb"].to_pylist(), limit, cfg)
     report = {"applicable": model.cfg.ffn == "key", "threshold_bpb": limit,
               "novel_record_share": sum(found.novel) / max(len(found.novel), 1), "batch_shares": found.shares,
               "records_until_detection": found.records_until_detection,
               "triggered": cfg.enabled and model.cfg.ffn == "key" and (found.trigger is not None or ccfg.mode == "grow")}
-    grown, curves, gates, stability = [], {}, [], []
+    grown, curves, gates, stability, old = [], {}, [], [], []
     if report["triggered"]:
         # Replay-free cycles read no old text: stability is measured on the start model's samples.
         val = (sampler.tokens_by_source(index) if ccfg.replay == "generated" else
                {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]})
         before = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
-        texts = [t for t, flag in zip(new["text"].to_pylist(), found.novel) if flag or ccfg.mode == "grow"]
-        grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(texts),
+        fresh = new.filter(pa.array([bool(flag) or ccfg.mode == "grow" for flag in found.novel]))
+        old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
+        grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist()),
                                          sampler.tokens_by_source(index), cfg,
-                                         dataclasses.replace(tcfg, lr=cfg.lr))
+                                         dataclasses.replace(tcfg, lr=cfg.lr), data.encode(old) if old else None)
         after = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
         stability = evaluation.routing_stability(evaluation.routing_of(before, list(val)),
                                                  evaluation.routing_of(after, list(val)))
@@ -68,7 +74,7 @@ def main() -> None:
             "learned_domains": [*meta["learned_domains"], domain]}
     checkpoint.save(args.out, model, meta)
     write_csv(args.curves, curves.get("train", []), columns=["step", "train_bpb", "lr"])
-    write_json(args.metrics, {**report, "grown": gates, "old_routing_stability": stability,
+    write_json(args.metrics, {**report, "old_records": len(old), "grown": gates, "old_routing_stability": stability,
                               "experts_per_layer": model.n_experts})
 
 

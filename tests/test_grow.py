@@ -122,3 +122,24 @@ def test_each_source_gets_at_most_the_false_positive_rate(tiny_cfg):
     for s in stats:
         assert set(s["held_in_tokens_passing_per_source"]) == {"python", "shakespeare"}
         assert max(s["held_in_tokens_passing_per_source"].values()) <= 0.05 + 1 / 256  # one token of 8 windows × 32
+
+
+SECOND = torch.tensor(list("SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC; ".encode() * 30),
+                      dtype=torch.uint8)
+
+
+def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
+    """With old records, a second growth also trains the first growth's experts (where their gate
+    opens on the replayed text); the experts present from the start and all shared weights stay."""
+    grown_first = {}
+    for replay in (None, NOVEL):
+        model = GPT(tiny_cfg)
+        torch.manual_seed(0)
+        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=2, gate_windows=8), TCFG)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        added, _, _ = grow.grow(model, [0], SECOND, {**HELD_IN, "german": NOVEL}, GrowConfig(experts=1, steps=3, gate_windows=8),
+                                TCFG, replay)
+        assert added == [(0, 5)]
+        assert_only_appended({k: v for k, v in before.items() if ".experts.4." not in k}, model.state_dict())
+        grown_first[replay is None] = torch.equal(model.moe(0).experts[4].up.weight, before["blocks.0.ffn.experts.4.up.weight"])
+    assert grown_first == {True: True, False: False}  # unchanged without replay, trained with it

@@ -408,7 +408,7 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
     params = yaml.safe_load((proj / "params.yaml").read_text())
     # Growth in mode grow needs no novelty: the quantile is set so that no record is novel.
     params["cycle"] |= {"mode": "grow", "replay": replay}
-    params["grow"] |= {"quantile": 0.999, "min_batches": 50, "experts": 2}
+    params["grow"] |= {"quantile": 0.999, "min_batches": 50, "experts": 2, "old_share": 0.25}  # old records: generated ones
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     runs = cycle_stages(proj, tmp_path / "params.yaml")
     if replay == "stored":
@@ -420,6 +420,7 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
     assert json.loads((proj / "c1/coresets/selection.json").read_text()) == []  # mode grow trains no shared expert
     report = json.loads((proj / "c1/grow.json").read_text())
     assert report["triggered"] and report["batch_shares"] and max(report["batch_shares"]) < 1
+    assert report["old_records"] > 0
     start, _ = checkpoint.load(proj / "models/pretrain.pt")
     assert checkpoint.load(proj / "c1/consolidated.pt")[0].state_dict().keys() == start.state_dict().keys()
     final, _ = checkpoint.load(proj / "c1/final.pt")
