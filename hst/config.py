@@ -295,6 +295,8 @@ class GrowConfig:
     lr: float = 3e-3  # their peak learning rate: isolated behind gates, they take a higher one than shared experts
     old_share: float = 0.0  # share of the training records drawn from the index's old ones (stored or generated):
     #                         with any, the experts grown in earlier cycles train too (each only where its gate opens)
+    forgetting_budget: float = 0.0  # after training, the new gates' false-positive rate halves (at most 4 times) until
+    #                                 no learned domain's index records lost more than this (relative BPB); 0 = never
 
     def __post_init__(self):
         _require(0 < self.quantile < 1, "quantile: expected in (0, 1)")
@@ -309,6 +311,7 @@ class GrowConfig:
         _require(self.steps >= 0, "steps: expected >= 0")
         _require(self.lr > 0, "lr: expected > 0")
         _require(0 <= self.old_share < 1, "old_share: expected in [0, 1)")
+        _require(0 <= self.forgetting_budget < 1, "forgetting_budget: expected in [0, 1)")
 
 
 @dataclass(frozen=True)

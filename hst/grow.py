@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from hst.config import GrowConfig, TrainConfig
 from hst.consolidate import ffn_inputs, only_trainable
 from hst.model import GPT
-from hst.novelty import fit_gate
-from hst.router import gate_open
-from hst.train import train
+from hst.novelty import fit_gate, gate_bias
+from hst.router import gate_scores, scores_open
+from hst.train import evaluate, train
 
 
 def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, torch.Tensor], cfg: GrowConfig,
@@ -35,38 +35,38 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     ``held_in`` maps each learned domain (source) to its tokens; every gate lets at most
     ``cfg.gate_fpr`` of each source's tokens through. With ``replay`` (old records' tokens) the
     training stream is ``novel`` followed by ``replay``, and every gated expert trains, not only the
-    new ones. Returns the new ``(layer, expert)`` pairs, the training curves and per-layer gate
-    statistics.
+    new ones. With ``cfg.forgetting_budget`` the trained gates then tighten (:func:`tighten`; the
+    held-in sources' relative BPB change lands in the curves as ``held_in_bpb_change``). Returns the
+    new ``(layer, expert)`` pairs, the training curves and per-layer gate statistics (at the gates'
+    final rate, ``gate_fpr``).
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
     x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
     x_old = {src: ffn_inputs(model, t, layers, cfg.gate_windows) for src, t in held_in.items()}
+    before = held_in_bpb(model, held_in, cfg.gate_windows) if cfg.forgetting_budget else {}
     placed = []
     for i, layer in enumerate(layers):
         router = model.moe(layer).router
         f_new = router.features(x_new[i])
         f_old = {src: router.features(x[i]) for src, x in x_old.items()}
         gate = fit_gate(list(f_old.values()), f_new, cfg.gate_fpr, cfg.gate_hidden, train_cfg.seed)
-        passed = gate_open(f_new, gate)
-        per_source = {src: float(gate_open(f, gate).float().mean()) for src, f in f_old.items()}
-        placed.append((layer, gate, f_new[passed],
-                       {"layer": layer, "novel_tokens_passing": float(passed.float().mean()),
-                        "held_in_tokens_passing": sum(per_source.values()) / len(per_source),
-                        "held_in_tokens_passing_per_source": per_source}))
-    added, stats = [], []
+        scores = gate_scores(f_new, gate), {src: gate_scores(f, gate) for src, f in f_old.items()}
+        placed.append((layer, gate, f_new[scores_open(scores[0], gate.b)], scores))
+    added, grown, stats = [], [], []
     # ``init: random`` draws from the training seed, not from whatever the process drew before: the
     # grown model is then a function of the inputs in a library caller as in a fresh stage process.
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(train_cfg.seed)
-        for layer, gate, passing, stat in placed:
+        for layer, gate, passing, scores in placed:
             if len(passing) == 0:
                 continue
             index = model.moe(layer).router.add_gate(gate)
             experts = [model.add_expert(layer, key, cfg.init, index) for key in spherical_kmeans(passing, cfg.experts)]
             added += [(layer, e) for e in experts]
-            stats.append({**stat, "expert": experts[0], "experts": experts})
+            grown.append((layer, index, scores))
+            stats.append({"layer": layer, "expert": experts[0], "experts": experts})
     curves = {}
     if added and cfg.steps > 0:
         tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,
@@ -76,7 +76,45 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         stream = novel if replay is None else torch.cat([novel, replay])
         with only_trainable(model, trained):
             curves = train(model, tcfg, {"novel": stream}, {}, desc="grow")
+    fpr = cfg.gate_fpr
+    if cfg.forgetting_budget and grown:
+        fpr, curves["held_in_bpb_change"] = tighten(model, grown, held_in, before, cfg)
+    for stat, (layer, index, (s_new, s_old)) in zip(stats, grown):
+        b = model.moe(layer).router.gate_b[index]
+        per_source = {src: float(scores_open(s, b).float().mean()) for src, s in s_old.items()}
+        stat |= {"gate_fpr": fpr, "novel_tokens_passing": float(scores_open(s_new, b).float().mean()),
+                 "held_in_tokens_passing": sum(per_source.values()) / len(per_source),
+                 "held_in_tokens_passing_per_source": per_source}
     return added, curves, stats
+
+
+# How often :func:`tighten` may halve the new gates' false-positive rate (down to 1/16 of it).
+TIGHTEN_STEPS = 4
+
+
+def held_in_bpb(model: GPT, held_in: dict[str, torch.Tensor], n_windows: int) -> dict[str, float]:
+    """BPB of each held-in source on the windows its gates are calibrated on."""
+    return {src: evaluate(model, t, n_windows).bpb for src, t in held_in.items()}
+
+
+def tighten(model: GPT, grown: list[tuple[int, int, tuple]], held_in: dict[str, torch.Tensor],
+            before: dict[str, float], cfg: GrowConfig) -> tuple[float, dict[str, float]]:
+    """Halve the false-positive rate of the gates just grown (``(layer, gate index, (novel scores,
+    held-in scores per source))``) until no held-in source's BPB rose by more than
+    ``cfg.forgetting_budget`` over ``before``, at most :data:`TIGHTEN_STEPS` times. The gate's rate is
+    a proxy; what a false positive costs depends on how far the new experts moved (German experts on
+    English tokens cost more than kjv experts), which only the trained model shows. Returns the rate
+    kept and each source's relative BPB change at it."""
+    fpr = cfg.gate_fpr
+    for step in range(TIGHTEN_STEPS + 1):
+        if step:
+            fpr /= 2
+            for layer, index, (_, s_old) in grown:
+                model.moe(layer).router.gate_b[index] = gate_bias(list(s_old.values()), fpr)
+        change = {src: bpb / before[src] - 1 for src, bpb in held_in_bpb(model, held_in, cfg.gate_windows).items()}
+        if max(change.values()) <= cfg.forgetting_budget:
+            break
+    return fpr, change
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:

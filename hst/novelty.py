@@ -109,8 +109,14 @@ def fit_gate(held_in: list[torch.Tensor], novel: torch.Tensor, fpr: float, hidde
         gate = Gate.linear(torch.linalg.solve(cov, new.mean(0) - old.mean(0)).float(), 0.0, 0.0)
     scores = [gate_scores(h, gate).double() for h in held_in]  # before the shift: ``gate`` has shift 0 here
     shift = float(torch.cat(scores).mean())
-    top = max(float(torch.quantile(causal_mean(s - shift, GATE_PRIOR_TOKENS).flatten(), 1 - fpr)) for s in scores)
-    return gate._replace(shift=torch.tensor(shift), b=torch.tensor(-top))
+    return gate._replace(shift=torch.tensor(shift), b=gate_bias([s - shift for s in scores], fpr))
+
+
+def gate_bias(scores: list[torch.Tensor], fpr: float) -> torch.Tensor:
+    """The bias ``b`` that opens a gate for at most the share ``fpr`` of every held-in source's
+    tokens, given each source's (windows, T) shifted gate scores (:func:`~hst.router.gate_scores`)."""
+    return torch.tensor(-max(float(torch.quantile(causal_mean(s.double(), GATE_PRIOR_TOKENS).flatten(), 1 - fpr))
+                             for s in scores))
 
 
 def _fit_mlp(held_in: list[torch.Tensor], novel: torch.Tensor, hidden: int,

@@ -81,7 +81,12 @@ def gate_scores(features: torch.Tensor, gate: Gate) -> torch.Tensor:
 
 def gate_open(features: torch.Tensor, gate: Gate) -> torch.Tensor:
     """Where growth gates open on (B, T, d) features: (B, T, G) for stacked gates, (B, T) for one."""
-    return causal_mean(gate_scores(features, gate), GATE_PRIOR_TOKENS) + gate.b > 0
+    return scores_open(gate_scores(features, gate), gate.b)
+
+
+def scores_open(scores: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where gates with bias ``b`` open, given their per-token scores (B, T[, G]) (:func:`gate_scores`)."""
+    return causal_mean(scores, GATE_PRIOR_TOKENS) + b > 0
 
 
 class KeyRouter(nn.Module):

@@ -74,7 +74,8 @@ def main() -> None:
             "learned_domains": [*meta["learned_domains"], domain]}
     checkpoint.save(args.out, model, meta)
     write_csv(args.curves, curves.get("train", []), columns=["step", "train_bpb", "lr"])
-    write_json(args.metrics, {**report, "old_records": len(old), "grown": gates, "old_routing_stability": stability,
+    write_json(args.metrics, {**report, "old_records": len(old), "grown": gates,
+                              "held_in_bpb_change": curves.get("held_in_bpb_change", {}), "old_routing_stability": stability,
                               "experts_per_layer": model.n_experts})
 
 

@@ -61,6 +61,7 @@ def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
     (GrowConfig, {"gate_fpr": 1.5}, r"grow.gate_fpr: expected in \(0, 1\)"),
     (GrowConfig, {"gate_hidden": -1}, "grow.gate_hidden: expected >= 0"),
     (GrowConfig, {"old_share": 1.0}, r"grow.old_share: expected in \[0, 1\)"),
+    (GrowConfig, {"forgetting_budget": -0.01}, r"grow.forgetting_budget: expected in \[0, 1\)"),
     (GrowConfig, {"gate_hidden": 1.5}, "grow.gate_hidden: expected int, got float"),
 ])
 def test_cycle_and_growth_params_are_checked(cls, section, message):

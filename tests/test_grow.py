@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import torch
@@ -143,3 +144,33 @@ def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
         assert_only_appended({k: v for k, v in before.items() if ".experts.4." not in k}, model.state_dict())
         grown_first[replay is None] = torch.equal(model.moe(0).experts[4].up.weight, before["blocks.0.ffn.experts.4.up.weight"])
     assert grown_first == {True: True, False: False}  # unchanged without replay, trained with it
+
+
+def test_gates_tighten_until_the_held_in_forgetting_fits_the_budget(tiny_cfg, monkeypatch):
+    """Within the budget the gates keep their rate; a start that looks twice as good as it was (so
+    the held-in sources seem to lose half their BPB whatever the gates do) halves the rate the full
+    4 times. Each layer's reported pass rates are those of its final bias."""
+    results = {}
+    for tight in (False, True):
+        if tight:
+            measure, calls = grow.held_in_bpb, []
+
+            def halved_start(*args):  # the first call measures the start model
+                calls.append(args)
+                return {src: bpb * (0.5 if len(calls) == 1 else 1) for src, bpb in measure(*args).items()}
+            monkeypatch.setattr(grow, "held_in_bpb", halved_start)
+        model = GPT(tiny_cfg)
+        start = copy.deepcopy(model)  # the gates are fitted on the start model's features
+        _, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN,
+                                     GrowConfig(experts=1, steps=5, gate_windows=8, gate_fpr=0.2, forgetting_budget=0.01), TCFG)
+        results[tight] = stats
+        assert set(curves["held_in_bpb_change"]) == {"python", "shakespeare"}
+        assert (max(curves["held_in_bpb_change"].values()) > 0.5) == tight
+        for s in stats:
+            router = model.moe(s["layer"]).router
+            f = router.features(ffn_inputs(start, HELD_IN["python"], [s["layer"]], 8)[0])
+            assert abs(float(router.eligible(f)[..., -1].float().mean()) - s["held_in_tokens_passing_per_source"]["python"]) < 1e-6
+    assert all(s["gate_fpr"] == 0.2 for s in results[False])
+    assert all(s["gate_fpr"] == 0.2 / 16 for s in results[True])
+    assert all(t["held_in_tokens_passing"] <= l["held_in_tokens_passing"] for t, l in zip(results[True], results[False]))
+    assert any(t["novel_tokens_passing"] < l["novel_tokens_passing"] for t, l in zip(results[True], results[False]))
