@@ -286,7 +286,7 @@ class GrowConfig:
     batch_records: int = 16  # records per novelty batch, in collection order
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
     novel_share: float = 0.5  # p: share of novel records in a batch
-    gate_fpr: float = 0.01  # share of each learned domain's tokens a new expert's gate may let through (its bias)
+    gate_fpr: float = 0.1  # share of each learned domain's tokens a new expert's gate may let through (its bias), at most
     gate_windows: int = 256  # windows of novel and of held-in records the gate is fitted on
     gate_hidden: int = 128  # hidden width of the gate's MLP token scorer; 0 = a linear (Fisher) gate
     experts: int = 4  # new experts per grown layer, behind one gate; keys split the passing novel tokens (k-means)
@@ -295,7 +295,7 @@ class GrowConfig:
     lr: float = 3e-3  # their peak learning rate: isolated behind gates, they take a higher one than shared experts
     old_share: float = 0.0  # share of the training records drawn from the index's old ones (stored or generated):
     #                         with any, the experts grown in earlier cycles train too (each only where its gate opens)
-    forgetting_budget: float = 0.0  # after training, the new gates' false-positive rate halves (at most 4 times) until
+    forgetting_budget: float = 0.01  # after training, the new gates' false-positive rate halves (at most 4 times) until
     #                                 no learned domain's index records lost more than this (relative BPB); 0 = never
 
     def __post_init__(self):

@@ -41,15 +41,21 @@ from hst.io import atomic_path, replace_section  # noqa: E402
 from hst.runs import OPEN_GATE, REPLAY_POOL, export, git, model_of, pct, read_metrics, read_text, run_experiments  # noqa: E402
 
 BASE_STEPS = 160
+# Points run before gates tightened to a forgetting budget: their gates keep grow.gate_fpr.
+FIXED_RATE = ["grow.forgetting_budget=0"]
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
 METHODS = {
-    "HST": ("hst-gate1", "grow.steps", [], (0.5, 1, 2)),
+    "HST": ("hst-budget1", "grow.steps", [], (1,)),
+    # Fixed gate rates (no forgetting budget): 1 % was the default before 2026-11-30's second change.
+    "HST, gate 1 %": ("hst-gate1", "grow.steps", ["grow.gate_fpr=0.01", *FIXED_RATE], (0.5, 1, 2)),
+    "HST, gate 5 %": ("hst-gate5", "grow.steps", ["grow.gate_fpr=0.05", *FIXED_RATE], (1,)),
     # The linear (Fisher) gate's points, run before MLP gates and the index defaults of 2026-11-30.
-    "HST, linear gate 3 %": ("hst", "grow.steps", ["grow.gate_fpr=0.03", "grow.gate_hidden=0"], (0.5, 1, 2)),
+    "HST, linear gate 3 %": ("hst", "grow.steps", ["grow.gate_fpr=0.03", "grow.gate_hidden=0", *FIXED_RATE], (0.5, 1, 2)),
     "HST, replay-free, gate 0.5 %": ("hst-replay-free-gate0.5", "grow.steps",
-                                     ["cycle.replay=generated", "grow.gate_fpr=0.005"], (1,)),
+                                     ["cycle.replay=generated", "grow.gate_fpr=0.005", *FIXED_RATE], (1,)),
     "HST, replay-free, linear gate 3 %": ("hst-replay-free", "grow.steps",
-                                          ["cycle.replay=generated", "grow.gate_fpr=0.03", "grow.gate_hidden=0"], (1,)),
+                                          ["cycle.replay=generated", "grow.gate_fpr=0.03", "grow.gate_hidden=0", *FIXED_RATE],
+                                          (1,)),
     "dense + replay": ("dense-replay", "consolidate.steps",
                        ["model.ffn=dense", "cycle.mode=full_replay", *REPLAY_POOL, *OPEN_GATE], (0.5, 1, 2)),
     # P's denominator; in the table, not in the figure (it forgets tens of percent).
