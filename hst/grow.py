@@ -10,7 +10,9 @@ between them. Weights are copied from the expert nearest each key (or drawn fres
 new experts train on the novel records — or, given old (replay) records too, the new experts and the
 ones grown in earlier cycles train on both: an earlier cycle's experts keep learning their domain
 where their gate opens, as every parameter of dense + replay does, while the experts present before
-any growth and all shared weights stay frozen.
+any growth and all shared weights stay frozen. With a forgetting budget the trained gates then
+tighten (:func:`tighten`): their false-positive rate halves until no held-in source's BPB rose by
+more than the budget — the experts keep what they learned, fewer old tokens reach them.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     if added and cfg.steps > 0:
         tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,
                                    warmup_steps=min(train_cfg.warmup_steps, cfg.steps))
-        trained = added if replay is None else [
-            (layer, e) for layer in range(model.cfg.n_layer) for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist()]
+        gated = [(layer, e) for layer in range(model.cfg.n_layer)
+                 for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist()]
+        trained = added if replay is None else gated
         stream = novel if replay is None else torch.cat([novel, replay])
         with only_trainable(model, trained):
             curves = train(model, tcfg, {"novel": stream}, {}, desc="grow")

@@ -3,6 +3,7 @@
     python -m scripts.pareto --run      # every (method, budget) not yet exported, as a DVC experiment
     python -m scripts.pareto --export   # export experiments that ran elsewhere (same names)
     python -m scripts.pareto            # rebuild docs/pareto.png and the table in docs/results.md
+    python -m scripts.pareto --runs DIR --section NAME --figure F   # the same for another set of points
 
 Every point is the default scenario (the cycles of params.yaml) run as a DVC experiment in the
 workspace (`dvc exp run -n pareto-<method>-<budget>x`; points with the same pretraining settings
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("docs/runs/pareto"))
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="docs/results.md")
+    ap.add_argument("--section", default="pareto", help="the table goes between <!-- SECTION:start/end --> of --out")
     ap.add_argument("--figure", default="docs/pareto.png")
     args = ap.parse_args()
     cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
@@ -157,7 +159,7 @@ def main() -> None:
     rows = [(label, budget, summarize(str(run_dir(args.runs, name)), str(reference) if reference.is_dir() else None, cycles))
             for label, budget, name, _ in points() if run_dir(args.runs, name).is_dir()]
     figure(rows, cycles, args.figure)
-    replace_section(args.out, "pareto", table(rows, cycles, str(reference)))
+    replace_section(args.out, args.section, table(rows, cycles, str(reference)))
 
 
 if __name__ == "__main__":
