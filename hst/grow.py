@@ -73,9 +73,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     if added and cfg.steps > 0:
         tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,
                                    warmup_steps=min(train_cfg.warmup_steps, cfg.steps))
-        gated = [(layer, e) for layer in range(model.cfg.n_layer)
-                 for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist()]
-        trained = added if replay is None else gated
+        trained = added if replay is None else [
+            (layer, e) for layer in range(model.cfg.n_layer)
+            for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist()]
         stream = novel if replay is None else torch.cat([novel, replay])
         with only_trainable(model, trained):
             curves = train(model, tcfg, {"novel": stream}, {}, desc="grow")
