@@ -22,7 +22,7 @@ from hst.config import CycleConfig, ModelConfig, TrainConfig, check_cycle_mode
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.router import KeyRouter
-from hst.train import eval_mode, eval_windows, train
+from hst.train import evaluate, train
 
 
 @contextmanager
@@ -41,20 +41,11 @@ def only_trainable(model: GPT, experts: list[tuple[int, int]]):
             p.requires_grad_(flag)
 
 
-@torch.no_grad()
-def ffn_inputs(model: GPT, tokens: torch.Tensor, layers: list[int], n_windows: int) -> list[torch.Tensor]:
+def ffn_inputs(model: GPT, tokens: torch.Tensor, layers: list[int], n_windows: int) -> tuple[torch.Tensor, ...]:
     """Per layer of ``layers``, the (windows, T, d) hidden states entering its MoE for evenly spaced
-    windows of ``tokens``, all from one forward pass."""
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [model.moe(layer).register_forward_pre_hook(lambda m, args, layer=layer: captured.__setitem__(layer, args[0]))
-             for layer in layers]
-    try:
-        with eval_mode(model):
-            model(eval_windows(tokens, model.cfg.seq_len, n_windows)[:, :-1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [captured[layer] for layer in layers]
+    windows of ``tokens``, all from one forward pass (:func:`hst.train.evaluate`, which also gives
+    the windows' BPB)."""
+    return evaluate(model, tokens, n_windows, layers=layers).ffn_inputs
 
 
 def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tensor,

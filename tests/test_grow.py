@@ -149,16 +149,16 @@ def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
 def test_gates_tighten_until_the_held_in_forgetting_fits_the_budget(tiny_cfg, monkeypatch):
     """Within the budget the gates keep their rate; a start that looks twice as good as it was (so
     the held-in sources seem to lose half their BPB whatever the gates do) halves the rate the full
-    4 times. Each layer's reported pass rates are those of its final bias."""
-    results = {}
+    4 times, measuring one source per rejected rate and every source at the last. Each layer's
+    reported pass rates are those of its final bias."""
+    results, measure, calls = {}, grow.evaluate, []
     for tight in (False, True):
         if tight:
-            measure, calls = grow.held_in_bpb, []
-
-            def halved_start(*args):  # the first call measures the start model
-                calls.append(args)
-                return {src: bpb * (0.5 if len(calls) == 1 else 1) for src, bpb in measure(*args).items()}
-            monkeypatch.setattr(grow, "held_in_bpb", halved_start)
+            def halved_start(*args, layers=()):  # the passes with features measure the start model
+                calls.append(bool(layers))
+                out = measure(*args, layers=layers)
+                return out._replace(bpb=out.bpb * 0.5) if layers else out
+            monkeypatch.setattr(grow, "evaluate", halved_start)
         model = GPT(tiny_cfg)
         start = copy.deepcopy(model)  # the gates are fitted on the start model's features
         _, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN,
@@ -170,6 +170,7 @@ def test_gates_tighten_until_the_held_in_forgetting_fits_the_budget(tiny_cfg, mo
             router = model.moe(s["layer"]).router
             f = router.features(ffn_inputs(start, HELD_IN["python"], [s["layer"]], 8)[0])
             assert abs(float(router.eligible(f)[..., -1].float().mean()) - s["held_in_tokens_passing_per_source"]["python"]) < 1e-6
+    assert calls == [True, True] + [False] * 4 + [False, False]
     assert all(s["gate_fpr"] == 0.2 for s in results[False])
     assert all(s["gate_fpr"] == 0.2 / 16 for s in results[True])
     assert all(t["held_in_tokens_passing"] <= l["held_in_tokens_passing"] for t, l in zip(results[True], results[False]))
