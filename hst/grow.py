@@ -7,10 +7,10 @@ Their keys are the centroids of a spherical k-means over the novel tokens that p
 one expert: their normalized mean) — not of all novel hidden states, which point along the
 direction every hidden state shares (``FINDINGS.md``) — so the new experts split the new data
 between them. Weights are copied from the expert nearest each key (or drawn fresh); then only the
-new experts train on the novel records — or, given old (replay) records too, the new experts and the
-ones grown in earlier cycles train on both: an earlier cycle's experts keep learning their domain
-where their gate opens, as every parameter of dense + replay does, while the experts present before
-any growth and all shared weights stay frozen. With a forgetting budget the trained gates then
+new experts train on the novel records — and, given old (replay) records too, the ones grown in
+earlier cycles then train on those (a ``GrowConfig.old_share`` of the steps): an earlier cycle's
+experts keep learning their domain where their gate opens, as every parameter of dense + replay
+does, while the experts present before any growth and all shared weights stay frozen. With a forgetting budget the trained gates then
 tighten (:func:`tighten`): their false-positive rate halves until no held-in source's BPB rose by
 more than the budget — the experts keep what they learned, fewer old tokens reach them.
 """
@@ -36,8 +36,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
 
     ``held_in`` maps each learned domain (source) to its tokens; every gate lets at most
     ``cfg.gate_fpr`` of each source's tokens through. With ``replay`` (old records' tokens) the
-    training stream is ``novel`` followed by ``replay``, and every gated expert trains, not only the
-    new ones. With ``cfg.forgetting_budget`` the trained gates then tighten (:func:`tighten`; the
+    experts grown in earlier cycles then train on it for ``cfg.old_share`` of ``cfg.steps`` (the new
+    ones get the rest, on ``novel``). With ``cfg.forgetting_budget`` the trained gates then tighten (:func:`tighten`; the
     held-in sources' relative BPB change lands in the curves as ``held_in_bpb_change``). Returns the
     new ``(layer, expert)`` pairs, the training curves and per-layer gate statistics (at the gates'
     final rate, ``gate_fpr``).
@@ -71,16 +71,22 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
             added += [(layer, e) for e in experts]
             grown.append((layer, index, scores))
             stats.append({"layer": layer, "expert": experts[0], "experts": experts})
-    curves = {}
-    if added and cfg.steps > 0:
-        tcfg = dataclasses.replace(train_cfg, domains=("novel",), steps=cfg.steps, update_keys=False,
-                                   warmup_steps=min(train_cfg.warmup_steps, cfg.steps))
-        trained = added if replay is None else [
-            (layer, e) for layer in range(model.cfg.n_layer)
-            for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist()]
-        stream = novel if replay is None else torch.cat([novel, replay])
-        with only_trainable(model, trained):
-            curves = train(model, tcfg, {"novel": stream}, {}, desc="grow")
+    # With replay, the experts grown earlier train after the new ones, on the old records only: trained
+    # on the mixed stream they also learned the new domain's tokens their gates admit, and drifted
+    # (kjv lost ~5 % a cycle at old_share 0.2, docs/decisions.md).
+    earlier = [] if replay is None else [
+        (layer, e) for layer in range(model.cfg.n_layer)
+        for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist() if (layer, e) not in added]
+    old_steps = round(cfg.steps * cfg.old_share) if earlier else 0
+    curves = {"train": []}
+    for experts, stream, steps, name in ((added, novel, cfg.steps - old_steps, "grow"),
+                                         (earlier, replay, old_steps, "grow (earlier experts)")):
+        if experts and steps > 0:
+            tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=steps, update_keys=False,
+                                       warmup_steps=min(train_cfg.warmup_steps, steps))
+            with only_trainable(model, experts):
+                phase = train(model, tcfg, {"stream": stream}, {}, desc=name)["train"]
+            curves["train"] += [row | {"step": row["step"] + len(curves["train"])} for row in phase]
     fpr = cfg.gate_fpr
     if cfg.forgetting_budget and grown:
         fpr, curves["held_in_bpb_change"] = tighten(model, grown, held_in, before, cfg)

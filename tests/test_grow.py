@@ -130,20 +130,24 @@ SECOND = torch.tensor(list("SELECT name, count(*) FROM users GROUP BY name ORDER
 
 
 def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
-    """With old records, a second growth also trains the first growth's experts (where their gate
-    opens on the replayed text); the experts present from the start and all shared weights stay."""
-    grown_first = {}
-    for replay in (None, NOVEL):
+    """With old records, a second growth also trains the first growth's experts, on the old records
+    only (where their gate opens) and after the new experts: the new experts are the same whatever
+    the old records are. The experts present from the start and all shared weights stay."""
+    first, new = {}, {}
+    for name, replay in (("none", None), ("novel", NOVEL), ("second", SECOND)):
         model = GPT(tiny_cfg)
         torch.manual_seed(0)
         grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=2, gate_windows=8), TCFG)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        added, _, _ = grow.grow(model, [0], SECOND, {**HELD_IN, "german": NOVEL}, GrowConfig(experts=1, steps=3, gate_windows=8),
-                                TCFG, replay)
+        added, curves, _ = grow.grow(model, [0], SECOND, {**HELD_IN, "german": NOVEL},
+                                     GrowConfig(experts=1, steps=4, gate_windows=8, old_share=0.5), TCFG, replay)
         assert added == [(0, 5)]
+        assert [row["step"] for row in curves["train"]] == [1, 2, 3, 4]  # one curve over both phases
         assert_only_appended({k: v for k, v in before.items() if ".experts.4." not in k}, model.state_dict())
-        grown_first[replay is None] = torch.equal(model.moe(0).experts[4].up.weight, before["blocks.0.ffn.experts.4.up.weight"])
-    assert grown_first == {True: True, False: False}  # unchanged without replay, trained with it
+        first[name] = torch.equal(model.moe(0).experts[4].up.weight, before["blocks.0.ffn.experts.4.up.weight"])
+        new[name] = model.moe(0).experts[5].up.weight.clone()
+    assert first == {"none": True, "novel": False, "second": False}  # unchanged without replay, trained with it
+    assert torch.equal(new["novel"], new["second"]) and not torch.equal(new["none"], new["novel"])  # 2 steps, not 4
 
 
 def test_gates_tighten_until_the_held_in_forgetting_fits_the_budget(tiny_cfg, monkeypatch):
