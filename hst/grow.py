@@ -10,9 +10,10 @@ between them. Weights are copied from the expert nearest each key (or drawn fres
 new experts train on the novel records — and, given old (replay) records too, the ones grown in
 earlier cycles then train on those (a ``GrowConfig.old_share`` of the steps): an earlier cycle's
 experts keep learning their domain where their gate opens, as every parameter of dense + replay
-does, while the experts present before any growth and all shared weights stay frozen. With a forgetting budget the trained gates then
-tighten (:func:`tighten`): their false-positive rate halves until no held-in source's BPB rose by
-more than the budget — the experts keep what they learned, fewer old tokens reach them.
+does, while the experts present before any growth and all shared weights stay frozen. With a
+forgetting budget the trained gates then tighten (:func:`tighten`): their false-positive rate halves
+until no held-in source's BPB rose by more than the budget — the experts keep what they learned,
+fewer old tokens reach them.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     ``held_in`` maps each learned domain (source) to its tokens; every gate lets at most
     ``cfg.gate_fpr`` of each source's tokens through. With ``replay`` (old records' tokens) the
     experts grown in earlier cycles then train on it for ``cfg.old_share`` of ``cfg.steps`` (the new
-    ones get the rest, on ``novel``). With ``cfg.forgetting_budget`` the trained gates then tighten (:func:`tighten`; the
-    held-in sources' relative BPB change lands in the curves as ``held_in_bpb_change``). Returns the
-    new ``(layer, expert)`` pairs, the training curves and per-layer gate statistics (at the gates'
-    final rate, ``gate_fpr``).
+    ones get the rest, on ``novel``). With ``cfg.forgetting_budget`` the trained gates then tighten
+    (:func:`tighten`; the held-in sources' relative BPB change lands in the curves as
+    ``held_in_bpb_change``). Returns the new ``(layer, expert)`` pairs, the training curves and
+    per-layer gate statistics (at the gates' final rate, ``gate_fpr``).
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
@@ -73,7 +74,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
             stats.append({"layer": layer, "expert": experts[0], "experts": experts})
     # With replay, the experts grown earlier train after the new ones, on the old records only: trained
     # on the mixed stream they also learned the new domain's tokens their gates admit, and drifted
-    # (kjv lost ~5 % a cycle at old_share 0.2, docs/decisions.md).
+    # (kjv lost ~5 % a cycle at old_share 0.2; this order still lost 4.9 %, docs/decisions.md).
     earlier = [] if replay is None else [
         (layer, e) for layer in range(model.cfg.n_layer)
         for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist() if (layer, e) not in added]
