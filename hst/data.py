@@ -19,11 +19,14 @@ import random
 import shutil
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from hst.config import HSTError, PrepareConfig
 from hst.io import atomic_path
@@ -199,6 +202,8 @@ def sample_records(records: list[str], n: int, seed: str) -> list[str]:
 
 def encode(records: list[str]) -> torch.Tensor:
     """Byte tokens (uint8) of the records joined by a blank line."""
+    import torch  # here, not at the top: the text-only stages (prepare, learned) skip its 1.2 s import
+
     data = SEPARATOR.join(records).encode("utf-8")
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 
@@ -209,6 +214,8 @@ def load_tokens(prepared: str | Path, domain: str, split: str) -> torch.Tensor:
 
 def unigram_bpb(train: torch.Tensor, val: torch.Tensor, vocab_size: int = 256) -> float:
     """Cross-entropy (bits/byte) of ``val`` under the add-one smoothed byte frequencies of ``train``."""
+    import torch  # see encode
+
     counts = torch.bincount(train.long(), minlength=vocab_size).double() + 1
     logp = torch.log2(counts / counts.sum())
     return float(-logp[val.long()].mean())

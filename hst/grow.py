@@ -28,7 +28,7 @@ from hst.consolidate import ffn_inputs, only_trainable
 from hst.model import GPT
 from hst.novelty import fit_gate, gate_bias
 from hst.router import gate_scores, scores_open
-from hst.train import evaluate, train
+from hst.train import Evaluation, evaluate, train
 
 
 def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, torch.Tensor], cfg: GrowConfig,
@@ -45,11 +45,10 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
-    # The held-in passes also give the start model's BPB the forgetting budget is measured against.
+    # The held-in passes also give the start model's per-window BPB the forgetting budget is measured against.
     x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
     start = {src: evaluate(model, t, cfg.gate_windows, layers=layers) for src, t in held_in.items()}
     x_old = {src: e.ffn_inputs for src, e in start.items()}
-    before = {src: e.bpb for src, e in start.items()}
     placed = []
     for i, layer in enumerate(layers):
         router = model.moe(layer).router
@@ -90,7 +89,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
             curves["train"] += [row | {"step": row["step"] + len(curves["train"])} for row in phase]
     fpr = cfg.gate_fpr
     if cfg.forgetting_budget and grown:
-        fpr, curves["held_in_bpb_change"] = tighten(model, grown, held_in, before, cfg)
+        fpr, curves["held_in_bpb_change"] = tighten(model, grown, held_in, start, cfg, rerun_all=old_steps > 0)
     for stat, (layer, index, (s_new, s_old)) in zip(stats, grown):
         b = model.moe(layer).router.gate_b[index]
         per_source = {src: float(scores_open(s, b).float().mean()) for src, s in s_old.items()}
@@ -102,21 +101,24 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
 
 # How often :func:`tighten` may halve the new gates' false-positive rate (down to 1/16 of it).
 TIGHTEN_STEPS = 4
+# A window whose gate running mean comes this close to opening counts as opened (see :func:`opened_windows`).
+ROUNDING_MARGIN = 1e-3
 
 
 def tighten(model: GPT, grown: list[tuple[int, int, tuple]], held_in: dict[str, torch.Tensor],
-            before: dict[str, float], cfg: GrowConfig) -> tuple[float, dict[str, float]]:
+            start: dict[str, Evaluation], cfg: GrowConfig, rerun_all: bool = False) -> tuple[float, dict[str, float]]:
     """Halve the false-positive rate of the gates just grown (``(layer, gate index, (novel scores,
     held-in scores per source))``) until no held-in source's BPB (on the windows the gates are
-    calibrated on) rose by more than ``cfg.forgetting_budget`` over ``before``, at most
-    :data:`TIGHTEN_STEPS` times. The gate's rate is a proxy; what a false positive costs depends on
-    how far the new experts moved (German experts on English tokens cost more than kjv experts),
-    which only the trained model shows. Returns the rate kept and each source's relative BPB change
-    at it.
+    calibrated on) rose by more than ``cfg.forgetting_budget`` over ``start`` (the start model's
+    evaluations of those windows), at most :data:`TIGHTEN_STEPS` times. The gate's rate is a proxy;
+    what a false positive costs depends on how far the new experts moved (German experts on English
+    tokens cost more than kjv experts), which only the trained model shows. Returns the rate kept
+    and each source's relative BPB change at it.
 
-    A rate is rejected at the first source over the budget, and that source is measured first at
-    the next rate: the one closest to the new data usually decides every step, and the others'
-    passes are skipped (the decisions are those of measuring every source)."""
+    Only the windows in which a new gate opens run again (:func:`opened_windows`); every other window
+    computes what it did before growth — unless ``rerun_all`` (experts grown earlier trained too). A rate is rejected at the first source over the budget, and
+    that source is measured first at the next rate: the one closest to the new data usually decides
+    every step, and the others' passes are skipped (the decisions are those of measuring every source)."""
     fpr, order = cfg.gate_fpr, list(held_in)
     for step in range(TIGHTEN_STEPS + 1):
         if step:
@@ -125,13 +127,32 @@ def tighten(model: GPT, grown: list[tuple[int, int, tuple]], held_in: dict[str, 
                 model.moe(layer).router.gate_b[index] = gate_bias(list(s_old.values()), fpr)
         change = {}
         for src in order:
-            change[src] = evaluate(model, held_in[src], cfg.gate_windows).bpb / before[src] - 1
+            window_bpb = start[src].window_bpb.clone()
+            opened = opened_windows(model, [(layer, index, s_old[src]) for layer, index, (_, s_old) in grown])
+            opened |= rerun_all
+            if opened.any():
+                window_bpb[opened] = evaluate(model, held_in[src], cfg.gate_windows, only=opened).window_bpb
+            change[src] = float(window_bpb.mean()) / start[src].bpb - 1
             if change[src] > cfg.forgetting_budget and step < TIGHTEN_STEPS:
                 order = [src] + [s for s in order if s != src]
                 break
         else:
             break
     return fpr, {src: change[src] for src in held_in}
+
+
+def opened_windows(model: GPT, scores: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """(W,) bool: the windows in which a token passes one of the gates ``(layer, gate index, the
+    start model's (W, T) scores of the windows' tokens)`` at the gate's current bias.
+
+    In any other window every layer computes what it did before growth: at each layer the gate sees
+    the start model's features (no earlier gate opened), stays closed and leaves routing and output
+    as they were. The scores come from one batched pass, the model's own from batches of 32 windows;
+    a window within :data:`ROUNDING_MARGIN` of opening counts as opened so float rounding cannot hide one.
+    """
+    opened = [scores_open(s, model.moe(layer).router.gate_b[index] + ROUNDING_MARGIN).any(-1)
+              for layer, index, s in scores]
+    return torch.stack(opened).any(0)
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:

@@ -128,6 +128,7 @@ def _fit_mlp(held_in: list[torch.Tensor], novel: torch.Tensor, hidden: int,
     weight = torch.cat([torch.ones(len(novel))] + [torch.full((len(h),), len(novel) / len(h) / len(held_in))
                                                     for h in held_in])
     mean, std = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / std  # once, not per batch: the same values, bit for bit
     gen = torch.Generator().manual_seed(seed)
     bound = lambda fan_in: fan_in ** -0.5  # noqa: E731  (nn.Linear's init, from the seeded generator)
     params = [torch.empty(shape).uniform_(-bound(fan_in), bound(fan_in), generator=gen).requires_grad_()
@@ -138,7 +139,7 @@ def _fit_mlp(held_in: list[torch.Tensor], novel: torch.Tensor, hidden: int,
     with torch.enable_grad():
         for _ in range(GATE_STEPS):
             i = torch.randint(len(x), (GATE_BATCH,), generator=gen)
-            logits = F.gelu((x[i] - mean) / std @ w1.T + b1) @ w2 + b2
+            logits = F.gelu(x[i] @ w1.T + b1) @ w2 + b2
             loss = (F.binary_cross_entropy_with_logits(logits, y[i], reduction="none") * weight[i]).mean()
             opt.zero_grad()
             loss.backward()

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hst import distributed, sparse
@@ -110,31 +111,36 @@ def eval_mode(model: GPT):
 
 
 class Evaluation(NamedTuple):
-    bpb: float  # bits per byte
+    bpb: float  # bits per byte, the mean over windows (all of seq_len bytes)
+    window_bpb: torch.Tensor  # (windows,) each evaluated window's bits per byte
     expert_ids: list[torch.Tensor | None]  # per layer (N, k) routed experts of every evaluated token
     ffn_inputs: tuple[torch.Tensor, ...] = ()  # per requested layer (windows, T, d) hidden states entering its MoE
 
 
 @torch.no_grad()
 def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int = 32,
-             layers: Sequence[int] = ()) -> Evaluation:
+             layers: Sequence[int] = (), only: torch.Tensor | None = None) -> Evaluation:
     """Bits per byte and routing on evenly spaced windows, fp32, eval mode; with ``layers``, also the
-    inputs of those layers' MoE blocks from the same forward pass (the growth gates' features)."""
-    windows = eval_windows(tokens, model.cfg.seq_len, n_windows).to(next(model.parameters()).device)
-    total, ids, captured = 0.0, [], {layer: [] for layer in layers}
+    inputs of those layers' MoE blocks from the same forward pass (the growth gates' features).
+    ``only``: a (n_windows,) bool mask, the windows to evaluate (every field covers just those)."""
+    windows = eval_windows(tokens, model.cfg.seq_len, n_windows)
+    windows = (windows if only is None else windows[only.cpu()]).to(next(model.parameters()).device)
+    nll, ids, captured = [], [], {layer: [] for layer in layers}
     hooks = [model.moe(layer).register_forward_pre_hook(lambda m, args, layer=layer: captured[layer].append(args[0]))
              for layer in layers]
     try:
         with eval_mode(model):
             for chunk in windows.split(batch_size):
-                out = model(chunk[:, :-1], chunk[:, 1:])
-                total += float(out.loss) * len(chunk)
+                out = model(chunk[:, :-1])
+                nll.append(F.cross_entropy(out.logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(1))
                 ids.append([r.expert_ids if r is not None else None for r in out.routing])
     finally:
         for hook in hooks:
             hook.remove()
     per_layer = [None if layer[0] is None else torch.cat(layer) for layer in zip(*ids)]
-    return Evaluation(total / len(windows) / LN2, per_layer, tuple(torch.cat(captured[layer]) for layer in layers))
+    window_bpb = torch.cat(nll).cpu() / LN2
+    return Evaluation(float(window_bpb.mean()), window_bpb, per_layer,
+                      tuple(torch.cat(captured[layer]) for layer in layers))
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
