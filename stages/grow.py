@@ -5,8 +5,9 @@ A record is novel when its surprise (BPB under the cycle-start model, logged by 
 the ``grow.quantile`` of the held-in index records' BPB (`build_index`, same model). Growth
 triggers when ``grow.min_batches`` consecutive batches of ``grow.batch_records`` records have more
 than ``grow.novel_share`` novel ones. Each new expert's gate is calibrated to let through only
-``grow.gate_fpr`` of held-in tokens; the routing stability of the learned domains' validation
-tokens across growth is measured and reported. The output checkpoint is the cycle's final model.
+``grow.gate_fpr`` of held-in tokens (the routing stability of the learned domains' validation
+tokens across growth is `evaluate`'s to measure: this stage reads no validation text). The output
+checkpoint is the cycle's final model.
 
 With ``cycle.mode: grow`` every cycle grows (DEMix-style dedicated capacity, no domain labels: the
 cycle's incoming records are the unit) and the new experts train on all incoming records; the
@@ -23,7 +24,7 @@ import dataclasses
 
 import pyarrow as pa
 
-from hst import checkpoint, coreset, data, evaluation, grow, novelty, sampler
+from hst import checkpoint, coreset, data, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig, build, load_params
 from hst.io import write_csv, write_json
 from stages.common import cycle_domain, model_config, run
@@ -36,7 +37,6 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True, help="consolidated checkpoint")
     ap.add_argument("--buffer", required=True)
     ap.add_argument("--index", required=True, help="the cycle's index of held-in records")
-    ap.add_argument("--prepared", required=True)
     ap.add_argument("--out", required=True, help="the cycle's final checkpoint")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--curves", required=True)
@@ -56,26 +56,19 @@ def main() -> None:
               "novel_record_share": sum(found.novel) / max(len(found.novel), 1), "batch_shares": found.shares,
               "records_until_detection": found.records_until_detection,
               "triggered": cfg.enabled and model.cfg.ffn == "key" and (found.trigger is not None or ccfg.mode == "grow")}
-    grown, curves, gates, stability, old = [], {}, [], [], []
+    grown, curves, gates, old = [], {}, [], []
     if report["triggered"]:
-        # Replay-free cycles read no old text: stability is measured on the start model's samples.
-        val = (sampler.tokens_by_source(index) if ccfg.replay == "generated" else
-               {d: data.load_tokens(args.prepared, d, "val") for d in meta["learned_domains"]})
-        before = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
         fresh = new.filter(pa.array([bool(flag) or ccfg.mode == "grow" for flag in found.novel]))
         old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist()),
                                          sampler.tokens_by_source(index), cfg,
                                          dataclasses.replace(tcfg, lr=cfg.lr), data.encode(old) if old else None)
-        after = evaluation.evaluate_domains(model, val, ccfg.eval_windows)
-        stability = evaluation.routing_stability(evaluation.routing_of(before, list(val)),
-                                                 evaluation.routing_of(after, list(val)))
     meta = {**meta, "stage": "grow", "cycle": args.cycle,
             "learned_domains": [*meta["learned_domains"], domain]}
     checkpoint.save(args.out, model, meta)
     write_csv(args.curves, curves.get("train", []), columns=["step", "train_bpb", "lr"])
     write_json(args.metrics, {**report, "old_records": len(old), "grown": gates,
-                              "held_in_bpb_change": curves.get("held_in_bpb_change", {}), "old_routing_stability": stability,
+                              "held_in_bpb_change": curves.get("held_in_bpb_change", {}),
                               "experts_per_layer": model.n_experts})
 
 

@@ -389,7 +389,7 @@ def cycle_stages(proj: Path, params: Path) -> dict[str, subprocess.CompletedProc
         ("consolidate", ("--checkpoint", "models/pretrain.pt", "--coresets", "c1/coresets", "--buffer", "c1/buffer",
                          "--out", "c1/consolidated.pt", "--metrics", "c1/consolidate.json", "--curves", "c1/c.csv")),
         ("grow", ("--cycle", "c1", "--checkpoint", "c1/consolidated.pt", "--buffer", "c1/buffer", "--index",
-                  "c1/index.parquet", "--prepared", "data/prepared", "--out", "c1/final.pt", "--metrics", "c1/grow.json",
+                  "c1/index.parquet", "--out", "c1/final.pt", "--metrics", "c1/grow.json",
                   "--curves", "c1/g.csv")),
     ]:
         runs[name] = stage(proj, name, *p, *args)
