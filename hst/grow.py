@@ -33,12 +33,14 @@ from hst.train import Evaluation, evaluate, train
 
 def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, torch.Tensor], cfg: GrowConfig,
          train_cfg: TrainConfig, replay: torch.Tensor | None = None) -> tuple[list[tuple[int, int]], dict, list[dict]]:
-    """Add ``cfg.experts`` gated experts to each of ``layers`` and train the new experts on ``novel`` tokens.
+    """Add ``cfg.experts`` gated experts to each of ``layers`` and train the new experts on ``novel``
+    tokens at ``cfg.lr`` (``train_cfg`` gives the rest of the schedule).
 
     ``held_in`` maps each learned domain (source) to its tokens; every gate lets at most
     ``cfg.gate_fpr`` of each source's tokens through. With ``replay`` (old records' tokens) the
     experts grown in earlier cycles then train on it for ``cfg.old_share`` of ``cfg.steps`` (the new
-    ones get the rest, on ``novel``). With ``cfg.forgetting_budget`` the trained gates then tighten
+    ones get the rest, on ``novel``) at ``train_cfg.lr``, the rate shared experts consolidate at:
+    they converged in their own cycle, a re-warm to ``cfg.lr`` moved them off it. With ``cfg.forgetting_budget`` the trained gates then tighten
     (:func:`tighten`; the held-in sources' relative BPB change lands in the curves as
     ``held_in_bpb_change``). Returns the new ``(layer, expert)`` pairs, the training curves and
     per-layer gate statistics (at the gates' final rate, ``gate_fpr``).
@@ -79,10 +81,10 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist() if (layer, e) not in added]
     old_steps = round(cfg.steps * cfg.old_share) if earlier else 0
     curves = {"train": []}
-    for experts, stream, steps, name in ((added, novel, cfg.steps - old_steps, "grow"),
-                                         (earlier, replay, old_steps, "grow (earlier experts)")):
+    for experts, stream, steps, lr, name in ((added, novel, cfg.steps - old_steps, cfg.lr, "grow"),
+                                             (earlier, replay, old_steps, train_cfg.lr, "grow (earlier experts)")):
         if experts and steps > 0:
-            tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=steps, update_keys=False,
+            tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=steps, lr=lr, update_keys=False,
                                        warmup_steps=min(train_cfg.warmup_steps, steps))
             with only_trainable(model, experts):
                 phase = train(model, tcfg, {"stream": stream}, {}, desc=name)["train"]

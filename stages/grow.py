@@ -14,13 +14,12 @@ cycle's incoming records are the unit) and the new experts train on all incoming
 novelty check is still reported. The new experts train at ``grow.lr`` for ``grow.steps``; with
 ``grow.old_share`` > 0 that share of the training records is sampled from the index (old training
 records, or the start model's samples when ``cycle.replay: generated``), and the experts grown in
-earlier cycles train with the new ones.
+earlier cycles then train on them at ``consolidate.lr``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import pyarrow as pa
 
@@ -62,7 +61,7 @@ def main() -> None:
         old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist()),
                                          sampler.tokens_by_source(index), cfg,
-                                         dataclasses.replace(tcfg, lr=cfg.lr), data.encode(old) if old else None)
+                                         tcfg, data.encode(old) if old else None)
     meta = {**meta, "stage": "grow", "cycle": args.cycle,
             "learned_domains": [*meta["learned_domains"], domain]}
     checkpoint.save(args.out, model, meta)

@@ -131,8 +131,9 @@ SECOND = torch.tensor(list("SELECT name, count(*) FROM users GROUP BY name ORDER
 
 def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
     """With old records, a second growth also trains the first growth's experts, on the old records
-    only (where their gate opens) and after the new experts: the new experts are the same whatever
-    the old records are. The experts present from the start and all shared weights stay."""
+    only (where their gate opens), after the new experts and at the training config's rate, not the
+    growth rate: the new experts are the same whatever the old records are. The experts present from
+    the start and all shared weights stay."""
     first, new = {}, {}
     for name, replay in (("none", None), ("novel", NOVEL), ("second", SECOND)):
         model = GPT(tiny_cfg)
@@ -143,6 +144,8 @@ def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
                                      GrowConfig(experts=1, steps=4, gate_windows=8, old_share=0.5), TCFG, replay)
         assert added == [(0, 5)]
         assert [row["step"] for row in curves["train"]] == [1, 2, 3, 4]  # one curve over both phases
+        if replay is not None:  # each phase's peak rate
+            assert [max(row["lr"] for row in curves["train"][p]) for p in (slice(2), slice(2, 4))] == [GrowConfig().lr, TCFG.lr]
         assert_only_appended({k: v for k, v in before.items() if ".experts.4." not in k}, model.state_dict())
         first[name] = torch.equal(model.moe(0).experts[4].up.weight, before["blocks.0.ffn.experts.4.up.weight"])
         new[name] = model.moe(0).experts[5].up.weight.clone()
