@@ -40,9 +40,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     ``cfg.gate_fpr`` of each source's tokens through. With ``replay`` (old records' tokens) the
     experts grown in earlier cycles then train on it for ``cfg.old_share`` of ``cfg.steps`` (the new
     ones get the rest, on ``novel``) at ``train_cfg.lr``, the rate shared experts consolidate at:
-    they converged in their own cycle, a re-warm to ``cfg.lr`` moved them off it. With ``cfg.forgetting_budget`` the trained gates then tighten
-    (:func:`tighten`; the held-in sources' relative BPB change lands in the curves as
-    ``held_in_bpb_change``). Returns the new ``(layer, expert)`` pairs, the training curves and
+    they converged in their own cycle, a re-warm to ``cfg.lr`` moved them off it. With
+    ``cfg.forgetting_budget`` the trained gates then tighten (:func:`tighten`; the held-in sources'
+    relative BPB change lands in the curves as ``held_in_bpb_change``). Returns the new ``(layer, expert)`` pairs, the training curves and
     per-layer gate statistics (at the gates' final rate, ``gate_fpr``).
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
@@ -75,7 +75,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
             stats.append({"layer": layer, "expert": experts[0], "experts": experts})
     # With replay, the experts grown earlier train after the new ones, on the old records only: trained
     # on the mixed stream they also learned the new domain's tokens their gates admit, and drifted
-    # (kjv lost ~5 % a cycle at old_share 0.2; this order still lost 4.9 %, docs/decisions.md).
+    # (kjv lost ~5 % a cycle at old_share 0.2; in this order 4.9 % at grow.lr, 0.2 % at the consolidation
+    # rate — yet no old domain gained either: docs/decisions.md).
     earlier = [] if replay is None else [
         (layer, e) for layer in range(model.cfg.n_layer)
         for e in (model.moe(layer).router.expert_gate >= 0).nonzero()[:, 0].tolist() if (layer, e) not in added]
@@ -118,9 +119,10 @@ def tighten(model: GPT, grown: list[tuple[int, int, tuple]], held_in: dict[str, 
     and each source's relative BPB change at it.
 
     Only the windows in which a new gate opens run again (:func:`opened_windows`); every other window
-    computes what it did before growth — unless ``rerun_all`` (experts grown earlier trained too). A rate is rejected at the first source over the budget, and
-    that source is measured first at the next rate: the one closest to the new data usually decides
-    every step, and the others' passes are skipped (the decisions are those of measuring every source)."""
+    computes what it did before growth — unless ``rerun_all`` (experts grown earlier trained too). A
+    rate is rejected at the first source over the budget, and that source is measured first at the
+    next rate: the one closest to the new data usually decides every step, and the others' passes
+    are skipped (the decisions are those of measuring every source)."""
     fpr, order = cfg.gate_fpr, list(held_in)
     for step in range(TIGHTEN_STEPS + 1):
         if step:
