@@ -139,9 +139,13 @@ def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
         model = GPT(tiny_cfg)
         torch.manual_seed(0)
         grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=2, gate_windows=8), TCFG)
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        added, curves, _ = grow.grow(model, [0], SECOND, {**HELD_IN, "german": NOVEL},
+        before, start = {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(model)
+        held_in = {**HELD_IN, "german": NOVEL}
+        added, curves, _ = grow.grow(model, [0], SECOND, held_in,
                                      GrowConfig(experts=1, steps=4, gate_windows=8, old_share=0.5), TCFG, replay)
+        for src, tokens in held_in.items():  # the budget check saw what the earlier experts' training did too
+            change = evaluate(model, tokens, 8).bpb / evaluate(start, tokens, 8).bpb - 1
+            assert abs(curves["held_in_bpb_change"][src] - change) < 1e-6, src
         assert added == [(0, 5)]
         assert [row["step"] for row in curves["train"]] == [1, 2, 3, 4]  # one curve over both phases
         if replay is not None:  # each phase's peak rate
