@@ -8,12 +8,12 @@ one expert: their normalized mean) — not of all novel hidden states, which poi
 direction every hidden state shares (``FINDINGS.md``) — so the new experts split the new data
 between them. Weights are copied from the expert nearest each key (or drawn fresh); then only the
 new experts train on the novel records — and, given old (replay) records too, the ones grown in
-earlier cycles then train on those (a ``GrowConfig.old_share`` of the steps): an earlier cycle's
-experts keep learning their domain where their gate opens, as every parameter of dense + replay
-does, while the experts present before any growth and all shared weights stay frozen. With a
-forgetting budget the trained gates then tighten (:func:`tighten`): their false-positive rate halves
-until no held-in source's BPB rose by more than the budget — the experts keep what they learned,
-fewer old tokens reach them.
+earlier cycles then train on those (a ``GrowConfig.old_share`` of the steps), meant to keep learning
+their domain where their gate opens as every parameter of dense + replay does (measured: no old
+domain gained, ``docs/decisions.md``), while the experts present before any growth and all shared
+weights stay frozen. With a forgetting budget the trained gates then tighten (:func:`tighten`):
+their false-positive rate halves until no held-in source's BPB rose by more than the budget — the
+experts keep what they learned, fewer old tokens reach them.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     ones get the rest, on ``novel``) at ``train_cfg.lr``, the rate shared experts consolidate at:
     they converged in their own cycle, a re-warm to ``cfg.lr`` moved them off it. With
     ``cfg.forgetting_budget`` the trained gates then tighten (:func:`tighten`; the held-in sources'
-    relative BPB change lands in the curves as ``held_in_bpb_change``). Returns the new ``(layer, expert)`` pairs, the training curves and
-    per-layer gate statistics (at the gates' final rate, ``gate_fpr``).
+    relative BPB change lands in the curves as ``held_in_bpb_change``). Returns the new ``(layer,
+    expert)`` pairs, the training curves and per-layer gate statistics (at the gates' final rate,
+    ``gate_fpr``).
     """
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
