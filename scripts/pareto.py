@@ -46,9 +46,11 @@ BASE_STEPS = 160
 FIXED_RATE = ["grow.forgetting_budget=0"]
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
 METHODS = {
-    "HST": ("hst-budget2", "grow.steps", [], (1,)),
+    "HST": ("hst-budget1.5", "grow.steps", [], (1,)),  # the default: forgetting budget 1.5 % since 2026-12-01
+    "HST, budget 2 %": ("hst-budget2", "grow.steps", ["grow.forgetting_budget=0.02"], (1,)),
     "HST, budget 1 %": ("hst-budget1", "grow.steps", ["grow.forgetting_budget=0.01"], (1,)),
-    "HST, replay-free": ("hst-replay-free-budget2", "grow.steps", ["cycle.replay=generated"], (1,)),
+    "HST, replay-free": ("hst-replay-free-budget2", "grow.steps", ["cycle.replay=generated", "grow.forgetting_budget=0.02"],
+                         (1,)),
     # Fixed gate rates (no forgetting budget): 1 % was the default before 2026-11-30's second change.
     "HST, gate 1 %": ("hst-gate1", "grow.steps", ["grow.gate_fpr=0.01", *FIXED_RATE], (0.5, 1, 2)),
     "HST, gate 5 %": ("hst-gate5", "grow.steps", ["grow.gate_fpr=0.05", *FIXED_RATE], (1,)),
