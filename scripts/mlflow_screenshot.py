@@ -1,8 +1,8 @@
 """The screenshot ``docs/mlflow_compare.png``: MLflow's chart view of every variant across the cycles.
 
     python -m scripts.results_table --mlflow --variant "HST=workspace" \\
-        --variant "dense finetune=docs/runs/pareto/dense_finetune_1x" \\
-        --variant "dense + replay=docs/runs/pareto/dense_replay_1x"      # fill the store
+        --variant "dense finetune=docs/runs/pareto_2threads/dense_finetune_1x" \\
+        --variant "dense + replay=docs/runs/pareto_2threads/dense_replay_1x"     # fill the store
     python -m scripts.mlflow_screenshot                                   # take the screenshot
 
 Copies the SQLite store to a temporary folder (the UI never opens the project's store), colours the
