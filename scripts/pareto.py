@@ -102,7 +102,7 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
             "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
 
 
-def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str) -> str:
+def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str | None) -> str:
     lines = ["| method | budget | absorption per cycle (BPB) | avg forgetting per cycle | worst forgetting "
              "| final mean BPB, all domains | P | cycles promoted | training tokens per cycle | training TFLOPs per cycle |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -111,8 +111,9 @@ def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str
                      f"| {' / '.join(pct(f) for f in s['forgetting'])} | {pct(s['worst'][0])} ({s['worst'][1]}, {s['worst'][2]}) "
                      f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['promoted']}/{len(cycles)} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} |")
     lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
-                  f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`). "
-                  "Dense runs keep the promotion gate open; HST runs keep the default gate (≤ 5 % forgetting on every old "
+                  + (f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`). " if reference
+                     else "P needs a dense full finetuning run in the same folder (none here). ")
+                  + "Dense runs keep the promotion gate open; HST runs keep the default gate (≤ 5 % forgetting on every old "
                   "domain), so a cycle that fails it is not the next cycle's start."]
     return "\n".join(lines)
 
@@ -157,11 +158,12 @@ def main() -> None:
     elif args.export:
         for name in sorted(experiments() & {name for _, _, name, _ in points()}):
             export(name, run_dir(args.runs, name))
-    reference = run_dir(args.runs, "pareto-dense-finetune-1x")
-    rows = [(label, budget, summarize(str(run_dir(args.runs, name)), str(reference) if reference.is_dir() else None, cycles))
+    folder = run_dir(args.runs, "pareto-dense-finetune-1x")
+    reference = str(folder) if folder.is_dir() else None
+    rows = [(label, budget, summarize(str(run_dir(args.runs, name)), reference, cycles))
             for label, budget, name, _ in points() if run_dir(args.runs, name).is_dir()]
     figure(rows, cycles, args.figure)
-    replace_section(args.out, args.section, table(rows, cycles, str(reference)))
+    replace_section(args.out, args.section, table(rows, cycles, reference))
 
 
 if __name__ == "__main__":
