@@ -16,7 +16,8 @@ from hst.config import ConfigError, HSTError, ModelConfig
 from hst.io import atomic_path
 from hst.model import GPT
 
-FORMAT_VERSION = 3  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP
+FORMAT_VERSION = 4  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
+#                    4: a gate may belong to a path (gate_path; format 3 files load with learned gates only)
 
 
 class CheckpointError(HSTError):
@@ -55,8 +56,8 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
             raise CheckpointError(f"{path}: refused: holds objects other than tensors and plain values "
                                   f"(loading it could run code: {reason})") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or state.get("format_version") not in (2, FORMAT_VERSION):
-        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2)")
+    if not isinstance(state, dict) or state.get("format_version") not in (2, 3, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2, 3)")
     missing = [k for k in ("config", "n_experts", "state_dict", "meta") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
@@ -81,7 +82,7 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
         raise CheckpointError(f"{path}: non-finite weights ({bad}); a diverged model is never used")
     model = GPT(cfg, counts)
     try:
-        model.load_state_dict(state["state_dict"] if state["format_version"] == FORMAT_VERSION
+        model.load_state_dict(state["state_dict"] if state["format_version"] >= 3
                               else _from_format_2(state["state_dict"]))
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0]

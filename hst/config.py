@@ -286,6 +286,9 @@ class GrowConfig:
     batch_records: int = 16  # records per novelty batch, in collection order
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
     novel_share: float = 0.5  # p: share of novel records in a batch
+    select: str = "gate"  # how a token reaches the new experts: "gate" (a learned gate per layer, calibrated against
+    #                       the held-in records) or "posterior" (the growth's experts form a path of their own, mixed
+    #                       with the others by each path's likelihood of the context: no held-in text, no gate_* keys)
     gate_fpr: float = 0.1  # share of each learned domain's tokens a new expert's gate may let through (its bias), at most
     gate_windows: int = 256  # windows of novel and of held-in records the gate is fitted on
     gate_hidden: int = 128  # hidden width of the gate's MLP token scorer; 0 = a linear (Fisher) gate
@@ -304,6 +307,9 @@ class GrowConfig:
         _require(self.batch_records >= 1, "batch_records: expected >= 1")
         _require(self.min_batches >= 1, "min_batches: expected >= 1")
         _require(0 <= self.novel_share <= 1, "novel_share: expected in [0, 1]")
+        _require(self.select in ("gate", "posterior"), f"select: expected gate or posterior, got {self.select!r}")
+        _require(self.select == "gate" or self.old_share == 0,
+                 "old_share: expected 0 with select: posterior (a path trains on its own cycle's records only)")
         _require(0 < self.gate_fpr < 1, "gate_fpr: expected in (0, 1)")
         _require(self.gate_windows >= 2, "gate_windows: expected >= 2")
         _require(self.gate_hidden >= 0, "gate_hidden: expected >= 0")

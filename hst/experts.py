@@ -91,9 +91,9 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden, cfg.expert_density)
                                      for _ in range(n_experts))
 
-    def forward(self, x: torch.Tensor, update_keys: bool = False) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, update_keys: bool = False, path: int = 0) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
-        routing = self.router(x)
+        routing = self.router(x, path)
         x = x.reshape(-1, shape[-1])  # (B·T, d)
         if update_keys and isinstance(self.router, KeyRouter):
             self.router.update_keys(x, routing.expert_ids)
@@ -107,15 +107,18 @@ class MoE(nn.Module):
         """Append an expert with ``key`` (behind the router's growth gate number ``gate``, see
         :class:`KeyRouter`); return its index.
 
-        ``copy_nearest`` copies the weights of the expert whose key is most similar to ``key``;
-        ``random`` draws fresh weights. Tokens whose top-k does not include the new expert — in
-        particular every token whose gate is closed — keep exactly their previous routing, weights
-        and output.
+        ``copy_nearest`` copies the weights of the expert whose key is most similar to ``key`` (behind
+        a path gate: of the ungated experts, the ones the path runs beside); ``random`` draws fresh
+        weights. Tokens whose top-k does not include the new expert — in particular every token whose
+        gate is closed — keep exactly their previous routing, weights and output.
         """
         if not isinstance(self.router, KeyRouter):
             raise ValueError("add_expert needs the key router (model.ffn: key)")
         if init == "copy_nearest":
-            nearest = int(self.router.similarity(key[None]).argmax())
+            sim = self.router.similarity(key[None])[0]
+            if gate is not None and self.router.gate_path[gate] >= 0:
+                sim = sim.masked_fill(self.router.expert_gate >= 0, float("-inf"))
+            nearest = int(sim.argmax())
             expert = copy.deepcopy(self.experts[nearest])
         elif init == "random":
             expert = Expert(self.cfg.d_model, self.cfg.expert_hidden, self.cfg.expert_density).to(key.device)

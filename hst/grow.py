@@ -14,6 +14,11 @@ domain gained, ``docs/decisions.md``), while the experts present before any grow
 weights stay frozen. With a forgetting budget the trained gates then tighten (:func:`tighten`):
 their false-positive rate halves until no held-in source's BPB rose by more than the budget — the
 experts keep what they learned, fewer old tokens reach them.
+
+With ``GrowConfig.select: posterior`` a growth adds a *path* instead (:func:`grow_path`): its experts
+are eligible only when the model runs that path, which trains alone on the novel records; the model
+mixes its paths by their posterior given the context (:func:`hst.model.mix_paths`). No held-in text
+is read and nothing needs calibrating: an old domain's path never changes again.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from hst.config import GrowConfig, TrainConfig
 from hst.consolidate import ffn_inputs, only_trainable
 from hst.model import GPT
 from hst.novelty import fit_gate, gate_bias
-from hst.router import gate_scores, scores_open
+from hst.router import Gate, gate_scores, scores_open
 from hst.train import Evaluation, evaluate, train
 
 
@@ -46,6 +51,10 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     expert)`` pairs, the training curves and per-layer gate statistics (at the gates' final rate,
     ``gate_fpr``).
     """
+    if cfg.select == "posterior":
+        return grow_path(model, layers, novel, cfg, train_cfg)
+    if model.n_paths > 1:
+        raise ValueError("grow: this model grew paths (grow.select: posterior); it cannot grow learned gates")
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
     # The held-in passes also give the start model's per-window BPB the forgetting budget is measured against.
@@ -100,6 +109,35 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         stat |= {"gate_fpr": fpr, "novel_tokens_passing": float(scores_open(s_new, b).float().mean()),
                  "held_in_tokens_passing": sum(per_source.values()) / len(per_source),
                  "held_in_tokens_passing_per_source": per_source}
+    return added, curves, stats
+
+
+def grow_path(model: GPT, layers: list[int], novel: torch.Tensor, cfg: GrowConfig,
+              train_cfg: TrainConfig) -> tuple[list[tuple[int, int]], dict, list[dict]]:
+    """Add a path: ``cfg.experts`` experts in each of ``layers`` behind that layer's gate of the new
+    path, keyed by a spherical k-means of the novel tokens' features on the base path and copied from
+    the nearest base expert, then train them on ``novel`` running the new path alone. Every earlier
+    path computes exactly what it did. Returns what :func:`grow` returns (no gate statistics)."""
+    path = model.n_paths
+    with model.on_path(0):
+        x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
+    added, stats = [], []
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # as in grow
+        torch.manual_seed(train_cfg.seed)
+        for i, layer in enumerate(layers):
+            router = model.moe(layer).router
+            f = router.features(x_new[i]).flatten(0, 1)  # (W·T, d)
+            index = router.add_gate(Gate.linear(f.new_zeros(f.shape[1]), 0.0, 0.0), path)
+            experts = [model.add_expert(layer, key, cfg.init, index) for key in spherical_kmeans(f, cfg.experts)]
+            added += [(layer, e) for e in experts]
+            stats.append({"layer": layer, "expert": experts[0], "experts": experts, "path": path})
+    curves = {"train": []}
+    if cfg.steps > 0:
+        tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=cfg.steps, lr=cfg.lr, update_keys=False,
+                                   warmup_steps=min(train_cfg.warmup_steps, cfg.steps))
+        with only_trainable(model, added), model.on_path(path):
+            curves["train"] = train(model, tcfg, {"stream": novel}, {}, desc=f"grow path {path}")["train"]
     return added, curves, stats
 
 

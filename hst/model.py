@@ -4,10 +4,16 @@ key-routed MoE.
 Attention is standard and dense (RoPE, QK-norm, causal ``scaled_dot_product_attention``);
 normalisation is parameter-free RMSNorm. ``forward`` returns logits, the loss when targets are
 given, and the routing of every token at every layer for the Smart Sampler and the metrics.
+
+A model grown with path gates (``grow.select: posterior``) holds several *paths*: the base experts
+alone (path 0) and, per growth, the base experts plus that growth's experts. ``forward`` then runs
+every path and mixes their next-byte distributions by each path's posterior given the context
+(:func:`mix_paths`); ``on_path`` runs one path alone (growth trains its path this way).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -52,16 +58,33 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def mix_paths(logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Bayesian mixture of P paths' next-token distributions for inputs ``idx`` (B, T), given
+    their logits (P, B, T, V); returns its log-probabilities (B, T, V) and the paths' weights (P, B, T).
+
+    At position t a path's weight is its prior (uniform) times the probability it gave the bytes seen
+    so far, ``idx[:, 1..t]``: no future byte, no label and no stored text decide it. Over any sequence
+    the mixture's total loss exceeds the best single path's by at most ln P nats (log2 P bits), so an
+    old domain's path, unchanged by later growth, bounds what the mixture can forget on its text.
+    """
+    logp = logits.float().log_softmax(-1)
+    P, B, T, _ = logp.shape
+    seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(P, B, T - 1, 1))[..., 0]  # (P, B, T-1)
+    past = torch.cat([seen.new_zeros(P, B, 1), seen.cumsum(-1)], -1)  # (P, B, T) log-likelihood of the context
+    weights = past.log_softmax(0)
+    return (weights[..., None] + logp).logsumexp(0), weights.exp()
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, n_experts: int):
         super().__init__()
         self.attn = Attention(cfg)
         self.ffn = Expert(cfg.d_model, cfg.dense_hidden) if cfg.ffn == "dense" else MoE(cfg, n_experts)
 
-    def forward(self, x, cos, sin, update_keys: bool) -> tuple[torch.Tensor, Routing | None]:
+    def forward(self, x, cos, sin, update_keys: bool, path: int = 0) -> tuple[torch.Tensor, Routing | None]:
         x = x + self.attn(norm(x), cos, sin)
         if isinstance(self.ffn, MoE):
-            y, routing = self.ffn(norm(x), update_keys)
+            y, routing = self.ffn(norm(x), update_keys, path)
         else:
             y, routing = self.ffn(norm(x)), None
         return x + y, routing
@@ -83,6 +106,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, n) for n in n_experts)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.path: int | None = None  # the path ``forward`` runs (see ``on_path``); None: the mixture of all
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -107,10 +131,26 @@ class GPT(nn.Module):
         """Experts per layer (1 per layer for the dense FFN)."""
         return [len(b.ffn.experts) if isinstance(b.ffn, MoE) else 1 for b in self.blocks]
 
-    def flops_per_token(self, experts_per_token: list[float] | None = None) -> float:
-        """Forward matmul FLOPs per token (2 per multiply-add; attention over the mean causal context
-        of seq_len / 2 tokens). ``experts_per_token``: per MoE layer, the measured mean (Top-Any with
-        a floor); by default every token runs top_k experts (all of them under Top-Any)."""
+    @property
+    def n_paths(self) -> int:
+        """Paths ``forward`` mixes: 1 (the model itself) unless growth added path gates."""
+        return max((b.ffn.router.n_paths for b in self.blocks if isinstance(b.ffn, MoE)
+                    and isinstance(b.ffn.router, KeyRouter)), default=1)
+
+    @contextmanager
+    def on_path(self, path: int):
+        """Run (and train) path ``path`` alone inside the block: 0 is the model before any path growth."""
+        previous, self.path = self.path, path
+        try:
+            yield self
+        finally:
+            self.path = previous
+
+    def flops_per_token(self, experts_per_token: list[float] | None = None, all_paths: bool = False) -> float:
+        """Forward matmul FLOPs per token of one path (2 per multiply-add; attention over the mean
+        causal context of seq_len / 2 tokens); ``all_paths``: of ``forward``'s mixture, which runs
+        every path. ``experts_per_token``: per MoE layer, the measured mean (Top-Any with a floor); by
+        default every token runs top_k experts (all of them under Top-Any)."""
         c, d = self.cfg, self.cfg.d_model
         total = 2 * d * c.vocab_size  # lm_head; the embedding is a lookup
         for layer, block in enumerate(self.blocks):
@@ -119,11 +159,12 @@ class GPT(nn.Module):
                 n = block.ffn.router.n_experts
                 k = experts_per_token[layer] if experts_per_token else (n if c.routing == "top_any" else c.top_k)
                 total += 2 * d * n + k * 2 * 2 * d * c.expert_hidden  # router scores, k experts
-                if isinstance(block.ffn.router, KeyRouter):  # growth gates: linear term + hidden units
-                    total += 2 * d * len(block.ffn.router.gate_b) * (1 + block.ffn.router.gate_u.shape[1])
+                if isinstance(block.ffn.router, KeyRouter):  # learned growth gates: linear term + hidden units
+                    learned = int((block.ffn.router.gate_path < 0).sum())
+                    total += 2 * d * learned * (1 + block.ffn.router.gate_u.shape[1])
             else:
                 total += 2 * 2 * d * c.dense_hidden
-        return total
+        return total * (self.n_paths if all_paths else 1)
 
     def moe(self, layer: int) -> MoE:
         ffn = self.blocks[layer].ffn
@@ -140,13 +181,27 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}")
-        x = self.wte(idx)
-        routing = []
-        for block in self.blocks:
-            x, r = block(x, self.rope_cos, self.rope_sin, update_keys)
-            routing.append(r)
-        logits = self.lm_head(norm(x)).float()
+        n_paths = self.n_paths
+        if self.path is not None or n_paths == 1:
+            logits, routing = self._path(idx, update_keys, self.path or 0)
+        else:
+            if update_keys:
+                raise ValueError("update_keys: keys move on one path (on_path), not on the mixture of paths")
+            runs = [self._path(idx, False, p) for p in range(n_paths)]
+            logits, weights = mix_paths(torch.stack([logits for logits, _ in runs]), idx)
+            # Each token's routing is that of the path weighted most for it.
+            best, token = weights.argmax(0).reshape(-1), torch.arange(idx.numel(), device=idx.device)
+            routing = [None if layer[0] is None else Routing(*(torch.stack(f)[best, token] for f in zip(*layer)))
+                       for layer in zip(*(r for _, r in runs))]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
         return ModelOutput(logits, loss, routing)
+
+    def _path(self, idx: torch.Tensor, update_keys: bool, path: int) -> tuple[torch.Tensor, list[Routing | None]]:
+        x = self.wte(idx)
+        routing = []
+        for block in self.blocks:
+            x, r = block(x, self.rope_cos, self.rope_sin, update_keys, path)
+            routing.append(r)
+        return self.lm_head(norm(x)).float(), routing

@@ -102,6 +102,11 @@ class KeyRouter(nn.Module):
     no future tokens. Experts present from the start have no gate (``expert_gate = -1``) and are
     always eligible, so a token whose gates are closed routes exactly as before growth. The experts
     grown together in one layer share one gate.
+
+    A gate can instead belong to a *path* (``gate_path[g] >= 1``, :func:`hst.model.mix_paths`): the
+    experts a cycle grew, at every layer, on top of the experts present from the start. Such a gate
+    opens exactly when the model runs that path (``path`` in :meth:`forward`) and nowhere else; on
+    path 0 every path gate is closed, so the base model computes what it did before any growth.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, temperature: float,
@@ -112,6 +117,7 @@ class KeyRouter(nn.Module):
         for name, shape in zip(Gate._fields, [(0, d_model), (0, 0, d_model), (0, 0), (0, 0), (0,), (0,)]):
             self.register_buffer(f"gate_{name}", torch.zeros(shape))
         self.register_buffer("expert_gate", torch.full((n_experts,), -1, dtype=torch.long))
+        self.register_buffer("gate_path", torch.zeros(0, dtype=torch.long))  # (G,) path of each gate; -1: learned gate
         # Running mean of the routed hidden states; subtracted before the cosine when ``centered``,
         # because all hidden states share a large common direction (anisotropy).
         self.register_buffer("center", torch.zeros(d_model))
@@ -138,12 +144,21 @@ class KeyRouter(nn.Module):
     def gates(self) -> Gate:
         return Gate(*(getattr(self, f"gate_{name}") for name in Gate._fields))
 
-    def eligible(self, f: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) features -> (B, T, E) bool: which experts' gates are open for each token."""
+    @property
+    def n_paths(self) -> int:
+        """Paths this router's gates belong to, the base path 0 included."""
+        return 1 + max(int(self.gate_path.max()), 0) if len(self.gate_path) else 1
+
+    def eligible(self, f: torch.Tensor, path: int = 0) -> torch.Tensor:
+        """(B, T, d) features -> (B, T, E) bool: which experts' gates are open for each token on ``path``."""
         always = torch.ones(*f.shape[:-1], 1, dtype=torch.bool, device=f.device)
         if not len(self.gate_b):
             return always.expand(*f.shape[:-1], self.n_experts)
-        return torch.cat([always, gate_open(f, self.gates)], -1)[..., self.expert_gate + 1]
+        learned = self.gate_path < 0
+        opened = (self.gate_path == path).expand(*f.shape[:-1], -1)  # (B, T, G)
+        if learned.any():
+            opened = torch.where(learned, gate_open(f, self.gates), opened)
+        return torch.cat([always, opened], -1)[..., self.expert_gate + 1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Growth adds gates: take their number and hidden width from the checkpoint being loaded.
@@ -151,13 +166,17 @@ class KeyRouter(nn.Module):
             stored = state_dict.get(f"{prefix}gate_{name}")
             if stored is not None:
                 setattr(self, f"gate_{name}", torch.zeros_like(stored, device=self.keys.device))
+        if f"{prefix}gate_path" not in state_dict:  # checkpoint format <= 3: every gate is a learned one
+            n = len(state_dict.get(f"{prefix}gate_b", self.gate_b))
+            state_dict[f"{prefix}gate_path"] = torch.full((n,), -1, dtype=torch.long)
+        self.gate_path = torch.zeros_like(state_dict[f"{prefix}gate_path"], device=self.keys.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, path: int = 0) -> Routing:
         with torch.autocast(x.device.type, enabled=False):
             f = self.features(x if x.dim() == 3 else x[None])  # (B, T, d)
             sim = f.reshape(-1, f.shape[-1]) @ F.normalize(self.keys, dim=-1).T  # (B·T, E)
-            sim = sim.masked_fill(~self.eligible(f).reshape(sim.shape), float("-inf"))
+            sim = sim.masked_fill(~self.eligible(f, path).reshape(sim.shape), float("-inf"))
         top_sim, top_idx = sim.topk(self.top_k, dim=-1)
         weights = F.softmax(top_sim / self.temperature, dim=-1)
         belief = F.softmax(sim / self.temperature, dim=-1)
@@ -185,8 +204,9 @@ class KeyRouter(nn.Module):
             distributed.all_reduce_(mean, mean=True)  # ranks hold equally many tokens
             self.center.lerp_(mean, 1 - self.momentum)
 
-    def add_gate(self, gate: Gate) -> int:
-        """Append one gate (fields without the gate axis); return its index for :meth:`add_key`."""
+    def add_gate(self, gate: Gate, path: int = -1) -> int:
+        """Append one gate (fields without the gate axis) — a learned one, or with ``path`` >= 1 the
+        gate of that path (its fields unused); return its index for :meth:`add_key`."""
         width = max(self.gate_u.shape[1], gate.u.shape[0])
         for name, new in zip(Gate._fields, gate):
             old = getattr(self, f"gate_{name}")
@@ -194,6 +214,7 @@ class KeyRouter(nn.Module):
             if name in ("u", "c", "v"):  # zero hidden units add nothing: pad both to the wider gate
                 old, new = (F.pad(t, (0, 0) * (name == "u") + (0, width - t.shape[1])) for t in (old, new))
             setattr(self, f"gate_{name}", torch.cat([old, new]))
+        self.gate_path = torch.cat([self.gate_path, self.gate_path.new_tensor([path])])
         return len(self.gate_b) - 1
 
     def add_key(self, key: torch.Tensor, gate: int | None = None) -> None:
@@ -223,7 +244,7 @@ class LearnedRouter(nn.Module):
     def n_experts(self) -> int:
         return self.gate.out_features
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, path: int = 0) -> Routing:  # no growth gates: every path is the same
         with torch.autocast(x.device.type, enabled=False):
             probs = F.softmax(self.gate(x.reshape(-1, x.shape[-1]).float()), dim=-1)
         top_p, top_idx = probs.topk(self.n_experts if self.top_any else self.top_k, dim=-1)

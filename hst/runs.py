@@ -108,9 +108,10 @@ def model_of(source: str, experts_per_layer: list[int]) -> GPT:
         grow = {**dataclasses.asdict(GrowConfig(gate_hidden=0)), **params.get("grow", {})}  # older runs: linear gates
         d, h = model.cfg.d_model, grow["gate_hidden"]
         for layer, n in enumerate(experts_per_layer):
-            for _ in range((n - model.cfg.n_experts) // grow["experts"]):
+            for growth in range((n - model.cfg.n_experts) // grow["experts"]):
                 model.moe(layer).router.add_gate(Gate(torch.zeros(d), torch.zeros(h, d), torch.zeros(h), torch.zeros(h),
-                                                      torch.tensor(0.0), torch.tensor(0.0)))
+                                                      torch.tensor(0.0), torch.tensor(0.0)),
+                                                 growth + 1 if grow["select"] == "posterior" else -1)
     return model
 
 

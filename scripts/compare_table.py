@@ -50,7 +50,7 @@ def row(label: str, source: str, cycles: list[str]) -> str:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return (f"| {label} | {mean(list(reports[-1]['bpb'].values())):.3f} | {pct(mean([r['avg_forgetting'] for r in reports]))} | {pct(worst[0])} ({worst[1]}, {worst[2]}) "
             f"| {mean([r['absorption'] for r in reports]):.3f} | {f'{100 * mean(stab):.1f} %' if stab else '–'} "
-            f"| {model.flops_per_token() / 1e6:.2f} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+            f"| {model.flops_per_token(all_paths=True) / 1e6:.2f} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
             f"| {'/'.join(map(str, experts)) if model.cfg.ffn != 'dense' else '–'} |")
 
 
@@ -78,7 +78,8 @@ def main() -> None:
     lines += [row(label, source, cycles) for label, source in variants]
     settings = "; ".join(f"{label}: `{' '.join(o)}`" for label, (_, o) in BASELINES.items())
     lines += ["", f"Cycles: {', '.join(cycles)}. Forgetting of a domain = relative rise of its validation BPB over "
-                  "a cycle; FLOPs: forward matmuls, attention over the mean causal context (`GPT.flops_per_token`). "
+                  "a cycle; FLOPs: forward matmuls, attention over the mean causal context, every path of a path "
+                  "mixture (`GPT.flops_per_token(all_paths=True)`). "
                   f"Baselines: {settings}; each with `{' '.join(OPEN_GATE)}`."]
     replace_section(args.out, "compare", "\n".join(lines))
 

@@ -11,7 +11,9 @@ checkpoint is the cycle's final model.
 
 With ``cycle.mode: grow`` every cycle grows (DEMix-style dedicated capacity, no domain labels: the
 cycle's incoming records are the unit) and the new experts train on all incoming records; the
-novelty check is still reported. The new experts train at ``grow.lr`` for ``grow.steps``; with
+novelty check is still reported. With ``grow.select: posterior`` the new experts form a path of their own instead of sitting behind
+gates, and the index's text is not read (``hst.grow.grow_path``). The new experts train at
+``grow.lr`` for ``grow.steps``; with
 ``grow.old_share`` > 0 that share of the training records is sampled from the index (old training
 records, or the start model's samples when ``cycle.replay: generated``), and the experts grown in
 earlier cycles then train on them at ``consolidate.lr``.
@@ -48,7 +50,9 @@ def main() -> None:
     domain = cycle_domain(cycles, args.cycle)
     model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     new = sampler.load_records(args.buffer)
-    index = sampler.read_buffer(args.index, columns=["record_id", "text", "bpb", "source"])
+    # A path (grow.select: posterior) needs no held-in text: only the index's BPB, for the novelty report.
+    gated = cfg.select == "gate"
+    index = sampler.read_buffer(args.index, columns=["record_id", "text", "bpb", "source"] if gated else ["bpb"])
     limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)
     found = novelty.detect(new["bpb"].to_pylist(), limit, cfg)
     report = {"applicable": model.cfg.ffn == "key", "threshold_bpb": limit,
@@ -58,9 +62,10 @@ def main() -> None:
     grown, curves, gates, old = [], {}, [], []
     if report["triggered"]:
         fresh = new.filter(pa.array([bool(flag) or ccfg.mode == "grow" for flag in found.novel]))
-        old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
+        if cfg.old_share:
+            old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist()),
-                                         sampler.tokens_by_source(index), cfg,
+                                         sampler.tokens_by_source(index) if gated else {}, cfg,
                                          tcfg, data.encode(old) if old else None)
     meta = {**meta, "stage": "grow", "cycle": args.cycle,
             "learned_domains": [*meta["learned_domains"], domain]}

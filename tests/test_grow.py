@@ -1,6 +1,7 @@
 import copy
 import dataclasses
 
+import pytest
 import torch
 
 from hst import data, grow
@@ -208,3 +209,44 @@ def test_tightening_measures_what_evaluating_every_window_measures(tiny_cfg):
         assert torch.allclose(full.window_bpb[~opened], before.window_bpb[~opened], rtol=0, atol=1e-6)
         moved += int((full.window_bpb[opened] - before.window_bpb[opened]).abs().gt(1e-4).sum())
     assert moved > 0  # the windows a gate opens in did change
+
+
+class NoText(dict):
+    """Held-in text a path must never read: any access fails the test."""
+
+    def __getitem__(self, key):
+        raise AssertionError(f"held-in text read: {key}")
+
+    def __iter__(self):
+        raise AssertionError("held-in text read")
+
+    def __len__(self):
+        raise AssertionError("held-in text read")
+
+
+def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_earlier_path(tiny_cfg):
+    model = GPT(tiny_cfg)
+    idx = torch.randint(0, 256, (2, 24))
+    base = model(idx).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = GrowConfig(select="posterior", experts=2, steps=8, gate_windows=8, lr=1e-2)
+    added, curves, stats = grow.grow(model, [0, 1], NOVEL, NoText(), cfg, TCFG)
+    assert added == [(0, 4), (0, 5), (1, 4), (1, 5)] and model.n_paths == 2 and len(curves["train"]) == 8
+    assert [s["path"] for s in stats] == [1, 1]
+    assert_only_appended(before, model.state_dict())
+    assert model.moe(0).router.gate_path.tolist() == [1] and model.moe(0).router.expert_gate.tolist()[-2:] == [0, 0]
+    with model.on_path(0):
+        assert torch.equal(model(idx).logits, base)
+        start = evaluate(model, NOVEL, 4).bpb
+    with model.on_path(1):
+        one = model(idx).logits
+        assert evaluate(model, NOVEL, 4).bpb < start  # the path learned the novel text
+    # A second growth: a new path whose experts start from the base experts, never from path 1's.
+    steps0 = dataclasses.replace(cfg, steps=0)
+    grow.grow(model, [0, 1], HELD_IN["python"], NoText(), steps0, TCFG)
+    base_weights = [e.up.weight for e in model.moe(0).experts[:4]]
+    assert all(any(torch.equal(e.up.weight, w) for w in base_weights) for e in model.moe(0).experts[6:])
+    with model.on_path(1):
+        assert torch.equal(model(idx).logits, one)
+    with pytest.raises(ValueError, match="paths"):
+        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8), TCFG)

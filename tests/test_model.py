@@ -1,9 +1,10 @@
 import dataclasses
+import math
 
 import pytest
 import torch
 
-from hst.model import GPT
+from hst.model import GPT, mix_paths
 from hst.router import Gate
 
 
@@ -88,3 +89,50 @@ def test_flops_per_token_count_the_active_matmuls(tiny_cfg):
     gated.moe(0).router.add_gate(Gate(torch.zeros(d), torch.zeros(8, d), torch.zeros(8), torch.zeros(8),
                                       torch.tensor(0.0), torch.tensor(0.0)))
     assert gated.flops_per_token() == key.flops_per_token() + 2 * d * 9
+    paths = GPT(tiny_cfg)  # path gates score nothing; the mixture runs every path
+    for path in (1, 2):
+        paths.moe(0).router.add_gate(Gate.linear(torch.zeros(d), 0.0, 0.0), path)
+    assert paths.flops_per_token() == key.flops_per_token()
+    assert paths.flops_per_token(all_paths=True) == 3 * key.flops_per_token()
+
+
+def test_path_mixture_loses_at_most_log_paths_to_its_best_path_on_every_sequence():
+    torch.manual_seed(0)
+    P, B, T, V = 3, 4, 20, 7
+    logits, idx = 3 * torch.randn(P, B, T, V), torch.randint(0, V, (B, T))
+    logp, weights = mix_paths(logits, idx)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(B, T), atol=1e-5)
+    assert torch.allclose(weights[:, :, 0], torch.full((P, B), 1 / P))  # no context yet: the uniform prior
+    nll = lambda lp: -lp[:, :-1].gather(-1, idx[:, 1:, None])[..., 0].sum(-1)  # noqa: E731  (B,) per sequence
+    paths = torch.stack([nll(lg.log_softmax(-1)) for lg in logits])  # (P, B)
+    assert (nll(logp) <= paths.min(0).values + math.log(P) + 1e-4).all()
+    assert (nll(logp) > paths.min(0).values).any()  # the bound is not vacuous: the mixture pays for not knowing
+    # The weights use only the bytes seen so far: changing the last input byte changes no weight before it.
+    other = idx.clone()
+    other[:, -1] = (other[:, -1] + 1) % V
+    moved = mix_paths(logits, other)[1]
+    assert torch.equal(moved[..., :-1], weights[..., :-1]) and not torch.equal(moved[..., -1], weights[..., -1])
+
+
+def test_paths_leave_the_base_model_and_earlier_paths_bit_identical(tiny_cfg):
+    model = GPT(tiny_cfg)
+    idx = torch.randint(0, 256, (2, 16))
+    base = model(idx).logits
+    model.moe(0).router.add_gate(Gate.linear(torch.zeros(tiny_cfg.d_model), 0.0, 0.0), 1)
+    model.moe(0).add_expert(model.moe(0).router.keys[0] + 0.01, gate=0)  # wins its key's tokens on path 1
+    with torch.no_grad():
+        model.moe(0).experts[-1].down.weight.mul_(3)
+    assert model.n_paths == 2
+    with model.on_path(0):
+        assert torch.equal(model(idx).logits, base)
+    with model.on_path(1):
+        one = model(idx).logits
+    assert not torch.equal(one, base)
+    mixed = model(idx)
+    assert torch.equal(mixed.logits, mix_paths(torch.stack([base, one]), idx)[0])
+    model.moe(0).router.add_gate(Gate.linear(torch.zeros(tiny_cfg.d_model), 0.0, 0.0), 2)
+    model.moe(0).add_expert(model.moe(0).router.keys[1] + 0.01, gate=1)
+    with model.on_path(1):
+        assert torch.equal(model(idx).logits, one)
+    with pytest.raises(ValueError, match="update_keys"):
+        model(idx, update_keys=True)

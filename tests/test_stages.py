@@ -398,8 +398,8 @@ def cycle_stages(proj: Path, params: Path) -> dict[str, subprocess.CompletedProc
     return runs
 
 
-@pytest.mark.parametrize("replay", ["stored", "generated"])
-def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_experts(pretrained, tmp_path, replay):
+@pytest.mark.parametrize("replay, select", [("stored", "gate"), ("generated", "gate"), ("generated", "posterior")])
+def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_experts(pretrained, tmp_path, replay, select):
     proj = tmp_path / "proj"
     shutil.copytree(pretrained, proj)
     # The learned domains' records are gone: a cycle that reads old text cannot run.
@@ -408,7 +408,8 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
     params = yaml.safe_load((proj / "params.yaml").read_text())
     # Growth in mode grow needs no novelty: the quantile is set so that no record is novel.
     params["cycle"] |= {"mode": "grow", "replay": replay}
-    params["grow"] |= {"quantile": 0.999, "min_batches": 50, "experts": 2, "old_share": 0.25}  # old records: generated ones
+    params["grow"] |= {"quantile": 0.999, "min_batches": 50, "experts": 2, "select": select,
+                       "old_share": 0.25 if select == "gate" else 0.0}  # old records: generated ones
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     runs = cycle_stages(proj, tmp_path / "params.yaml")
     if replay == "stored":
@@ -420,7 +421,7 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
     assert json.loads((proj / "c1/coresets/selection.json").read_text()) == []  # mode grow trains no shared expert
     report = json.loads((proj / "c1/grow.json").read_text())
     assert report["triggered"] and report["batch_shares"] and max(report["batch_shares"]) < 1
-    assert report["old_records"] > 0
+    assert (report["old_records"] > 0) == (select == "gate")
     start, _ = checkpoint.load(proj / "models/pretrain.pt")
     assert checkpoint.load(proj / "c1/consolidated.pt")[0].state_dict().keys() == start.state_dict().keys()
     final, _ = checkpoint.load(proj / "c1/final.pt")
@@ -433,3 +434,8 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
         else:
             new = after[name]
         assert tensor.numel() == 0 or torch.equal(tensor, new), name  # numel 0: no gate before the cycle
+    assert final.n_paths == (2 if select == "posterior" else 1)
+    if select == "posterior":  # on path 0 (every path gate closed) the grown model is the start model
+        idx = data.encode(["Und es begab sich zu der Zeit, dass ein Gebot von dem Kaiser ausging."])[None, :60].long()
+        with final.on_path(0):
+            assert torch.equal(final(idx).logits, start(idx).logits)
