@@ -258,7 +258,8 @@ class CycleConfig:
     #                         "generated" (sampled from the cycle's start model; no old record is read)
     replay_records: int = 64  # records sampled from the start model per cycle when replay is "generated"
     incoming_records: int = 200  # records of the cycle's domain (train split) collected as new data
-    index_records: int = 150  # old train records per learned domain routed into the expert index
+    index_records: int = 50  # old train records per learned domain routed into the expert index (select: gate
+    #                          needs 150 for its held-in text)
     min_new_data: int = 10  # an expert is consolidated when it is primary for at least this many new records
     new_old_ratio: float = 0.2  # share of new records in a coreset / replay mix (0.2 -> 1 new : 4 old)
     eval_windows: int = 32  # validation windows per domain for BPB and routing stability
@@ -286,7 +287,7 @@ class GrowConfig:
     batch_records: int = 16  # records per novelty batch, in collection order
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
     novel_share: float = 0.5  # p: share of novel records in a batch
-    select: str = "gate"  # how a token reaches the new experts: "gate" (a learned gate per layer, calibrated against
+    select: str = "posterior"  # how a token reaches the new experts: "gate" (a learned gate per layer, calibrated against
     #                       the held-in records) or "posterior" (the growth's experts form a path of their own, mixed
     #                       with the others by each path's likelihood of the context: no held-in text, no gate_* keys)
     gate_fpr: float = 0.1  # share of each learned domain's tokens a new expert's gate may let through (its bias), at most
@@ -307,9 +308,6 @@ class GrowConfig:
         _require(self.batch_records >= 1, "batch_records: expected >= 1")
         _require(self.min_batches >= 1, "min_batches: expected >= 1")
         _require(0 <= self.novel_share <= 1, "novel_share: expected in [0, 1]")
-        _require(self.select in ("gate", "posterior"), f"select: expected gate or posterior, got {self.select!r}")
-        _require(self.select == "gate" or self.old_share == 0,
-                 "old_share: expected 0 with select: posterior (a path trains on its own cycle's records only)")
         _require(0 < self.gate_fpr < 1, "gate_fpr: expected in (0, 1)")
         _require(self.gate_windows >= 2, "gate_windows: expected >= 2")
         _require(self.gate_hidden >= 0, "gate_hidden: expected >= 0")
@@ -318,6 +316,9 @@ class GrowConfig:
         _require(self.steps >= 0, "steps: expected >= 0")
         _require(self.lr > 0, "lr: expected > 0")
         _require(0 <= self.old_share < 1, "old_share: expected in [0, 1)")
+        _require(self.select in ("gate", "posterior"), f"select: expected gate or posterior, got {self.select!r}")
+        _require(self.select == "gate" or self.old_share == 0,
+                 "old_share: expected 0 with select: posterior (a path trains on its own cycle's records only)")
         _require(0 <= self.forgetting_budget < 1, "forgetting_budget: expected in [0, 1)")
 
 

@@ -52,13 +52,15 @@ def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tenso
                        new: torch.Tensor, cfg: TrainConfig, key_windows: int = 16) -> dict:
     """Finetune ``(layer, expert)`` on ``coreset`` tokens, then EMA its key toward the hidden states
     of the ``new`` tokens that route to it. Every other parameter and buffer stays bit-identical.
+    A model with growth paths trains on its base path (path 0), the one its shared experts serve on
+    every path.
 
     Returns the training curves.
     """
     cfg = dataclasses.replace(cfg, domains=("coreset",), update_keys=False)
-    with only_trainable(model, [(layer, expert)]):
+    with only_trainable(model, [(layer, expert)]), model.on_path(0):
         curves = train(model, cfg, {"coreset": coreset}, {}, desc=f"consolidate L{layer}/E{expert}")
-    _ema_key(model, layer, expert, new, key_windows)
+        _ema_key(model, layer, expert, new, key_windows)
     return curves
 
 
@@ -85,10 +87,10 @@ def consolidate_experts(model: GPT, sets: list[tuple[int, int, torch.Tensor, tor
     """
     if joint:
         jcfg = dataclasses.replace(cfg, domains=tuple(f"{l}/{e}" for l, e, _, _ in sets), update_keys=False)
-        with only_trainable(model, [(l, e) for l, e, _, _ in sets]):
+        with only_trainable(model, [(l, e) for l, e, _, _ in sets]), model.on_path(0):
             curves = train(model, jcfg, {f"{l}/{e}": c for l, e, c, _ in sets}, {}, desc="consolidate jointly")
-        for layer, expert, _, new in sets:
-            _ema_key(model, layer, expert, new)
+            for layer, expert, _, new in sets:
+                _ema_key(model, layer, expert, new)
         return [curves]
     return [consolidate_expert(model, layer, expert, coreset, new, expert_budget(cfg, i, len(sets)))
             for i, (layer, expert, coreset, new) in enumerate(sets)]

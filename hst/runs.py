@@ -105,7 +105,7 @@ def model_of(source: str, experts_per_layer: list[int]) -> GPT:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = GPT(ModelConfig(**{k: v for k, v in params["model"].items() if k in known}), experts_per_layer)
     if model.cfg.ffn == "key":
-        grow = {**dataclasses.asdict(GrowConfig(gate_hidden=0)), **params.get("grow", {})}  # older runs: linear gates
+        grow = {**dataclasses.asdict(GrowConfig(gate_hidden=0, select="gate")), **params.get("grow", {})}  # older runs: linear gates
         d, h = model.cfg.d_model, grow["gate_hidden"]
         for layer, n in enumerate(experts_per_layer):
             for growth in range((n - model.cfg.n_experts) // grow["experts"]):

@@ -9,7 +9,8 @@ Every point is the default scenario (the cycles of params.yaml) run as a DVC exp
 workspace (`dvc exp run -n pareto-<method>-<budget>x`; points with the same pretraining settings
 pretrain once, ``hst.runs.run_experiments``), with
 the method's settings and a training budget per cycle of ``budget`` × 160 steps (the default; 8 × 256
-tokens a step). HST spends it on its new gated experts (``grow.steps``), dense + replay on finetuning
+tokens a step). HST spends it on its new experts (``grow.steps``; a path of their own by default,
+behind learned gates in the "gates" points), dense + replay on finetuning
 everything on 1 new : 4 old records (``consolidate.steps``). Each experiment's params and metrics are
 exported to ``--runs``/<method>_<budget>x and committed, so the figure and table rebuild in a fresh
 clone. The cycles a point runs are logged into the project's MLflow store as variant
@@ -45,22 +46,27 @@ BASE_STEPS = 160
 # Points run before gates tightened to a forgetting budget: their gates keep grow.gate_fpr.
 FIXED_RATE = ["grow.forgetting_budget=0"]
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
+# Learned gates (the default before 2026-12-01's paths) with the index they were calibrated on.
+GATES = ["grow.select=gate", "cycle.index_records=150"]
 METHODS = {
-    "HST": ("hst-budget1.5", "grow.steps", [], (1,)),  # the default: forgetting budget 1.5 % since 2026-12-01
-    "HST, budget 2 %": ("hst-budget2", "grow.steps", ["grow.forgetting_budget=0.02"], (1,)),
-    "HST, budget 1 %": ("hst-budget1", "grow.steps", ["grow.forgetting_budget=0.01"], (1,)),
-    "HST, replay-free": ("hst-replay-free-budget2", "grow.steps", ["cycle.replay=generated", "grow.forgetting_budget=0.02"],
-                         (1,)),
+    "HST": ("hst-paths", "grow.steps", [], (1,)),  # the default: growth paths mixed by their posterior, since 2026-12-01
+    "HST, replay-free": ("hst-paths-replay-free", "grow.steps", ["cycle.replay=generated"], (1,)),
+    "HST, gates, budget 1.5 %": ("hst-budget1.5", "grow.steps", [*GATES], (1,)),  # the default before paths
+    "HST, gates, budget 2 %": ("hst-budget2", "grow.steps", [*GATES, "grow.forgetting_budget=0.02"], (1,)),
+    "HST, gates, budget 1 %": ("hst-budget1", "grow.steps", [*GATES, "grow.forgetting_budget=0.01"], (1,)),
+    "HST, gates, replay-free": ("hst-replay-free-budget2", "grow.steps",
+                                [*GATES, "cycle.replay=generated", "grow.forgetting_budget=0.02"], (1,)),
     # Fixed gate rates (no forgetting budget): 1 % was the default before 2026-11-30's second change.
-    "HST, gate 1 %": ("hst-gate1", "grow.steps", ["grow.gate_fpr=0.01", *FIXED_RATE], (0.5, 1, 2)),
-    "HST, gate 5 %": ("hst-gate5", "grow.steps", ["grow.gate_fpr=0.05", *FIXED_RATE], (1,)),
+    "HST, gate 1 %": ("hst-gate1", "grow.steps", [*GATES, "grow.gate_fpr=0.01", *FIXED_RATE], (0.5, 1, 2)),
+    "HST, gate 5 %": ("hst-gate5", "grow.steps", [*GATES, "grow.gate_fpr=0.05", *FIXED_RATE], (1,)),
     # The linear (Fisher) gate's points, run before MLP gates and the index defaults of 2026-11-30.
-    "HST, linear gate 3 %": ("hst", "grow.steps", ["grow.gate_fpr=0.03", "grow.gate_hidden=0", *FIXED_RATE], (0.5, 1, 2)),
+    "HST, linear gate 3 %": ("hst", "grow.steps", [*GATES, "grow.gate_fpr=0.03", "grow.gate_hidden=0", *FIXED_RATE],
+                             (0.5, 1, 2)),
     "HST, replay-free, gate 0.5 %": ("hst-replay-free-gate0.5", "grow.steps",
-                                     ["cycle.replay=generated", "grow.gate_fpr=0.005", *FIXED_RATE], (1,)),
+                                     [*GATES, "cycle.replay=generated", "grow.gate_fpr=0.005", *FIXED_RATE], (1,)),
     "HST, replay-free, linear gate 3 %": ("hst-replay-free", "grow.steps",
-                                          ["cycle.replay=generated", "grow.gate_fpr=0.03", "grow.gate_hidden=0", *FIXED_RATE],
-                                          (1,)),
+                                          [*GATES, "cycle.replay=generated", "grow.gate_fpr=0.03", "grow.gate_hidden=0",
+                                           *FIXED_RATE], (1,)),
     "dense + replay": ("dense-replay", "consolidate.steps",
                        ["model.ffn=dense", "cycle.mode=full_replay", *REPLAY_POOL, *OPEN_GATE], (0.5, 1, 2)),
     # P's denominator; in the table, not in the figure (it forgets tens of percent).

@@ -127,3 +127,12 @@ def test_the_large_preset_is_valid_and_differs_only_in_model_and_pretrain():
     model = configs["model"]
     assert (model.d_model, model.n_layer, model.n_experts, model.top_k) == (512, 8, 64, 2)
     assert configs["pretrain"].batch_size % 8 == 0  # splits over 1, 2, 4 or 8 torchrun processes
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"select": "mlp"}, "grow.select: expected gate or posterior, got 'mlp'"),
+    ({"select": "posterior", "old_share": 0.2}, "grow.old_share: expected 0 with select: posterior"),
+])
+def test_growth_selection_is_checked(section, message):
+    with pytest.raises(ConfigError, match=message):
+        build(GrowConfig, section, "grow")

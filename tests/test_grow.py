@@ -30,7 +30,7 @@ def assert_only_appended(before: dict, after: dict) -> None:
 def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):
     model = GPT(tiny_cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(experts=1, steps=5, gate_windows=8), TCFG)
+    added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=5, gate_windows=8), TCFG)
     assert added == [(0, 4), (1, 4)] and model.n_experts == [5, 5]
     assert [s["expert"] for s in stats] == [4, 4]
     after = model.state_dict()
@@ -48,7 +48,7 @@ def test_random_init_draws_from_the_training_seed_not_the_global_generator(tiny_
         model = GPT(tiny_cfg)
         model.load_state_dict(start)
         torch.manual_seed(global_seed)
-        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8, init="random"),
+        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8, init="random"),
                   dataclasses.replace(TCFG, seed=seed))
         return model.moe(0).experts[-1].up.weight
 
@@ -59,7 +59,7 @@ def test_random_init_draws_from_the_training_seed_not_the_global_generator(tiny_
 def test_gates_keep_held_in_routing_and_admit_novel_tokens(tiny_cfg):
     model = GPT(tiny_cfg)
     old = evaluate(model, HELD_IN_ALL, 8).expert_ids
-    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8, gate_fpr=0.02), TCFG)
+    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8, gate_fpr=0.02), TCFG)
     assert all(s["held_in_tokens_passing"] <= 0.05 and s["novel_tokens_passing"] > 0.5 for s in stats)
     # Held-in tokens whose gates stay closed keep their routing (untrained new experts change nothing else).
     assert min(routing_stability(old, evaluate(model, HELD_IN_ALL, 8).expert_ids)) >= 0.95
@@ -71,7 +71,7 @@ def test_new_key_is_the_mean_of_the_novel_tokens_passing_the_gate(tiny_cfg):
     model = GPT(tiny_cfg)
     router = model.moe(1).router
     feats = router.features(ffn_inputs(model, NOVEL, [1], 8)[0])
-    grow.grow(model, [1], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8), TCFG)
+    grow.grow(model, [1], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8), TCFG)
     passing = router.eligible(feats)[..., -1]
     want = torch.nn.functional.normalize(feats[passing].mean(0), dim=-1)
     assert torch.allclose(router.keys[-1], want, atol=1e-5)
@@ -94,7 +94,7 @@ def test_a_closed_gate_is_honoured_in_the_forward_pass_even_after_training(tiny_
 def test_several_experts_per_layer_share_one_gate_split_the_novel_tokens_and_alone_train(tiny_cfg):
     model = GPT(tiny_cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    added, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(experts=3, steps=4, gate_windows=8), TCFG)
+    added, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(select="gate", experts=3, steps=4, gate_windows=8), TCFG)
     assert added == [(0, 4), (0, 5), (0, 6), (1, 4), (1, 5), (1, 6)] and model.n_experts == [7, 7]
     assert [s["experts"] for s in stats] == [[4, 5, 6], [4, 5, 6]]
     router = model.moe(1).router
@@ -120,7 +120,7 @@ def test_spherical_kmeans_is_the_normalized_mean_for_one_cluster_and_separates_t
 
 def test_each_source_gets_at_most_the_false_positive_rate(tiny_cfg):
     model = GPT(tiny_cfg)
-    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(steps=0, gate_windows=8, gate_fpr=0.05), TCFG)
+    _, _, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, GrowConfig(select="gate", steps=0, gate_windows=8, gate_fpr=0.05), TCFG)
     for s in stats:
         assert set(s["held_in_tokens_passing_per_source"]) == {"python", "shakespeare"}
         assert max(s["held_in_tokens_passing_per_source"].values()) <= 0.05 + 1 / 256  # one token of 8 windows × 32
@@ -139,11 +139,11 @@ def test_replay_trains_the_experts_grown_earlier_and_nothing_shared(tiny_cfg):
     for name, replay in (("none", None), ("novel", NOVEL), ("second", SECOND)):
         model = GPT(tiny_cfg)
         torch.manual_seed(0)
-        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=2, gate_windows=8), TCFG)
+        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=2, gate_windows=8), TCFG)
         before, start = {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(model)
         held_in = {**HELD_IN, "german": NOVEL}
         added, curves, _ = grow.grow(model, [0], SECOND, held_in,
-                                     GrowConfig(experts=1, steps=4, gate_windows=8, old_share=0.5), TCFG, replay)
+                                     GrowConfig(select="gate", experts=1, steps=4, gate_windows=8, old_share=0.5), TCFG, replay)
         for src, tokens in held_in.items():  # the budget check saw what the earlier experts' training did too
             change = evaluate(model, tokens, 8).bpb / evaluate(start, tokens, 8).bpb - 1
             assert abs(curves["held_in_bpb_change"][src] - change) < 1e-6, src
@@ -176,7 +176,7 @@ def test_gates_tighten_until_the_held_in_forgetting_fits_the_budget(tiny_cfg, mo
         model = GPT(tiny_cfg)
         start = copy.deepcopy(model)  # the gates are fitted on the start model's features
         _, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN,
-                                     GrowConfig(experts=1, steps=5, gate_windows=8, gate_fpr=0.2, forgetting_budget=0.01), TCFG)
+                                     GrowConfig(select="gate", experts=1, steps=5, gate_windows=8, gate_fpr=0.2, forgetting_budget=0.01), TCFG)
         results[tight] = stats
         assert set(curves["held_in_bpb_change"]) == {"python", "shakespeare"}
         assert (max(curves["held_in_bpb_change"].values()) > 0.01) == tight
@@ -197,7 +197,7 @@ def test_tightening_measures_what_evaluating_every_window_measures(tiny_cfg):
     model = GPT(tiny_cfg)
     start = copy.deepcopy(model)
     _, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN,
-                                 GrowConfig(experts=1, steps=5, gate_windows=8, gate_fpr=0.2, forgetting_budget=0.5), TCFG)
+                                 GrowConfig(select="gate", experts=1, steps=5, gate_windows=8, gate_fpr=0.2, forgetting_budget=0.5), TCFG)
     moved = 0
     for src, tokens in HELD_IN.items():
         full, before = evaluate(model, tokens, 8), evaluate(start, tokens, 8)
@@ -229,7 +229,7 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     idx = torch.randint(0, 256, (2, 24))
     base = model(idx).logits
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = GrowConfig(select="posterior", experts=2, steps=8, gate_windows=8, lr=1e-2)
+    cfg = GrowConfig(experts=2, steps=8, gate_windows=8, lr=1e-2)  # select: posterior, the default
     added, curves, stats = grow.grow(model, [0, 1], NOVEL, NoText(), cfg, TCFG)
     assert added == [(0, 4), (0, 5), (1, 4), (1, 5)] and model.n_paths == 2 and len(curves["train"]) == 8
     assert [s["path"] for s in stats] == [1, 1]
@@ -249,4 +249,4 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     with model.on_path(1):
         assert torch.equal(model(idx).logits, one)
     with pytest.raises(ValueError, match="paths"):
-        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8), TCFG)
+        grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8), TCFG)
