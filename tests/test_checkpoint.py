@@ -78,6 +78,33 @@ def test_a_format_2_checkpoint_loads_and_routes_as_before(tiny_cfg, tmp_path):
     assert torch.equal(model(idx).logits, loaded(idx).logits)
 
 
+def test_paths_round_trip_and_a_format_3_checkpoint_loads_with_learned_gates(tiny_cfg, tmp_path):
+    model = GPT(tiny_cfg)
+    gated = Gate(0.1 * torch.randn(32), torch.randn(4, 32), torch.zeros(4), torch.randn(4), torch.tensor(0.0),
+                 torch.tensor(0.0))
+    model.moe(0).router.add_gate(gated)
+    model.moe(0).add_expert(torch.randn(32), gate=0)
+    model.moe(1).router.add_gate(Gate.linear(torch.zeros(32), 0.0, 0.0), path=1)
+    model.moe(1).add_expert(model.moe(1).router.keys[0], gate=0)
+    checkpoint.save(tmp_path / "m.pt", model)
+    loaded, _ = checkpoint.load(tmp_path / "m.pt")
+    assert loaded.n_paths == 2 and loaded.moe(1).router.gate_path.tolist() == [1]
+    idx = torch.randint(0, 256, (2, 32))
+    model.eval(), loaded.eval()
+    assert torch.equal(model(idx).logits, loaded(idx).logits)
+    # Format 3 had no gate_path: every gate it stored is a learned one.
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    state["format_version"] = 3
+    for layer in (0, 1):
+        del state["state_dict"][f"blocks.{layer}.ffn.router.gate_path"]
+    torch.save(state, tmp_path / "v3.pt")
+    old, _ = checkpoint.load(tmp_path / "v3.pt")
+    assert old.n_paths == 1 and old.moe(0).router.gate_path.tolist() == [-1] and old.moe(1).router.gate_path.tolist() == [-1]
+    old.eval()
+    with model.on_path(0):  # the zero path gate, read as a learned gate with bias 0, never opens
+        assert torch.equal(old(idx).logits, model(idx).logits)
+
+
 def test_round_trip_of_a_dense_model(tiny_cfg, tmp_path):
     """A dense FFN is stored as one expert per layer, fewer than top_k (the dense baselines' checkpoints)."""
     cfg = dataclasses.replace(tiny_cfg, ffn="dense")
