@@ -11,6 +11,7 @@ reported. Writes a JSON (``--out``) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -38,17 +39,12 @@ def model_with_paths(cfg: ModelConfig, paths: int, experts: int) -> GPT:
 
 @torch.no_grad()
 def tokens_per_s(model: GPT, idx: torch.Tensor, path: int | None, repeats: int) -> float:
-    if path is None:
-        model(idx)  # warm-up
+    """Forward tokens/s of the mixture (``path`` None) or of one path, after one warm-up pass."""
+    with contextlib.nullcontext() if path is None else model.on_path(path):
+        model(idx)
         start = time.perf_counter()
         for _ in range(repeats):
             model(idx)
-    else:
-        with model.on_path(path):
-            model(idx)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                model(idx)
     return repeats * idx.numel() / (time.perf_counter() - start)
 
 

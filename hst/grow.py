@@ -69,20 +69,11 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         gate = fit_gate(list(f_old.values()), f_new, cfg.gate_fpr, cfg.gate_hidden, train_cfg.seed)
         scores = gate_scores(f_new, gate), {src: gate_scores(f, gate) for src, f in f_old.items()}
         placed.append((layer, gate, f_new[scores_open(scores[0], gate.b)], scores))
-    added, grown, stats = [], [], []
-    # ``init: random`` draws from the training seed, not from whatever the process drew before: the
-    # grown model is then a function of the inputs in a library caller as in a fresh stage process.
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(train_cfg.seed)
-        for layer, gate, passing, scores in placed:
-            if len(passing) == 0:
-                continue
-            index = model.moe(layer).router.add_gate(gate)
-            experts = [model.add_expert(layer, key, cfg.init, index) for key in spherical_kmeans(passing, cfg.experts)]
-            added += [(layer, e) for e in experts]
-            grown.append((layer, index, scores))
-            stats.append({"layer": layer, "expert": experts[0], "experts": experts})
+    placed = [p for p in placed if len(p[2])]
+    new = add_experts(model, [(layer, gate, -1, passing) for layer, gate, passing, _ in placed], cfg, train_cfg.seed)
+    added = [(layer, e) for layer, _, experts in new for e in experts]
+    grown = [(layer, index, scores) for (layer, index, _), (_, _, _, scores) in zip(new, placed)]
+    stats = [{"layer": layer, "expert": experts[0], "experts": experts} for layer, _, experts in new]
     # With replay, the experts grown earlier train after the new ones, on the old records only: trained
     # on the mixed stream they also learned the new domain's tokens their gates admit, and drifted
     # (kjv lost ~5 % a cycle at old_share 0.2; in this order 4.9 % at grow.lr, 0.2 % at the consolidation
@@ -95,10 +86,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     for experts, stream, steps, lr, name in ((added, novel, cfg.steps - old_steps, cfg.lr, "grow"),
                                              (earlier, replay, old_steps, train_cfg.lr, "grow (earlier experts)")):
         if experts and steps > 0:
-            tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=steps, lr=lr, update_keys=False,
-                                       warmup_steps=min(train_cfg.warmup_steps, steps))
-            with only_trainable(model, experts):
-                phase = train(model, tcfg, {"stream": stream}, {}, desc=name)["train"]
+            phase = train_experts(model, experts, stream, steps, lr, train_cfg, name)
             curves["train"] += [row | {"step": row["step"] + len(curves["train"])} for row in phase]
     fpr = cfg.gate_fpr
     if cfg.forgetting_budget and grown:
@@ -121,24 +109,46 @@ def grow_path(model: GPT, layers: list[int], novel: torch.Tensor, cfg: GrowConfi
     path = model.n_paths
     with model.on_path(0):
         x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
-    added, stats = [], []
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # as in grow
-        torch.manual_seed(train_cfg.seed)
-        for i, layer in enumerate(layers):
-            router = model.moe(layer).router
-            f = router.features(x_new[i]).flatten(0, 1)  # (W·T, d)
-            index = router.add_gate(Gate.linear(f.new_zeros(f.shape[1]), 0.0, 0.0), path)
-            experts = [model.add_expert(layer, key, cfg.init, index) for key in spherical_kmeans(f, cfg.experts)]
-            added += [(layer, e) for e in experts]
-            stats.append({"layer": layer, "expert": experts[0], "experts": experts, "path": path})
+    d = model.cfg.d_model
+    features = [model.moe(layer).router.features(x).flatten(0, 1) for layer, x in zip(layers, x_new)]  # (W·T, d)
+    new = add_experts(model, [(layer, Gate.linear(torch.zeros(d), 0.0, 0.0), path, f) for layer, f in zip(layers, features)],
+                      cfg, train_cfg.seed)
+    added = [(layer, e) for layer, _, experts in new for e in experts]
+    stats = [{"layer": layer, "expert": experts[0], "experts": experts, "path": path} for layer, _, experts in new]
     curves = {"train": []}
     if cfg.steps > 0:
-        tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=cfg.steps, lr=cfg.lr, update_keys=False,
-                                   warmup_steps=min(train_cfg.warmup_steps, cfg.steps))
-        with only_trainable(model, added), model.on_path(path):
-            curves["train"] = train(model, tcfg, {"stream": novel}, {}, desc=f"grow path {path}")["train"]
+        with model.on_path(path):
+            curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}")
     return added, curves, stats
+
+
+def add_experts(model: GPT, placements: list[tuple[int, Gate, int, torch.Tensor]], cfg: GrowConfig,
+                seed: int) -> list[tuple[int, int, list[int]]]:
+    """For each ``(layer, gate, path, features)``: add the gate (of ``path``; -1: a learned gate) and
+    ``cfg.experts`` experts behind it, keyed by a spherical k-means of the unit ``features`` (N, d) of
+    the tokens they are for. Returns ``(layer, gate index, new expert ids)`` per placement.
+
+    ``init: random`` draws from ``seed``, not from whatever the process drew before: the grown model
+    is then a function of the inputs in a library caller as in a fresh stage process."""
+    out = []
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for layer, gate, path, features in placements:
+            index = model.moe(layer).router.add_gate(gate, path)
+            out.append((layer, index, [model.add_expert(layer, key, cfg.init, index)
+                                       for key in spherical_kmeans(features, cfg.experts)]))
+    return out
+
+
+def train_experts(model: GPT, experts: list[tuple[int, int]], stream: torch.Tensor, steps: int, lr: float,
+                  train_cfg: TrainConfig, desc: str) -> list[dict]:
+    """Train only ``experts`` on ``stream`` for ``steps`` at peak ``lr`` (the rest of ``train_cfg``'s
+    schedule, its warm-up capped at ``steps``; keys fixed); returns the training curve."""
+    tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=steps, lr=lr, update_keys=False,
+                               warmup_steps=min(train_cfg.warmup_steps, steps))
+    with only_trainable(model, experts):
+        return train(model, tcfg, {"stream": stream}, {}, desc=desc)["train"]
 
 
 # How often :func:`tighten` may halve the new gates' false-positive rate (down to 1/16 of it).
