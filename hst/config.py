@@ -290,6 +290,9 @@ class GrowConfig:
     select: str = "posterior"  # how a token reaches the new experts: "gate" (a learned gate per layer, calibrated against
     #                       the held-in records) or "posterior" (the growth's experts form a path of their own, mixed
     #                       with the others by each path's likelihood of the context: no held-in text, no gate_* keys)
+    inference: str = "mixture"  # with select posterior, how the grown model runs its paths: "mixture" (all of them,
+    #                             weighted by their posterior: P models per token) or "select" (one per segment, chosen
+    #                             by the paths' byte sketches: flat cost, hst/paths.py); stored in the checkpoint
     gate_fpr: float = 0.1  # share of each learned domain's tokens a new expert's gate may let through (its bias), at most
     gate_windows: int = 256  # windows of novel and of held-in records the gate is fitted on
     gate_hidden: int = 128  # hidden width of the gate's MLP token scorer; 0 = a linear (Fisher) gate
@@ -317,6 +320,7 @@ class GrowConfig:
         _require(self.lr > 0, "lr: expected > 0")
         _require(0 <= self.old_share < 1, "old_share: expected in [0, 1)")
         _require(self.select in ("gate", "posterior"), f"select: expected gate or posterior, got {self.select!r}")
+        _require(self.inference in ("mixture", "select"), f"inference: expected mixture or select, got {self.inference!r}")
         _require(self.select == "gate" or self.old_share == 0,
                  "old_share: expected 0 with select: posterior (a path trains on its own cycle's records only)")
         _require(0 <= self.forgetting_budget < 1, "forgetting_budget: expected in [0, 1)")

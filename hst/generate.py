@@ -1,9 +1,17 @@
-"""Sampling text from a model: the synthetic replay of replay-free cycles.
+"""Generating text: a key/value-cached decoder and sampling records from a model.
+
+:class:`Decoder` gives next-byte logits one byte at a time with attention caches, running paths as
+``GPT.forward`` does: the trunk (layer 0's attention, shared by every path) has one cache for all
+sequences; above it each sequence extends the cache of the path serving it (with the selection, a
+sequence that switches path at a decision position has the new path run over its context once), or,
+for the mixture, of every path.
+When a context reaches ``seq_len`` it restarts from its last ``seq_len // 2`` bytes, as a forward pass
+over that window would see them.
 
 A cycle that may not store or read old text (``cycle.replay: generated``) replays what the cycle's
-start model itself produces instead: records sampled from it stand in for the learned domains'
-records in the expert index, the coresets and the growth gates' held-in reference. The samples are
-seeded, so the same model and seed give the same records.
+start model itself produces instead (:func:`sample_records`): records sampled from it stand in for
+the learned domains' records in the expert index and the coresets. The samples are seeded, so the
+same model and seed give the same records.
 """
 
 from __future__ import annotations
@@ -11,20 +19,108 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from hst import paths
 from hst.data import SEPARATOR
-from hst.model import GPT
+from hst.model import ALL_PATHS, GPT, SELECTED_PATHS, mix_paths
 from hst.train import eval_mode
+
+
+class Decoder:
+    """Incremental next-byte logits of ``model`` for a batch of sequences (eval mode, no gradients).
+
+    ``start(prompt)`` takes a (B, L) prompt and returns the logits of its last position; ``step(tokens)``
+    appends one byte per sequence and returns the next logits, (B, vocab) each. They equal the logits
+    of ``model(context)`` at the context's last position, where context is everything since the last
+    restart (tested), for one path, the selection and the mixture alike (the mixture runs every path
+    per byte, each with its own cache, and returns its log-probabilities).
+    """
+
+    def __init__(self, model: GPT):
+        self.model = model
+        mode = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", None: model.inference}.get(model.path)
+        self.mode = "single" if mode is None or model.n_paths == 1 else mode
+
+    @torch.no_grad()
+    def start(self, prompt: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        B = len(prompt)
+        self.tokens = prompt
+        self.trunk_cache: dict = {}
+        self.h0 = model.trunk(prompt, self.trunk_cache)  # (B, t, d): a path starting late needs every position
+        self.groups: dict[int, tuple[torch.Tensor, list[dict]]] = {}  # path -> (rows, caches above the trunk)
+        rows = torch.arange(B, device=prompt.device)
+        if self.mode == "mixture":
+            out = torch.stack([self._open(p, rows) for p in range(model.n_paths)])  # (P, B, T, V)
+            logp, _ = mix_paths(out, prompt)
+            self.seen = out[:, :, :-1].log_softmax(-1).gather(-1, prompt[None, :, 1:, None].expand(
+                len(out), B, -1, 1))[..., 0].sum(-1)  # (P, B) each path's log-likelihood of the context
+            self.last = out[:, :, -1].log_softmax(-1)  # (P, B, V)
+            return logp[:, -1]
+        if self.mode == "single":
+            self.serving = prompt.new_full((B,), max(model.path or 0, 0))
+        else:
+            self.scores = model.path_scores(prompt)[:, -1]  # (B, P) sketch log-likelihood so far
+            self.serving = paths.segment_paths(model.path_scores(prompt))[:, -1]
+        logits = self.h0.new_empty(B, model.cfg.vocab_size)
+        for p in self.serving.unique().tolist():
+            mine = (self.serving == p).nonzero()[:, 0]
+            logits[mine] = self._open(p, mine)[:, -1]
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) the next byte of every sequence -> (B, vocab) logits after it."""
+        model = self.model
+        if self.tokens.shape[1] >= model.cfg.seq_len:
+            return self.start(torch.cat([self.tokens, tokens[:, None]], 1)[:, -(model.cfg.seq_len // 2):])
+        position = self.tokens.shape[1]
+        self.tokens = torch.cat([self.tokens, tokens[:, None]], 1)
+        h = model.trunk(tokens[:, None], self.trunk_cache)  # (B, 1, d)
+        self.h0 = torch.cat([self.h0, h], 1)
+        if self.mode == "mixture":
+            self.seen = self.seen + self.last.gather(-1, tokens[None, :, None].expand(len(self.last), -1, 1))[..., 0]
+            out = torch.stack([model.from_trunk(h, False, p, caches)[0][:, -1] for p, (_, caches) in self.groups.items()])
+            self.last = out.log_softmax(-1)
+            return (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
+        serving = self.serving
+        if self.mode == "select":
+            if position >= 2:
+                self.scores = self.scores + model.path_scores(self.tokens[:, -3:])[:, -1]
+            if position in paths.DECISIONS:
+                serving = self.scores.argmax(-1)
+        logits = h.new_empty(len(tokens), model.cfg.vocab_size)
+        for p, (rows, caches) in list(self.groups.items()):
+            keep = serving[rows] == p
+            if not keep.all():
+                self.groups[p] = (rows[keep], [{name: t[keep] for name, t in c.items()} for c in caches])
+            if keep.any():
+                rows, caches = self.groups[p]
+                logits[rows] = model.from_trunk(h[rows], False, p, caches)[0][:, -1]
+            else:
+                del self.groups[p]
+        for p in serving[serving != self.serving].unique().tolist():
+            moved = ((serving == p) & (serving != self.serving)).nonzero()[:, 0]
+            logits[moved] = self._open(p, moved)[:, -1]
+        self.serving = serving
+        return logits
+
+    def _open(self, path: int, rows: torch.Tensor) -> torch.Tensor:
+        """Run ``path`` over the whole context of ``rows``, which join its group; their (n, t, V) logits."""
+        caches = [{} for _ in range(self.model.cfg.n_layer - 1)]
+        out, _ = self.model.from_trunk(self.h0[rows], False, path, caches)
+        if path in self.groups:
+            old_rows, old = self.groups[path]
+            rows = torch.cat([old_rows, rows])
+            caches = [{name: torch.cat([a[name], c[name]]) for name in c} for a, c in zip(old, caches)]
+        self.groups[path] = (rows, caches)
+        return out
 
 
 @torch.no_grad()
 def sample_records(model: GPT, n: int, n_bytes: int, seed: int, temperature: float = 1.0,
                    batch_size: int = 32) -> list[str]:
     """``n`` records of ``n_bytes`` bytes each, sampled from ``model`` after a record separator.
-
-    Every step re-runs the whole prefix (at most ``seq_len`` bytes): the model has no KV cache,
-    and re-running keeps the growth gates' causal running means exact. Bytes that do not form
-    valid UTF-8 are dropped when a record is decoded.
-    """
+    Bytes that do not form valid UTF-8 are dropped when a record is decoded."""
     if n < 1 or n_bytes < 1 or temperature <= 0:
         raise ValueError(f"sample_records: expected n >= 1, n_bytes >= 1, temperature > 0; "
                          f"got {n}, {n_bytes}, {temperature}")
@@ -35,10 +131,12 @@ def sample_records(model: GPT, n: int, n_bytes: int, seed: int, temperature: flo
     with eval_mode(model):
         for first in tqdm(range(0, n, batch_size), desc="sample replay", unit="batch"):
             b = min(batch_size, n - first)
-            seq = start.repeat(b, 1)  # (b, len(SEPARATOR)) then grows by one byte per step
+            decoder = Decoder(model)
+            logits = decoder.start(start.repeat(b, 1).to(device))
+            drawn = []
             for _ in range(n_bytes):
-                logits = model(seq[:, -model.cfg.seq_len:].to(device)).logits[:, -1].float().cpu()
-                probs = torch.softmax(logits / temperature, dim=-1)
-                seq = torch.cat([seq, torch.multinomial(probs, 1, generator=gen)], dim=1)
-            out += [bytes(row[len(start):].tolist()).decode("utf-8", errors="ignore") for row in seq]
+                probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+                drawn.append(torch.multinomial(probs, 1, generator=gen)[:, 0])
+                logits = decoder.step(drawn[-1].to(device))
+            out += [bytes(row.tolist()).decode("utf-8", errors="ignore") for row in torch.stack(drawn, 1)]
     return out

@@ -28,11 +28,12 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from hst import paths
 from hst.config import GrowConfig, TrainConfig
 from hst.consolidate import ffn_inputs, only_trainable
 from hst.model import GPT
 from hst.novelty import fit_gate, gate_bias
-from hst.router import Gate, gate_scores, scores_open
+from hst.router import Gate, gate_scores, scores_open, spherical_kmeans
 from hst.train import Evaluation, evaluate, train
 
 
@@ -52,7 +53,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     ``gate_fpr``).
     """
     if cfg.select == "posterior":
-        return grow_path(model, layers, novel, cfg, train_cfg)
+        base = None if len(model.path_sketches) else torch.cat([t.flatten() for t in held_in.values()] or [novel[:0]])
+        return grow_path(model, layers, novel, cfg, train_cfg, base)
     if model.n_paths > 1:
         raise ValueError("grow: this model grew paths (grow.select: posterior); it cannot grow learned gates")
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
@@ -100,13 +102,22 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     return added, curves, stats
 
 
-def grow_path(model: GPT, layers: list[int], novel: torch.Tensor, cfg: GrowConfig,
-              train_cfg: TrainConfig) -> tuple[list[tuple[int, int]], dict, list[dict]]:
+def grow_path(model: GPT, layers: list[int], novel: torch.Tensor, cfg: GrowConfig, train_cfg: TrainConfig,
+              base: torch.Tensor | None = None) -> tuple[list[tuple[int, int]], dict, list[dict]]:
     """Add a path: ``cfg.experts`` experts in each of ``layers`` behind that layer's gate of the new
     path, keyed by a spherical k-means of the novel tokens' features on the base path and copied from
-    the nearest base expert, then train them on ``novel`` running the new path alone. Every earlier
-    path computes exactly what it did. Returns what :func:`grow` returns (no gate statistics)."""
+    the nearest base expert, then train them on ``novel`` running the new path alone, and sketch it
+    (:func:`hst.paths.fit_sketch` of ``novel``); the model then runs its paths as ``cfg.inference``
+    says. The first path needs ``base``, text of the base path's domains (or samples of it), for path
+    0's sketch; later ones read nothing but ``novel``. Every earlier path computes exactly what it
+    did. Returns what :func:`grow` returns (no gate statistics)."""
     path = model.n_paths
+    if not len(model.path_sketches) and path == 1 and base is not None and len(base) > 2:
+        model.add_path_sketch(paths.fit_sketch(base, model.cfg.vocab_size))
+    if len(model.path_sketches) != path:
+        raise ValueError(f"grow: a model of {path} paths with {len(model.path_sketches)} path sketches cannot grow "
+                         "one (the first path needs the base path's text for path 0's sketch; paths grown before "
+                         "sketches existed have none)")
     with model.on_path(0):
         x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
     d = model.cfg.d_model
@@ -119,6 +130,8 @@ def grow_path(model: GPT, layers: list[int], novel: torch.Tensor, cfg: GrowConfi
     if cfg.steps > 0:
         with model.on_path(path):
             curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}")
+    model.add_path_sketch(paths.fit_sketch(novel, model.cfg.vocab_size))
+    model.inference = cfg.inference
     return added, curves, stats
 
 
@@ -206,14 +219,3 @@ def opened_windows(model: GPT, scores: list[tuple[int, int, torch.Tensor]]) -> t
     opened = [scores_open(s, model.moe(layer).router.gate_b[index] + ROUNDING_MARGIN).any(-1)
               for layer, index, s in scores]
     return torch.stack(opened).any(0)
-
-
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:
-    """(k', d) unit centroids of the unit rows of ``x`` (N, d) by cosine k-means, k' = min(k, N);
-    seeded from evenly spaced rows, so the result is deterministic. For k = 1: the normalized mean."""
-    centroids = x[torch.linspace(0, len(x) - 1, min(k, len(x))).long()]
-    for _ in range(iters if k > 1 else 1):
-        assign = (x @ centroids.T).argmax(-1) if k > 1 else torch.zeros(len(x), dtype=torch.long)
-        centroids = torch.stack([F.normalize(x[assign == j].mean(0), dim=-1) if (assign == j).any() else c
-                                 for j, c in enumerate(centroids)])
-    return centroids

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hst import paths
 from hst.config import ModelConfig
 from hst.experts import Expert, MoE
 from hst.router import KeyRouter, LearnedRouter, Routing
@@ -49,12 +50,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """``cache``: this layer's keys and values of the positions before ``x`` (``"k"``, ``"v"``,
+        (B, H, t, hd)); they are extended by ``x``'s and ``x`` attends to all of them."""
         B, T, C = x.shape
+        t = cache["k"].shape[2] if cache else 0
         # (B, T, 3C) -> 3 × (B, H, T, hd)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(norm(q), cos[:T], sin[:T]), apply_rope(norm(k), cos[:T], sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k = apply_rope(norm(q), cos[t:t + T], sin[t:t + T]), apply_rope(norm(k), cos[t:t + T], sin[t:t + T])
+        if cache is not None:
+            if t:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        # With a cache, query i sits at position t + i and sees every key up to it.
+        mask = None if t == 0 or T == 1 else torch.ones(T, t + T, dtype=torch.bool, device=x.device).tril(t)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t == 0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -81,19 +91,33 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = Expert(cfg.d_model, cfg.dense_hidden) if cfg.ffn == "dense" else MoE(cfg, n_experts)
 
-    def forward(self, x, cos, sin, update_keys: bool, path: int = 0) -> tuple[torch.Tensor, Routing | None]:
-        x = x + self.attn(norm(x), cos, sin)
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        return x + self.attn(norm(x), cos, sin, cache)
+
+    def feed(self, x: torch.Tensor, update_keys: bool, path: int) -> tuple[torch.Tensor, Routing | None]:
         if isinstance(self.ffn, MoE):
             y, routing = self.ffn(norm(x), update_keys, path)
         else:
             y, routing = self.ffn(norm(x)), None
         return x + y, routing
 
+    def forward(self, x, cos, sin, update_keys: bool, path: int = 0,
+                cache: dict | None = None) -> tuple[torch.Tensor, Routing | None]:
+        return self.feed(self.attend(x, cos, sin, cache), update_keys, path)
+
 
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab)
     loss: torch.Tensor | None  # mean cross-entropy in nats when targets are given
     routing: list[Routing | None]  # per layer, tokens flattened to B·T; None for the dense FFN
+    path: torch.Tensor  # (B, T) the path whose logits each position got (the most weighted one in the mixture)
+
+
+# The buffers a model stores once it has paths (``GPT.add_path_sketch``).
+PATH_BUFFERS = ("path_sketches", "path_select")
+# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`mix_paths`), or
+# selects one per segment (:mod:`hst.paths`), whatever ``GPT.inference`` says.
+ALL_PATHS, SELECTED_PATHS = -1, -2
 
 
 class GPT(nn.Module):
@@ -106,7 +130,13 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, n) for n in n_experts)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.path: int | None = None  # the path ``forward`` runs (see ``on_path``); None: the mixture of all
+        # The path ``forward`` runs (``on_path``): None does what ``inference`` says; see ALL_PATHS too.
+        self.path: int | None = None
+        # Path sketches (hst.paths.fit_sketch), one per path, and whether ``forward`` selects paths by
+        # them (else it mixes all). Empty, and not in the state dict, until a path is added
+        # (``add_path_sketch``): a model without paths stores exactly what it did before paths existed.
+        self.register_buffer("path_sketches", torch.zeros(0, paths.SKETCH_CONTEXTS, cfg.vocab_size), persistent=False)
+        self.register_buffer("path_select", torch.tensor(False), persistent=False)
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -139,12 +169,37 @@ class GPT(nn.Module):
 
     @contextmanager
     def on_path(self, path: int):
-        """Run (and train) path ``path`` alone inside the block: 0 is the model before any path growth."""
+        """Run (and train) path ``path`` alone inside the block — 0 is the model before any path growth —
+        or every path mixed by their posterior (:data:`ALL_PATHS`), or one selected per segment
+        (:data:`SELECTED_PATHS`)."""
         previous, self.path = self.path, path
         try:
             yield self
         finally:
             self.path = previous
+
+    @torch.no_grad()
+    def add_path_sketch(self, sketch: torch.Tensor) -> None:
+        """Append the sketch (hst.paths.fit_sketch) of the next path: path 0's first, then each path's as it is added."""
+        self.path_sketches = torch.cat([self.path_sketches, sketch[None].to(self.path_sketches)])
+        self._non_persistent_buffers_set -= set(PATH_BUFFERS)
+
+    @property
+    def inference(self) -> str:
+        """How ``forward`` runs a model of several paths: "select" (one per segment, hst.paths) or "mixture" (all)."""
+        return "select" if bool(self.path_select) else "mixture"
+
+    @inference.setter
+    def inference(self, mode: str) -> None:
+        if mode not in ("select", "mixture"):
+            raise ValueError(f"inference: expected 'select' or 'mixture', got {mode!r}")
+        self.path_select.fill_(mode == "select")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "path_sketches" in state_dict:  # sketched paths: their number comes with the checkpoint
+            self._non_persistent_buffers_set -= set(PATH_BUFFERS)
+            self.path_sketches = torch.zeros_like(state_dict[prefix + "path_sketches"], device=self.path_select.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def flops_per_token(self, experts_per_token: list[float] | None = None, all_paths: bool = False) -> float:
         """Forward matmul FLOPs per token of one path (2 per multiply-add; attention over the mean
@@ -178,30 +233,75 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 update_keys: bool = False) -> ModelOutput:
-        T = idx.shape[1]
+        B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}")
-        n_paths = self.n_paths
-        if self.path is not None or n_paths == 1:
-            logits, routing = self._path(idx, update_keys, self.path or 0)
+        h0 = self.trunk(idx)
+        n_paths, mode = self.n_paths, {ALL_PATHS: "mixture", SELECTED_PATHS: "select", None: self.inference}.get(self.path)
+        if n_paths == 1 or mode is None:
+            path = max(self.path or 0, 0)
+            logits, routing = self.from_trunk(h0, update_keys, path)
+            chosen = idx.new_full((B, T), path)
+        elif update_keys:
+            raise ValueError("update_keys: keys move on one path (on_path), not on a choice or mixture of paths")
+        elif mode == "select":
+            logits, routing, chosen = self._select(idx, h0)
         else:
-            if update_keys:
-                raise ValueError("update_keys: keys move on one path (on_path), not on the mixture of paths")
-            runs = [self._path(idx, False, p) for p in range(n_paths)]
+            runs = [self.from_trunk(h0, False, p) for p in range(n_paths)]
             logits, weights = mix_paths(torch.stack([logits for logits, _ in runs]), idx)
             # Each token's routing is that of the path weighted most for it.
-            best, token = weights.argmax(0).reshape(-1), torch.arange(idx.numel(), device=idx.device)
+            chosen = weights.argmax(0)
+            best, token = chosen.reshape(-1), torch.arange(idx.numel(), device=idx.device)
             routing = [None if layer[0] is None else Routing(*(torch.stack(f)[best, token] for f in zip(*layer)))
                        for layer in zip(*(r for _, r in runs))]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
-        return ModelOutput(logits, loss, routing)
+        return ModelOutput(logits, loss, routing, chosen)
 
-    def _path(self, idx: torch.Tensor, update_keys: bool, path: int) -> tuple[torch.Tensor, list[Routing | None]]:
-        x = self.wte(idx)
-        routing = []
-        for block in self.blocks:
-            x, r = block(x, self.rope_cos, self.rope_sin, update_keys, path)
+    def trunk(self, idx: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, d) the residual stream after layer 0's attention: every path's."""
+        return self.blocks[0].attend(self.wte(idx), self.rope_cos, self.rope_sin, cache)
+
+    def from_trunk(self, h0: torch.Tensor, update_keys: bool, path: int,
+                   caches: list[dict] | None = None) -> tuple[torch.Tensor, list[Routing | None]]:
+        """Run ``path`` from the trunk output: layer 0's FFN, then every later block (``caches``: their
+        attention caches, one per later block). Returns float logits and per-layer routing."""
+        x, r = self.blocks[0].feed(h0, update_keys, path)
+        routing = [r]
+        for i, block in enumerate(self.blocks[1:]):
+            x, r = block(x, self.rope_cos, self.rope_sin, update_keys, path, caches[i] if caches else None)
             routing.append(r)
         return self.lm_head(norm(x)).float(), routing
+
+    def path_scores(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) bytes -> (B, T, P) each path's sketch log-likelihood of bytes 0..t (hst.paths)."""
+        if len(self.path_sketches) != self.n_paths:
+            raise ValueError(f"this model has {self.n_paths} paths but {len(self.path_sketches)} path sketches: run "
+                             "one path (GPT.on_path) or mix them all (GPT.on_path(ALL_PATHS))")
+        return paths.sketch_scores(idx, self.path_sketches)
+
+    def _select(self, idx: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, list[Routing | None], torch.Tensor]:
+        """Each sequence runs the paths :mod:`hst.paths` chooses for its segments (a bounded number,
+        whatever the number of paths); each segment's logits and routing come from its own path."""
+        B, T, _ = h0.shape
+        spans = paths.segments(T)
+        serving = paths.segment_paths(self.path_scores(idx))  # (B, S)
+        logits, routing = None, None
+        for (p, length), rows in paths.runs(serving, T).items():
+            rows = rows.to(h0.device)
+            out, r = self.from_trunk(h0[rows, :length], False, p)
+            if logits is None:
+                logits = out.new_empty(B, T, out.shape[-1])
+                routing = [None if layer is None else [f.new_empty(B, T, *f.shape[1:]) for f in layer] for layer in r]
+            for s, (start, end) in enumerate(spans):
+                pick = serving[rows, s] == p  # which of these rows this path serves in segment s
+                if end > length or not pick.any():
+                    continue
+                logits[rows[pick], start:end] = out[pick, start:end]
+                for full, layer in zip(routing, r):
+                    for f_full, f in zip(full or (), layer or ()):
+                        f_full[rows[pick], start:end] = f.view(len(rows), length, *f.shape[1:])[pick, start:end]
+        routing = [None if layer is None else Routing(*(f.flatten(0, 1) for f in layer)) for layer in routing]
+        chosen = torch.cat([serving[:, s:s + 1].expand(B, end - start) for s, (start, end) in enumerate(spans)], 1)
+        return logits, routing, chosen.to(h0.device)

@@ -89,6 +89,17 @@ def scores_open(scores: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return causal_mean(scores, GATE_PRIOR_TOKENS) + b > 0
 
 
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:
+    """(k', d) unit centroids of the unit rows of ``x`` (N, d) by cosine k-means, k' = min(k, N);
+    seeded from evenly spaced rows, so the result is deterministic. For k = 1: the normalized mean."""
+    centroids = x[torch.linspace(0, len(x) - 1, min(k, len(x))).long()]
+    for _ in range(iters if k > 1 else 1):
+        assign = (x @ centroids.T).argmax(-1) if k > 1 else torch.zeros(len(x), dtype=torch.long)
+        centroids = torch.stack([F.normalize(x[assign == j].mean(0), dim=-1) if (assign == j).any() else c
+                                 for j, c in enumerate(centroids)])
+    return centroids
+
+
 class KeyRouter(nn.Module):
     """Routes by cosine similarity to per-expert keys held as a buffer (never a gradient target).
 

@@ -1,5 +1,6 @@
 """DVC stage `grow`: decide from the cycle's Smart Sampler records whether the incoming data is
-novel, and if so add one gated expert per layer and train only the new experts on it.
+novel, and if so add new experts to every layer — a path of their own (``grow.select: posterior``,
+the default) or behind a learned gate per layer — and train only them on it.
 
 A record is novel when its surprise (BPB under the cycle-start model, logged by `collect`) exceeds
 the ``grow.quantile`` of the held-in index records' BPB (`build_index`, same model). Growth
@@ -50,9 +51,10 @@ def main() -> None:
     domain = cycle_domain(cycles, args.cycle)
     model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     new = sampler.load_records(args.buffer)
-    # A path (grow.select: posterior) needs no held-in text: only the index's BPB, for the novelty report.
-    gated = cfg.select == "gate"
-    index = sampler.read_buffer(args.index, columns=["record_id", "text", "bpb", "source"] if gated else ["bpb"])
+    # A path (grow.select: posterior) reads only the index's BPB, for the novelty report — and, for the
+    # first path, the index's text for path 0's sketch (hst.paths; samples of the model with generated replay).
+    reads_text = cfg.select == "gate" or not len(model.path_sketches)
+    index = sampler.read_buffer(args.index, columns=["record_id", "text", "bpb", "source"] if reads_text else ["bpb"])
     limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)
     found = novelty.detect(new["bpb"].to_pylist(), limit, cfg)
     report = {"applicable": model.cfg.ffn == "key", "threshold_bpb": limit,
@@ -65,7 +67,7 @@ def main() -> None:
         if cfg.old_share:
             old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
         grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist()),
-                                         sampler.tokens_by_source(index) if gated else {}, cfg,
+                                         sampler.tokens_by_source(index) if reads_text else {}, cfg,
                                          tcfg, data.encode(old) if old else None)
     meta = {**meta, "stage": "grow", "cycle": args.cycle,
             "learned_domains": [*meta["learned_domains"], domain]}

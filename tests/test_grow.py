@@ -230,9 +230,12 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     base = model(idx).logits
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = GrowConfig(experts=2, steps=8, gate_windows=8, lr=1e-2)  # select: posterior, the default
-    added, curves, stats = grow.grow(model, [0, 1], NOVEL, NoText(), cfg, TCFG)
+    with pytest.raises(ValueError, match="base path's text"):  # the first path sketches path 0 from held-in text
+        grow.grow(model, [0, 1], NOVEL, {}, cfg, TCFG)
+    added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, cfg, TCFG)
     assert added == [(0, 4), (0, 5), (1, 4), (1, 5)] and model.n_paths == 2 and len(curves["train"]) == 8
     assert [s["path"] for s in stats] == [1, 1]
+    assert len(model.path_sketches) == 2 and model.inference == "mixture"
     assert_only_appended(before, model.state_dict())
     assert model.moe(0).router.gate_path.tolist() == [1] and model.moe(0).router.expert_gate.tolist()[-2:] == [0, 0]
     with model.on_path(0):

@@ -1,0 +1,86 @@
+"""Paths, and choosing one per sequence at flat inference cost.
+
+A model grown with paths holds P of them: path 0 is the base experts alone, path p >= 1 adds growth
+p's experts at every layer (:class:`hst.router.KeyRouter`'s path gates). Running one path costs one
+model, whatever P is; ``GPT.forward`` by default runs all P and mixes them by their posterior
+(:func:`hst.model.mix_paths`), which costs P models.
+
+The flat-cost alternative (``GPT.inference = "select"``) runs one path per segment of a sequence. A
+path is chosen by its **sketch**: a byte trigram model of the records the path was trained on (the
+pretraining domains' for path 0), hashed to :data:`SKETCH_CONTEXTS` contexts, fitted when the path
+is added from that path's records alone (no other path's text). A sequence's path at position t is
+the one whose sketch gives bytes 0..t the highest likelihood — the Bayesian choice DEMix makes with
+the paths themselves, made with models that cost a table look-up per byte.
+
+The choice is made at fixed positions :data:`DECISIONS` of a sequence and then kept: positions before
+the first decision run path 0, each later segment runs the path chosen from the bytes up to its first
+position (no future byte decides). A path serving a segment computes every earlier position as its
+context, so a sequence costs at most ``1 + sum(DECISIONS) / T`` models (1.53 at T = 256; 1.11 measured
+on the default scenario, where a choice is mostly kept) — and the same at 5 paths or at 33.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Positions at which a sequence (re)chooses its path; before the first, path 0 serves it. An early
+# choice sees few bytes, later ones correct it (docs/decisions.md).
+DECISIONS = (8, 32, 96)
+# Hashed trigram contexts of a sketch: (contexts, 256) log-probabilities, 1 MiB per path in fp32.
+SKETCH_CONTEXTS = 1024
+# Add-alpha smoothing of a sketch's counts.
+SKETCH_ALPHA = 0.5
+
+
+def _contexts(tokens: torch.Tensor) -> torch.Tensor:
+    """(..., T) bytes -> (..., T - 2) the hashed context (two previous bytes) of each byte from the third."""
+    t = tokens.long()
+    return (t[..., :-2] * 257 + t[..., 1:-1]) % SKETCH_CONTEXTS
+
+
+def fit_sketch(tokens: torch.Tensor, vocab_size: int = 256) -> torch.Tensor:
+    """(N,) a path's training bytes -> (SKETCH_CONTEXTS, vocab_size) log-probabilities of the next byte."""
+    counts = torch.zeros(SKETCH_CONTEXTS, vocab_size)
+    counts.index_put_((_contexts(tokens), tokens[2:].long()), torch.ones(len(tokens) - 2), accumulate=True)
+    return ((counts + SKETCH_ALPHA) / (counts.sum(1, keepdim=True) + vocab_size * SKETCH_ALPHA)).log()
+
+
+def sketch_scores(idx: torch.Tensor, sketches: torch.Tensor) -> torch.Tensor:
+    """(B, T) bytes, (P, C, V) sketches -> (B, T, P): each path's log-likelihood of bytes 0..t."""
+    B, T = idx.shape
+    scores = sketches.new_zeros(B, T, len(sketches))
+    if T > 2:
+        ctx, nxt = _contexts(idx), idx[:, 2:].long()
+        scores[:, 2:] = sketches[:, ctx, nxt].permute(1, 2, 0)  # (P, B, T-2) -> (B, T-2, P)
+    return scores.cumsum(1)
+
+
+def segments(T: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` position ranges of a T-token sequence that keep one path: the first runs
+    path 0, each later one the path chosen at its start."""
+    bounds = [0, *(d for d in DECISIONS if d < T), T]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def segment_paths(scores: torch.Tensor) -> torch.Tensor:
+    """(B, T, P) sketch scores -> (B, S) the path serving each of :func:`segments`' ranges."""
+    starts = [start for start, _ in segments(scores.shape[1])]
+    out = scores[:, starts].argmax(-1)
+    out[:, 0] = 0
+    return out
+
+
+def runs(paths: torch.Tensor, T: int) -> dict[tuple[int, int], torch.Tensor]:
+    """(B, S) segment paths -> ``{(path, length): rows}``: each path a sequence uses runs once, over
+    the positions up to the end of the last segment it serves (the earlier ones are its context)."""
+    ends = [end for _, end in segments(T)]
+    out: dict[tuple[int, int], list[int]] = {}
+    for b, row in enumerate(paths.tolist()):
+        for p in set(row):
+            out.setdefault((p, max(end for end, q in zip(ends, row) if q == p)), []).append(b)
+    return {key: torch.tensor(rows) for key, rows in sorted(out.items())}
+
+
+def relative_cost(paths: torch.Tensor, T: int) -> float:
+    """Model passes per token that :func:`runs` spends on these (B, S) segment paths (1.0: one path)."""
+    return sum(length * len(rows) for (_, length), rows in runs(paths, T).items()) / (paths.shape[0] * T)
