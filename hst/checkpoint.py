@@ -17,7 +17,8 @@ from hst.io import atomic_path
 from hst.model import GPT
 
 FORMAT_VERSION = 4  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
-#                    4: a gate may belong to a path (gate_path; format 3 files load with learned gates only)
+#                    4: a gate may belong to a path (gate_path; format 3 files load with learned gates only), and a
+#                    model with paths stores one sketch per path and its inference mode (path_sketches, path_select)
 
 
 class CheckpointError(HSTError):
@@ -87,6 +88,10 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
+    paths, sketches = model.n_paths, len(model.path_sketches)
+    if sketches not in (0, paths) or (paths > 1 and not sketches):
+        raise CheckpointError(f"{path}: {paths} paths but {sketches} path sketches (expected one per path; a file "
+                              "written before path sketches existed must re-run the cycles that grew its paths)")
     return model, state["meta"]
 
 

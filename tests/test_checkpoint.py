@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from hst import checkpoint
+from hst import checkpoint, paths
 from hst.checkpoint import CheckpointError
 from hst.model import GPT
 from hst.router import Gate
@@ -86,10 +86,17 @@ def test_paths_round_trip_and_a_format_3_checkpoint_loads_with_learned_gates(tin
     model.moe(0).add_expert(torch.randn(32), gate=0)
     model.moe(1).router.add_gate(Gate.linear(torch.zeros(32), 0.0, 0.0), path=1)
     model.moe(1).add_expert(model.moe(1).router.keys[0], gate=0)
+    checkpoint.save(tmp_path / "unsketched.pt", model)
+    with pytest.raises(CheckpointError, match="2 paths but 0 path sketches"):
+        checkpoint.load(tmp_path / "unsketched.pt")
+    for p in range(2):
+        model.add_path_sketch(paths.fit_sketch(torch.randint(0, 256, (500,))))
+    model.inference = "select"
     checkpoint.save(tmp_path / "m.pt", model)
     loaded, _ = checkpoint.load(tmp_path / "m.pt")
-    assert loaded.n_paths == 2 and loaded.moe(1).router.gate_path.tolist() == [1]
-    idx = torch.randint(0, 256, (2, 32))
+    assert loaded.n_paths == 2 and loaded.moe(1).router.gate_path.tolist() == [1] and loaded.inference == "select"
+    assert torch.equal(loaded.path_sketches, model.path_sketches)
+    idx = torch.randint(0, 256, (2, 32))  # segments of 8 and 24 tokens: path 0, then the chosen one
     model.eval(), loaded.eval()
     assert torch.equal(model(idx).logits, loaded(idx).logits)
     # Format 3 had no gate_path: every gate it stored is a learned one.
@@ -97,6 +104,8 @@ def test_paths_round_trip_and_a_format_3_checkpoint_loads_with_learned_gates(tin
     state["format_version"] = 3
     for layer in (0, 1):
         del state["state_dict"][f"blocks.{layer}.ffn.router.gate_path"]
+    for name in ("path_sketches", "path_select"):
+        del state["state_dict"][name]
     torch.save(state, tmp_path / "v3.pt")
     old, _ = checkpoint.load(tmp_path / "v3.pt")
     assert old.n_paths == 1 and old.moe(0).router.gate_path.tolist() == [-1] and old.moe(1).router.gate_path.tolist() == [-1]
