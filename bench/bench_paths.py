@@ -1,17 +1,23 @@
-"""Inference cost of growth paths (``grow.select: posterior``): forward tokens/s of the default model
-shape as paths are added, each path ``grow.experts`` experts per layer (the mixture runs every path,
-:func:`hst.model.mix_paths`), against the same model on one path (what a gated model runs).
+"""Inference cost of growth paths: forward tokens/s and MFLOPs per token of the default model shape
+as paths are added — the mixture of every path (``grow.inference: mixture``, :func:`hst.model.mix_paths`)
+against the flat-cost selection (``select``, :mod:`hst.paths`) and the pretrained model (no path) —
+and generation tokens/s with the key/value-cached :class:`hst.generate.Decoder` against re-running
+the whole context for every byte.
 
-Variants run round-robin so drifts in machine load hit all of them alike; medians of the rounds are
-reported. Writes a JSON (``--out``) and prints a Markdown table.
+Each path has ``grow.experts`` (untrained) experts per layer and a sketch fitted on 200 training
+records of one of the prepared domains (path p on domain p mod 6, a different sample of it each
+time), so many paths share a domain as a long history of drops would; the batch is validation
+windows of every domain. The selection's FLOPs are one path's times the model passes its chosen
+segments cost (:func:`hst.paths.relative_cost`, measured on the batch). Variants run round-robin so
+drifts in machine load hit all of them alike; medians of the rounds are reported. Needs the prepared
+corpus (``dvc repro prepare``). Writes a JSON (``--out``) and prints Markdown tables.
 
-    python bench/bench_paths.py [--paths 1 2 3 5] [--rounds 3] [--out docs/bench/paths.json]
+    python bench/bench_paths.py [--paths 5 13 33] [--rounds 3] [--out docs/bench/paths.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -19,28 +25,40 @@ from pathlib import Path
 
 import torch
 
+from hst import data, paths
 from hst.config import ModelConfig, build, load_params
-from hst.model import GPT
+from hst.generate import Decoder
+from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
 from hst.router import Gate
+from hst.train import eval_windows
+
+PREPARED = "data/prepared"
 
 
-def model_with_paths(cfg: ModelConfig, paths: int, experts: int) -> GPT:
-    """The default model with ``paths - 1`` growth paths of ``experts`` (untrained) experts per layer."""
+def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list[str]) -> GPT:
+    """The default model with ``n_paths - 1`` growth paths of ``experts`` (untrained) experts per layer,
+    each sketched on a sample of one domain's training records (path 0 on every domain's)."""
     torch.manual_seed(0)
     model = GPT(cfg).eval()
-    for path in range(1, paths):
+    records = {d: data.load_records(PREPARED, d, "train") for d in domains}
+    if n_paths > 1:
+        model.add_path_sketch(paths.fit_sketch(data.encode(sum((data.sample_records(r, 50, "base") for r in
+                                                                 records.values()), []))))
+    for path in range(1, n_paths):
         for layer in range(cfg.n_layer):
             router = model.moe(layer).router
             index = router.add_gate(Gate.linear(torch.zeros(cfg.d_model), 0.0, 0.0), path)
             for e in range(experts):
                 model.add_expert(layer, router.keys[e % cfg.n_experts] + 0.01 * torch.randn(cfg.d_model), gate=index)
+        domain = domains[path % len(domains)]
+        model.add_path_sketch(paths.fit_sketch(data.encode(data.sample_records(records[domain], 200, str(path)))))
     return model
 
 
 @torch.no_grad()
-def tokens_per_s(model: GPT, idx: torch.Tensor, path: int | None, repeats: int) -> float:
-    """Forward tokens/s of the mixture (``path`` None) or of one path, after one warm-up pass."""
-    with contextlib.nullcontext() if path is None else model.on_path(path):
+def tokens_per_s(model: GPT, idx: torch.Tensor, mode: int, repeats: int) -> float:
+    """Forward tokens/s of ``model`` under ``GPT.on_path(mode)``, after one warm-up pass."""
+    with model.on_path(mode):
         model(idx)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -48,37 +66,82 @@ def tokens_per_s(model: GPT, idx: torch.Tensor, path: int | None, repeats: int) 
     return repeats * idx.numel() / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def generation_tokens_per_s(model: GPT, prompt: torch.Tensor, n_bytes: int, cached: bool) -> float:
+    """Greedy bytes per second for a batch: the Decoder's caches, or the whole context re-run per byte."""
+    start = time.perf_counter()
+    if cached:
+        decoder = Decoder(model)
+        logits = decoder.start(prompt)
+        for _ in range(n_bytes):
+            logits = decoder.step(logits.argmax(-1))
+    else:
+        seq = prompt
+        for _ in range(n_bytes):
+            seq = torch.cat([seq, model(seq[:, -model.cfg.seq_len:]).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return n_bytes * len(prompt) / (time.perf_counter() - start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--paths", type=int, nargs="+", default=[1, 2, 3, 5])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paths", type=int, nargs="+", default=[5, 13, 33])
+    ap.add_argument("--mixture-up-to", type=int, default=13, help="skip the mixture above this many paths (slow)")
+    ap.add_argument("--batch", type=int, default=18)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gen-bytes", type=int, default=192)
     ap.add_argument("--out", default="docs/bench/paths.json")
     args = ap.parse_args()
     model_sec, grow_sec = load_params(args.params, "model", "grow")
     cfg = build(ModelConfig, model_sec, "params.yaml:model")
-    models = {p: model_with_paths(cfg, p, grow_sec.get("experts", 4)) for p in args.paths}
-    idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.seq_len))
+    domains = data.prepared_domains(PREPARED)
+    per = -(-args.batch // len(domains))
+    idx = torch.cat([eval_windows(data.load_tokens(PREPARED, d, "val"), cfg.seq_len, per)[:, :-1]
+                     for d in domains])[:args.batch]
+    models = {p: model_with_paths(cfg, p, grow_sec.get("experts", 4), domains) for p in [1, *args.paths]}
+    one_path_flops = models[1].flops_per_token()
+    variants = [("pretrained", 1, 0)] + [(f"{kind}@{p}", p, mode) for p in args.paths
+                                         for kind, mode in (("select", SELECTED_PATHS), ("mixture", ALL_PATHS))
+                                         if kind == "select" or p <= args.mixture_up_to]
     runs: dict[str, list[float]] = {}
     for _ in range(args.rounds):
-        for p, model in models.items():
-            runs.setdefault(f"mixture@{p}", []).append(tokens_per_s(model, idx, None, args.repeats))
-            runs.setdefault(f"one path@{p}", []).append(tokens_per_s(model, idx, p - 1, args.repeats))
+        for name, p, mode in variants:
+            runs.setdefault(name, []).append(tokens_per_s(models[p], idx, mode, args.repeats))
     median = {k: statistics.median(v) for k, v in runs.items()}
-    base = median[f"one path@{args.paths[0]}"]
-    result = {"setup": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": f"{args.batch}x{cfg.seq_len}",
+    passes = {}
+    for name, p, mode in variants:
+        if name.startswith("select"):
+            passes[name] = paths.relative_cost(paths.segment_paths(models[p].path_scores(idx)), cfg.seq_len)
+        else:
+            passes[name] = float(p)
+    prompt = idx[:8, :64]
+    gen = {}
+    for name, p, mode in [("pretrained", 1, 0), (f"select@{args.paths[0]}", args.paths[0], SELECTED_PATHS)]:
+        with models[p].on_path(mode):
+            gen[name] = {"kv_cache": generation_tokens_per_s(models[p], prompt, args.gen_bytes, True),
+                         "rerun_context": generation_tokens_per_s(models[p], prompt, args.gen_bytes, False)}
+    base = median["pretrained"]
+    result = {"setup": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": f"{len(idx)}x{cfg.seq_len}",
                         "experts_per_path": grow_sec.get("experts", 4), "rounds": args.rounds,
-                        "threads": torch.get_num_threads(), "torch": torch.__version__},
+                        "decisions": list(paths.DECISIONS), "threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "generation": f"8 prompts of 64 bytes, {args.gen_bytes} greedy bytes"},
               "forward_tokens_per_s": median,
-              "mixture_vs_one_path": {p: median[f"mixture@{p}"] / median[f"one path@{p}"] for p in args.paths},
-              "one_path_vs_no_growth": {p: median[f"one path@{p}"] / base for p in args.paths}}
+              "vs_pretrained": {k: v / base for k, v in median.items()},
+              "mflops_per_token": {k: one_path_flops * passes[k] / 1e6 for k in median},
+              "model_passes_per_token": passes,
+              "parameters": {k: sum(t.numel() for t in models[p].parameters()) for k, p, _ in variants},
+              "generation_tokens_per_s": gen}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| paths | mixture tokens/s | one path tokens/s | mixture ÷ one path |\n| --- | --- | --- | --- |")
-    for p in args.paths:
-        print(f"| {p} | {median[f'mixture@{p}']:,.0f} | {median[f'one path@{p}']:,.0f} | {result['mixture_vs_one_path'][p]:.2f} |")
+    print("| model | forward tokens/s | ÷ pretrained | MFLOPs/token | ÷ pretrained | parameters |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for name in median:
+        print(f"| {name} | {median[name]:,.0f} | {result['vs_pretrained'][name]:.2f} | "
+              f"{result['mflops_per_token'][name]:.2f} | {passes[name]:.2f} | {result['parameters'][name] / 1e6:.1f} M |")
+    print("\n| model | generation tokens/s, KV cache | re-run context | speed-up |\n| --- | --- | --- | --- |")
+    for name, g in gen.items():
+        print(f"| {name} | {g['kv_cache']:,.0f} | {g['rerun_context']:,.0f} | {g['kv_cache'] / g['rerun_context']:.1f}× |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+import dataclasses
+
+import pytest
+import torch
+
+from hst import data, grow, paths
+from hst.config import GrowConfig, TrainConfig
+from hst.generate import Decoder
+from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
+
+ENGLISH = data.encode(["the quick brown fox jumps over the lazy dog and then the cat sat on the mat " * 8])
+NUMBERS = data.encode(["0123 4567 89 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 " * 8])
+TCFG = TrainConfig(domains=(), batch_size=4, warmup_steps=1, eval_every=1000, precision="fp32", steps=4)
+
+
+def model_with_paths(cfg, n_paths: int) -> GPT:
+    """``n_paths`` - 1 grown paths (a few training steps each), sketched alternately on English and numbers."""
+    model = GPT(cfg)
+    grow_cfg = GrowConfig(experts=2, steps=2, gate_windows=4, lr=1e-2)
+    for p in range(1, n_paths):
+        grow.grow(model, list(range(cfg.n_layer)), (ENGLISH, NUMBERS)[p % 2], {"base": ENGLISH}, grow_cfg, TCFG)
+    return model.eval()
+
+
+def test_a_sketch_is_a_distribution_per_context_and_prefers_its_own_text():
+    english, numbers = paths.fit_sketch(ENGLISH), paths.fit_sketch(NUMBERS)
+    assert torch.allclose(english.exp().sum(1), torch.ones(paths.SKETCH_CONTEXTS), atol=1e-5)
+    text = torch.stack([ENGLISH[:64], NUMBERS[:64]]).long()
+    scores = paths.sketch_scores(text, torch.stack([english, numbers]))  # (2, 64, 2)
+    assert scores.shape == (2, 64, 2) and torch.equal(scores[:, :2], torch.zeros(2, 2, 2))  # no trigram yet
+    assert scores[:, -1].argmax(-1).tolist() == [0, 1]
+    # Causal: a position's score does not see later bytes.
+    changed = text.clone()
+    changed[:, 40:] = 7
+    assert torch.equal(paths.sketch_scores(changed, torch.stack([english, numbers]))[:, :40], scores[:, :40])
+
+
+def test_a_sequence_costs_a_bounded_number_of_passes_whatever_the_number_of_paths():
+    T = 256
+    assert paths.segments(T) == [(0, 8), (8, 32), (32, 96), (96, 256)]
+    kept = torch.tensor([[0, 3, 3, 3]])  # one choice kept: path 0's first segment is the only extra
+    assert paths.relative_cost(kept, T) == pytest.approx(1 + 8 / T)
+    worst = torch.tensor([[0, 5, 9, 40]])  # a new path at every decision
+    assert paths.relative_cost(worst, T) == pytest.approx(1 + sum(paths.DECISIONS) / T)
+    runs = paths.runs(torch.tensor([[0, 2, 0, 2], [0, 0, 0, 0]]), T)
+    assert {k: v.tolist() for k, v in runs.items()} == {(0, 96): [0], (0, 256): [1], (2, 256): [0]}
+
+
+def test_selection_gives_each_segment_its_own_paths_logits_and_runs_a_bounded_number_of_paths(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, seq_len=128)
+    model = model_with_paths(cfg, 5)
+    idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([ENGLISH[:40], NUMBERS[:88]])]).long()
+    passed = []
+    original = model.from_trunk
+    model.from_trunk = lambda h0, *a, **k: passed.append(h0.shape[:2]) or original(h0, *a, **k)
+    with torch.no_grad(), model.on_path(ALL_PATHS):
+        model(idx)
+    mixture, passed = sum(b * t for b, t in passed), []
+    with torch.no_grad(), model.on_path(SELECTED_PATHS):
+        out = model(idx)
+    model.from_trunk = original
+    # Each path a sequence uses runs once, over at most the whole sequence; the mixture runs all five.
+    assert mixture == 5 * len(idx) * 128
+    assert sum(b * t for b, t in passed) <= len(idx) * 128 * (1 + (8 + 32 + 96) / 128)
+    assert out.path[0, 8:].unique().tolist() != out.path[1, 8:].unique().tolist()  # English and numbers differ
+    assert out.path[:, :8].eq(0).all()
+    for b in range(len(idx)):
+        for start, end in paths.segments(128):
+            p = int(out.path[b, start])
+            with torch.no_grad(), model.on_path(p):
+                ref = model(idx[b:b + 1, :end]).logits[0, start:end]
+            assert torch.allclose(out.logits[b, start:end], ref, atol=1e-5), (b, start, p)
+
+
+@pytest.mark.parametrize("mode", [0, 2, ALL_PATHS, SELECTED_PATHS])
+def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, mode):
+    cfg = dataclasses.replace(tiny_cfg, seq_len=128)
+    model = model_with_paths(cfg, 4)
+    idx = torch.stack([ENGLISH[:128], NUMBERS[:128]]).long()
+    with torch.no_grad(), model.on_path(mode):
+        full = model(idx).logits
+        decoder = Decoder(model)
+        steps = [decoder.start(idx[:, :5])] + [decoder.step(idx[:, t]) for t in range(5, 128)]
+        for t, logits in enumerate(steps):
+            assert torch.allclose(logits, full[:, t + 4], atol=1e-4), t
+        # Past seq_len the context restarts from its last half, as a forward pass of that window sees it.
+        last = decoder.step(idx[:, 100])
+        window = torch.cat([idx[:, -63:], idx[:, 100:101]], 1)
+        assert torch.allclose(last, model(window).logits[:, -1], atol=1e-4)
+
+
+def test_each_path_is_sketched_on_its_own_records_and_the_checkpoint_says_how_to_run_them(tiny_cfg):
+    model = GPT(tiny_cfg)
+    cfg = GrowConfig(experts=2, steps=0, gate_windows=4, inference="select")
+    grow.grow(model, [0, 1], NUMBERS, {"base": ENGLISH}, cfg, TCFG)
+    assert torch.equal(model.path_sketches[0], paths.fit_sketch(ENGLISH))
+    assert torch.equal(model.path_sketches[1], paths.fit_sketch(NUMBERS))
+    assert model.inference == "select"
+    with pytest.raises(ValueError, match="inference: expected"):
+        model.inference = "both"
