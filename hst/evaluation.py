@@ -11,7 +11,7 @@ import torch
 
 from hst import metrics
 from hst.model import GPT
-from hst.train import Evaluation, evaluate
+from hst.train import Evaluation, eval_windows, evaluate
 
 
 def forgetting_label(f: float) -> str:
@@ -21,6 +21,17 @@ def forgetting_label(f: float) -> str:
 
 def evaluate_domains(model: GPT, val: dict[str, torch.Tensor], n_windows: int) -> dict[str, Evaluation]:
     return {d: evaluate(model, t, n_windows) for d, t in val.items()}
+
+
+def inference_cost(model: GPT, val: dict[str, torch.Tensor], n_windows: int) -> dict:
+    """What ``model`` spends per token on the evaluation windows of ``val``: its paths, how it runs
+    them, model passes per token (1 on one path, P for the mixture, measured for the selection) and
+    forward MFLOPs per token (one path's times the passes)."""
+    windows = torch.cat([eval_windows(t, model.cfg.seq_len, n_windows)[:, :-1] for t in val.values()])
+    passes = model.passes(windows)
+    return {"paths": model.n_paths, "mode": model.inference if model.n_paths > 1 else "one path",
+            "passes_per_token": passes, "mflops_per_token": model.flops_per_token() * passes / 1e6,
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def routing_stability(before: list[torch.Tensor | None], after: list[torch.Tensor | None]) -> list[float]:

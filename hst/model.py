@@ -221,6 +221,16 @@ class GPT(nn.Module):
                 total += 2 * 2 * d * c.dense_hidden
         return total * (self.n_paths if all_paths else 1)
 
+    def passes(self, idx: torch.Tensor) -> float:
+        """Model passes per token ``forward`` spends on (B, T) ``idx``: 1 on one path, P for the mixture,
+        what the chosen segments cost for the selection (:func:`hst.paths.relative_cost`)."""
+        mode = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", None: self.inference}.get(self.path)
+        if self.n_paths == 1 or mode is None:
+            return 1.0
+        if mode == "mixture":
+            return float(self.n_paths)
+        return paths.relative_cost(paths.segment_paths(self.path_scores(idx)), idx.shape[1])
+
     def moe(self, layer: int) -> MoE:
         ffn = self.blocks[layer].ffn
         if not isinstance(ffn, MoE):

@@ -51,6 +51,8 @@ GATES = ["grow.select=gate", "cycle.index_records=150"]
 METHODS = {
     "HST": ("hst-paths", "grow.steps", [], (1,)),  # the default: growth paths mixed by their posterior, since 2026-12-01
     "HST, replay-free": ("hst-paths-replay-free", "grow.steps", ["cycle.replay=generated"], (1,)),
+    # The same paths run one per segment (hst/paths.py): flat inference cost instead of one model per path.
+    "HST, paths selected": ("hst-paths-select", "grow.steps", ["grow.inference=select"], (1,)),
     "HST, gates, budget 1.5 %": ("hst-budget1.5", "grow.steps", [*GATES], (1,)),  # the default before paths
     "HST, gates, budget 2 %": ("hst-budget2", "grow.steps", [*GATES, "grow.forgetting_budget=0.02"], (1,)),
     "HST, gates, budget 1 %": ("hst-budget1", "grow.steps", [*GATES, "grow.forgetting_budget=0.01"], (1,)),
@@ -105,17 +107,29 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
             "promoted": sum(read_metrics(source, f"metrics/gate/{c}.json")["passed"] for c in cycles),
             "final_bpb": sum(reports[-1]["bpb"].values()) / len(reports[-1]["bpb"]),
             "tokens": tokens, "flops": 3 * model.flops_per_token() * tokens,
+            "inference_mflops": inference_mflops(params, reports[-1], model),
             "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
+
+
+def inference_mflops(params: dict, report: dict, model) -> float:
+    """Forward MFLOPs per token of the point's last model: what its evaluation measured, or, for runs
+    exported before it did, one path's times the paths the mixture ran (every cycle grew one)."""
+    if "inference" in report:
+        return report["inference"]["mflops_per_token"]
+    grew_paths = params["model"]["ffn"] == "key" and params["grow"].get("select") == "posterior"
+    return model.flops_per_token() * (1 + len(params["cycles"]) if grew_paths else 1) / 1e6
 
 
 def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str | None) -> str:
     lines = ["| method | budget | absorption per cycle (BPB) | avg forgetting per cycle | worst forgetting "
-             "| final mean BPB, all domains | P | cycles promoted | training tokens per cycle | training TFLOPs per cycle |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| final mean BPB, all domains | P | cycles promoted | training tokens per cycle | training TFLOPs per cycle "
+             "| inference MFLOPs per token, last model |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, budget, s in rows:
         lines.append(f"| {label} | {budget:g}× | {' / '.join(f'{a:.3f}' for a in s['absorption'])} "
                      f"| {' / '.join(pct(f) for f in s['forgetting'])} | {pct(s['worst'][0])} ({s['worst'][1]}, {s['worst'][2]}) "
-                     f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['promoted']}/{len(cycles)} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} |")
+                     f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['promoted']}/{len(cycles)} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} "
+                     f"| {s['inference_mflops']:.1f} |")
     lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
                   + (f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`). " if reference
                      else "P needs a dense full finetuning run in the same folder (none here). ")

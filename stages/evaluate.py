@@ -3,8 +3,8 @@
 
 Writes the cycle's metrics (BPB row of the R matrix, forgetting per old domain against the start
 of the cycle and against the best BPB it ever had, labels, absorption, routing stability on the old
-domains' validation data, backward/forward transfer, experts per layer, novelty rate, Eff_K) and two
-PNGs: expert usage per domain and the forgetting matrix so far.
+domains' validation data, backward/forward transfer, experts per layer, novelty rate, Eff_K, what the
+model spends per token at inference on these windows) and two PNGs: expert usage per domain and the forgetting matrix so far.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
         evaluation.evaluate_domains(before, val, cfg.eval_windows),
         evaluation.evaluate_domains(after, val, cfg.eval_windows), after.n_experts)
     report["novelty_rate"] = read_json(args.grow, ("novel_record_share",))["novel_record_share"]
+    report["inference"] = evaluation.inference_cost(after, val, cfg.eval_windows)
     if report["usage"]:
         plots.usage_heatmap(report["usage"], f"{args.plots}/usage.png",
                             title=f"Expert usage after cycle {args.cycle} (new: {domain})")
