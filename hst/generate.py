@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from hst import paths
 from hst.data import SEPARATOR
+from hst.experts import MoE
 from hst.model import ALL_PATHS, GPT, SELECTED_PATHS, mix_paths
+from hst.router import KeyRouter
 from hst.train import eval_mode
 
 
@@ -32,19 +34,27 @@ class Decoder:
     appends one byte per sequence and returns the next logits, (B, vocab) each. They equal the logits
     of ``model(context)`` at the context's last position, where context is everything since the last
     restart (tested), for one path, the selection and the mixture alike (the mixture runs every path
-    per byte, each with its own cache, and returns its log-probabilities).
+    per byte, each with its own cache, and returns its log-probabilities). A model with learned growth
+    gates has no cache: it re-runs its last ``seq_len`` bytes for every byte.
     """
 
     def __init__(self, model: GPT):
         self.model = model
         mode = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", None: model.inference}.get(model.path)
         self.mode = "single" if mode is None or model.n_paths == 1 else mode
+        # A learned growth gate opens on the running mean of its scores over the whole context, which
+        # one cached step cannot see: such a model re-runs its context (at most seq_len bytes) per byte.
+        if any((b.ffn.router.gate_path < 0).any() for b in model.blocks
+               if isinstance(b.ffn, MoE) and isinstance(b.ffn.router, KeyRouter)):
+            self.mode = "rerun"
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
         model = self.model
         B = len(prompt)
         self.tokens = prompt
+        if self.mode == "rerun":
+            return model(prompt[:, -model.cfg.seq_len:]).logits[:, -1]
         self.trunk_cache: dict = {}
         self.h0 = model.trunk(prompt, self.trunk_cache)  # (B, t, d): a path starting late needs every position
         self.groups: dict[int, tuple[torch.Tensor, list[dict]]] = {}  # path -> (rows, caches above the trunk)
@@ -61,7 +71,7 @@ class Decoder:
         else:
             self.scores = model.path_scores(prompt)[:, -1]  # (B, P) sketch log-likelihood so far
             self.serving = paths.segment_paths(model.path_scores(prompt))[:, -1]
-        logits = self.h0.new_empty(B, model.cfg.vocab_size)
+        logits = self.h0.new_empty(B, model.cfg.vocab_size, dtype=torch.float32)
         for p in self.serving.unique().tolist():
             mine = (self.serving == p).nonzero()[:, 0]
             logits[mine] = self._open(p, mine)[:, -1]
@@ -71,6 +81,9 @@ class Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) the next byte of every sequence -> (B, vocab) logits after it."""
         model = self.model
+        if self.mode == "rerun":
+            self.tokens = torch.cat([self.tokens, tokens[:, None]], 1)[:, -model.cfg.seq_len:]
+            return model(self.tokens).logits[:, -1]
         if self.tokens.shape[1] >= model.cfg.seq_len:
             return self.start(torch.cat([self.tokens, tokens[:, None]], 1)[:, -(model.cfg.seq_len // 2):])
         position = self.tokens.shape[1]
@@ -88,7 +101,7 @@ class Decoder:
                 self.scores = self.scores + model.path_scores(self.tokens[:, -3:])[:, -1]
             if position in paths.DECISIONS:
                 serving = self.scores.argmax(-1)
-        logits = h.new_empty(len(tokens), model.cfg.vocab_size)
+        logits = h.new_empty(len(tokens), model.cfg.vocab_size, dtype=torch.float32)
         for p, (rows, caches) in list(self.groups.items()):
             keep = serving[rows] == p
             if not keep.all():

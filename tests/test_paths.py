@@ -7,6 +7,7 @@ from hst import data, grow, paths
 from hst.config import GrowConfig, TrainConfig
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
+from hst.router import Gate
 
 ENGLISH = data.encode(["the quick brown fox jumps over the lazy dog and then the cat sat on the mat " * 8])
 NUMBERS = data.encode(["0123 4567 89 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 " * 8])
@@ -87,6 +88,22 @@ def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, mo
         last = decoder.step(idx[:, 100])
         window = torch.cat([idx[:, -63:], idx[:, 100:101]], 1)
         assert torch.allclose(last, model(window).logits[:, -1], atol=1e-4)
+
+
+def test_a_model_with_learned_gates_decodes_by_rerunning_its_context(tiny_cfg):
+    # A learned gate opens on the running mean of its scores over the context: no cache can step it.
+    model = GPT(tiny_cfg).eval()
+    for layer in (0, 1):
+        router = model.moe(layer).router
+        model.add_expert(layer, torch.randn(tiny_cfg.d_model), "random", router.add_gate(
+            Gate.linear(torch.randn(tiny_cfg.d_model), 0.0, 0.0)))
+    idx = torch.stack([ENGLISH[:32], NUMBERS[:32]]).long()
+    with torch.no_grad():
+        full = model(idx).logits
+        decoder = Decoder(model)
+        steps = [decoder.start(idx[:, :5])] + [decoder.step(idx[:, t]) for t in range(5, 32)]
+    assert decoder.mode == "rerun"
+    assert all(torch.allclose(logits, full[:, t + 4], atol=1e-5) for t, logits in enumerate(steps[:-1]))
 
 
 def test_each_path_is_sketched_on_its_own_records_and_the_checkpoint_says_how_to_run_them(tiny_cfg):
