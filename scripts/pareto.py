@@ -1,6 +1,7 @@
 """The stability–plasticity front: HST and dense + replay at several per-cycle training budgets.
 
     python -m scripts.pareto --run      # every (method, budget) not yet exported, as a DVC experiment
+    python -m scripts.pareto --run --methods "HST, paths selected" --runs docs/runs/pareto_2threads  # one method
     python -m scripts.pareto --export   # export experiments that ran elsewhere (same names)
     python -m scripts.pareto            # rebuild docs/pareto.png and the table in docs/results.md
     python -m scripts.pareto --runs DIR --section NAME --figure F   # the same for another set of points
@@ -164,6 +165,8 @@ def main() -> None:
     mode.add_argument("--run", action="store_true", help="run every point not yet in --runs as a DVC experiment")
     mode.add_argument("--export", action="store_true", help="export those points that exist as DVC experiments here")
     ap.add_argument("--runs", type=Path, default=Path("docs/runs/pareto"))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                    help="with --run: only these methods' points (labels as in METHODS)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="docs/results.md")
     ap.add_argument("--section", default="pareto", help="the table goes between <!-- SECTION:start/end --> of --out")
@@ -171,7 +174,8 @@ def main() -> None:
     args = ap.parse_args()
     cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
     if args.run:
-        todo = [(name, overrides) for _, _, name, overrides in points() if not run_dir(args.runs, name).is_dir()]
+        todo = [(name, overrides) for label, _, name, overrides in points()
+                if label in args.methods and not run_dir(args.runs, name).is_dir()]
         run_experiments(todo)
         for name, _ in todo:
             export(name, run_dir(args.runs, name))
