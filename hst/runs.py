@@ -115,6 +115,17 @@ def model_of(source: str, experts_per_layer: list[int]) -> GPT:
     return model
 
 
+def inference_cost(source: str, report: dict) -> dict:
+    """What a variant's model after a cycle spends per token at inference (``report``: that cycle's
+    evaluation): as ``evaluate`` measured it, or, for runs exported before it did, the model of its
+    shape (:func:`model_of`: every path of a posterior mixture runs, learned gates included)."""
+    if "inference" in report:
+        return report["inference"]
+    model = model_of(source, report["experts_per_layer"])
+    return {"paths": model.n_paths, "mflops_per_token": model.flops_per_token(all_paths=True) / 1e6,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.2f} %"
 

@@ -41,7 +41,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from hst.io import atomic_path, replace_section  # noqa: E402
-from hst.runs import OPEN_GATE, REPLAY_POOL, export, git, model_of, pct, read_metrics, read_text, run_experiments  # noqa: E402
+from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model_of, pct, read_metrics,  # noqa: E402
+                      read_text, run_experiments)
 
 BASE_STEPS = 160
 # Points run before gates tightened to a forgetting budget: their gates keep grow.gate_fpr.
@@ -108,17 +109,8 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
             "promoted": sum(read_metrics(source, f"metrics/gate/{c}.json")["passed"] for c in cycles),
             "final_bpb": sum(reports[-1]["bpb"].values()) / len(reports[-1]["bpb"]),
             "tokens": tokens, "flops": 3 * model.flops_per_token() * tokens,
-            "inference_mflops": inference_mflops(params, reports[-1], model),
+            "inference_mflops": inference_cost(source, reports[-1])["mflops_per_token"],
             "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
-
-
-def inference_mflops(params: dict, report: dict, model) -> float:
-    """Forward MFLOPs per token of the point's last model: what its evaluation measured, or, for runs
-    exported before it did, one path's times the paths the mixture ran (every cycle grew one)."""
-    if "inference" in report:
-        return report["inference"]["mflops_per_token"]
-    grew_paths = params["model"]["ffn"] == "key" and params["grow"].get("select") == "posterior"
-    return model.flops_per_token() * (1 + len(params["cycles"]) if grew_paths else 1) / 1e6
 
 
 def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str | None) -> str:

@@ -23,23 +23,25 @@ from pathlib import Path
 import yaml
 
 from hst.io import replace_section
-from hst.runs import pct, read_metrics, track
+from hst.runs import inference_cost, pct, read_metrics, track
 from hst.tracking import store_uri
 
 
 def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:
     lines = ["| variant | cycle (new domain) | avg forgetting | worst forgetting | absorption (BPB) "
-             "| routing stability | experts per layer |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| routing stability | experts per layer | inference MFLOPs per token | parameters |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, source in variants:
         for cycle in cycles:
             m = read_metrics(source, f"metrics/eval/{cycle}.json")
             worst = max(m["forgetting"], key=m["forgetting"].get)
             stab = m["routing_stability_mean"]
+            cost = inference_cost(source, m)
             lines.append(
                 f"| {label} | {cycle} ({m['domain']}) | {pct(m['avg_forgetting'])} | "
                 f"{pct(m['worst_forgetting'])} ({worst}) | {m['absorption']:.3f} | "
-                f"{'–' if stab is None else f'{100 * stab:.1f} %'} | {'/'.join(map(str, m['experts_per_layer']))} |")
+                f"{'–' if stab is None else f'{100 * stab:.1f} %'} | {'/'.join(map(str, m['experts_per_layer']))} | "
+                f"{cost['mflops_per_token']:.1f} | {cost['parameters'] / 1e6:.1f} M |")
     return "\n".join(lines)
 
 
