@@ -6,7 +6,9 @@ corpus file ``data/corpus/inbox/inboxN.txt``, added to ``params.yaml`` as domain
 cycle ``c<k>_inboxN`` after the last cycle, and the continual_learning flow runs. Only the new
 domain's ``prepare`` and the new cycle's stages run: every earlier stage reads its own domains
 (``data/learned/<cycle>``) and stays up to date. A crash after the
-claim is finished on the next run: a claimed batch missing from ``params.yaml`` is added first.
+claim is finished on the next run: a claimed batch missing from ``params.yaml`` is added first, and
+an inbox cycle in ``params.yaml`` without a gate report (its run died, e.g. on DVC's lock) is run
+again. The served deployment runs one inbox flow at a time (``flows.serve``).
 
     python -m flows.inbox [--project DIR]
 """
@@ -34,6 +36,7 @@ def add_cycle(params_path: Path, domain: str, corpus: str) -> str:
     """Add ``domain`` (reading ``corpus``) to ``prepare.domains`` and a cycle learning it after the last
     one; keep the file's comments and layout. Returns the new cycle's key."""
     yaml = YAML()
+    yaml.preserve_quotes = True  # "" stays "" on every line the inbox does not touch
     params = yaml.load(params_path.read_text(encoding="utf-8"))
     params["prepare"]["domains"][domain] = corpus
     cycles = params["cycles"]
@@ -50,13 +53,29 @@ def _batches(inbox: Path) -> list[str]:
     return sorted(names, key=lambda n: int(n[5:]))
 
 
+def inbox_dir(root: Path, params_path: Path) -> Path:
+    """The project's inbox folder, made if missing (a first run makes the folder people drop files into)."""
+    (flow_sec,) = load_params(params_path, "flow")
+    inbox = root / build(FlowConfig, flow_sec, "params.yaml:flow").inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    return inbox
+
+
+def unlearned(root: Path, params_path: Path) -> list[str]:
+    """Inbox cycles in ``params.yaml`` that have no gate report: claimed and added by a run that died
+    before learning them (e.g. on DVC's lock)."""
+    inbox = inbox_dir(root, params_path)
+    (cycles,) = load_params(params_path, "cycles")
+    return [k for k, c in cycles.items() if (inbox / "processed" / str(c.get("domain"))).is_dir()
+            and not (root / f"metrics/gate/{k}.json").is_file()]
+
+
 def take_batch(root: Path, params_path: Path) -> tuple[list[str], str]:
     """Under the inbox lock: add a claimed batch that is missing from ``params.yaml`` (a crash after the
     claim), or claim a full inbox as a new batch, validated by prepare's own splitting (a batch it
     cannot split is moved to ``processed/rejected/<batch>/`` with its reason and never reaches the
     params). Returns the new cycles' keys and what happened."""
-    (flow_sec,) = load_params(params_path, "flow")
-    inbox = root / build(FlowConfig, flow_sec, "params.yaml:flow").inbox
+    inbox = inbox_dir(root, params_path)
     with box.locked(inbox):  # a concurrent run waits here, then reads the params and inbox this one left
         flow_sec, prepare_sec = load_params(params_path, "flow", "prepare")
         cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
@@ -89,11 +108,20 @@ def take_batch(root: Path, params_path: Path) -> tuple[list[str], str]:
 def inbox_flow(project: str = ".", params: str = "params.yaml"):
     """Turn a full inbox into a new cycle and run the sequence; otherwise report what is waiting."""
     root = Path(project).resolve()
-    keys, message = take_batch(root, root / params)
-    get_run_logger().info(message)
-    if not keys:
+    try:
+        with box.locked(inbox_dir(root, root / params), timeout=0, name=box.RUN_LOCK):
+            keys, message = take_batch(root, root / params)
+            if not keys and unlearned(root, root / params):
+                keys = unlearned(root, root / params)
+                message = f"inbox: resuming cycle(s) {keys}, claimed but never learned"
+            get_run_logger().info(message)
+            if not keys:
+                return Completed(message=message)
+            return continual_learning(str(root), params=params, return_state=True)
+    except TimeoutError:
+        message = "inbox: another inbox run is learning a batch; this one does nothing"
+        get_run_logger().info(message)
         return Completed(message=message)
-    return continual_learning(str(root), params=params, return_state=True)
 
 
 def main() -> None:

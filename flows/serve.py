@@ -39,7 +39,10 @@ def main() -> None:
         sys.exit(2)
     schedule = {"cron": cfg.cron} if cfg.cron else {"interval": cfg.interval_seconds}
     serve(continual_learning.to_deployment(name="scheduled", parameters={"project": root}, **schedule),
-          inbox_flow.to_deployment(name="inbox", parameters={"project": root}, interval=cfg.inbox_interval_seconds))
+          # One inbox run at a time: a cycle outlasts the polling interval, and a second run would
+          # collide with the first on DVC's lock.
+          inbox_flow.to_deployment(name="inbox", parameters={"project": root}, interval=cfg.inbox_interval_seconds,
+                                   concurrency_limit=1))
 
 
 if __name__ == "__main__":

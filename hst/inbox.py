@@ -24,12 +24,15 @@ from hst.io import read_json, write_json, write_text
 
 LEDGER = "processed/ledger.json"
 LOCK = "processed/.lock"
+# Held by the inbox run that is learning (claim to gate), so no other run resumes its cycle meanwhile.
+RUN_LOCK = "processed/.run.lock"
 
 
 @contextmanager
-def locked(inbox: Path, timeout: float = 600.0):
-    """Hold the inbox's exclusive lock (``processed/.lock``, released by the OS if the holder dies)."""
-    path = Path(inbox) / LOCK
+def locked(inbox: Path, timeout: float = 600.0, name: str = LOCK):
+    """Hold the inbox's exclusive lock ``name`` (released by the OS if the holder dies); TimeoutError
+    after ``timeout`` seconds of waiting (0: one try)."""
+    path = Path(inbox) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         deadline = time.monotonic() + timeout
@@ -38,7 +41,7 @@ def locked(inbox: Path, timeout: float = 600.0):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                if time.monotonic() >= deadline:
                     raise TimeoutError(f"{path}: another inbox run has held the lock for {timeout:.0f} s") from None
                 time.sleep(0.2)
         try:

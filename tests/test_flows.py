@@ -178,7 +178,8 @@ def inbox_project(tmp_path, monkeypatch, min_bytes: int):
     params = tmp_path / "params.yaml"
     params.write_text("# keep me\nprepare:\n  domains:\n    kjv: data/corpus/kjv.txt.gz\n"
                       "cycles:\n  c1_kjv: {domain: kjv, prev: pretrain}\n"
-                      f"flow: {{inbox: data/inbox, min_inbox_bytes: {min_bytes}}}\n")
+                      f"flow: {{inbox: data/inbox, min_inbox_bytes: {min_bytes}}}\n"
+                      'tracking:\n  experiment: ""  # quoted\n')
     box = tmp_path / "data/inbox"
     box.mkdir(parents=True)
     runs = []
@@ -198,13 +199,35 @@ def test_inbox_flow_turns_a_full_inbox_into_one_new_cycle(tmp_path, monkeypatch)
     new = yaml.safe_load(params.read_text())
     assert new["cycles"]["c2_inbox1"] == {"domain": "inbox1", "prev": "c1_kjv"}
     assert new["prepare"]["domains"]["inbox1"] == "data/corpus/inbox/inbox1.txt"
-    assert params.read_text().startswith("# keep me")
+    assert params.read_text().startswith("# keep me") and 'experiment: ""  # quoted' in params.read_text()
     assert (tmp_path / "data/corpus/inbox/inbox1.txt").read_text() == first + "\n\n" + second + "\n"
+    (tmp_path / "metrics/gate").mkdir(parents=True)
+    (tmp_path / "metrics/gate/c2_inbox1.json").write_text("{}")  # the cycle ran to its gate
     # The same files dropped again are not learned twice: no new cycle, no new run.
     (box / "a.txt").write_text(first)
     (box / "b.txt").write_text(second)
     assert "0 of 20000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
     assert len(runs) == 1 and list(yaml.safe_load(params.read_text())["cycles"]) == ["c1_kjv", "c2_inbox1"]
+
+
+def test_a_first_run_makes_the_inbox_and_a_claimed_cycle_that_never_ran_is_resumed(tmp_path, monkeypatch):
+    inbox_flow, params, box, runs = inbox_project(tmp_path, monkeypatch, 20_000)
+    box.rmdir()
+    assert "0 of 20000 bytes waiting" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    assert box.is_dir() and runs == []
+    (box / "a.txt").write_text(paragraphs("first") + paragraphs("second"))
+    assert inbox_flow.inbox_flow(str(tmp_path), return_state=True).message == "ran"
+    # That run died before the cycle finished (no gate report): the next run learns it, with nothing
+    # waiting — unless another inbox run is learning right now.
+    from hst import inbox as hst_inbox
+
+    with hst_inbox.locked(box, name=hst_inbox.RUN_LOCK):
+        assert "another inbox run" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message
+    state = inbox_flow.inbox_flow(str(tmp_path), return_state=True)
+    assert "resuming" not in state.message and state.message == "ran" and len(runs) == 2
+    (tmp_path / "metrics/gate").mkdir(parents=True)
+    (tmp_path / "metrics/gate/c2_inbox1.json").write_text("{}")
+    assert "no new cycle" in inbox_flow.inbox_flow(str(tmp_path), return_state=True).message and len(runs) == 2
 
 
 def test_inbox_never_follows_a_symlink_and_counts_only_what_it_would_accept(tmp_path, monkeypatch):
