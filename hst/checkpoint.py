@@ -15,6 +15,7 @@ import torch
 from hst.config import ConfigError, HSTError, ModelConfig
 from hst.io import atomic_path
 from hst.model import GPT
+from hst.router import Gate, KeyRouter
 
 FORMAT_VERSION = 4  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
 #                    4: a gate may belong to a path (gate_path; format 3 files load with learned gates only), and a
@@ -88,11 +89,40 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
+    _check_gates(path, model)
     paths, sketches = model.n_paths, len(model.path_sketches)
     if sketches not in (0, paths) or (paths > 1 and not sketches):
         raise CheckpointError(f"{path}: {paths} paths but {sketches} path sketches (expected one per path; a file "
                               "written before path sketches existed must re-run the cycles that grew its paths)")
     return model, state["meta"]
+
+
+def _check_gates(path: Path, model: GPT) -> None:
+    """Every key router's growth gates must fit together: integer gate numbers, one per expert, each
+    -1 (no gate) or an existing gate; per gate one path (-1: learned, else 1..) and as many rows in
+    every gate field; the paths numbered 1..P-1 without a gap. A file edited by hand fails here, in
+    one line, instead of routing tokens through experts that do not exist."""
+    seen_paths: set[int] = set()
+    for layer, block in enumerate(model.blocks):
+        router = getattr(block.ffn, "router", None)
+        if not isinstance(router, KeyRouter):
+            continue
+        where = f"{path}: layer {layer}"
+        G = len(router.gate_b)
+        for name in ("expert_gate", "gate_path"):
+            if getattr(router, name).dtype != torch.long:
+                raise CheckpointError(f"{where}: {name} must hold integers, got {getattr(router, name).dtype}")
+        if len(router.expert_gate) != router.n_experts or not (
+                (router.expert_gate >= -1) & (router.expert_gate < G)).all():
+            raise CheckpointError(f"{where}: expert_gate must give each of {router.n_experts} experts -1 or a gate "
+                                  f"0..{G - 1}")
+        if any(len(getattr(router, f"gate_{f}")) != G for f in Gate._fields) or len(router.gate_path) != G:
+            raise CheckpointError(f"{where}: growth gate fields disagree on the number of gates ({G} biases)")
+        if ((router.gate_path == 0) | (router.gate_path < -1)).any():
+            raise CheckpointError(f"{where}: gate_path must be -1 (learned gate) or a path >= 1")
+        seen_paths |= set(router.gate_path[router.gate_path > 0].tolist())
+    if seen_paths and seen_paths != set(range(1, max(seen_paths) + 1)):
+        raise CheckpointError(f"{path}: paths {sorted(seen_paths)} are not numbered 1..{max(seen_paths)}")
 
 
 def _from_format_2(state_dict: dict) -> dict:

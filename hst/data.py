@@ -115,7 +115,7 @@ def _cut_lines(para: str, max_bytes: int) -> list[str]:
     if len(para.encode()) <= max_bytes:
         return [para]
     out, current, size = [], [], 0
-    for line in para.split("\n"):
+    for line in (piece for line in para.split("\n") for piece in _cut_line(line, max_bytes - 1)):
         n = len(line.encode()) + 1
         if current and size + n > max_bytes:
             out.append("\n".join(current))
@@ -125,6 +125,22 @@ def _cut_lines(para: str, max_bytes: int) -> list[str]:
     if current:
         out.append("\n".join(current))
     return out
+
+
+def _cut_line(line: str, max_bytes: int) -> list[str]:
+    """``line`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut at its last space before the limit
+    (the space dropped) or, with none, between two characters: however a text is laid out, no record
+    grows past ``max_record_bytes``."""
+    raw, out = line.encode(), []
+    while len(raw) > max_bytes:
+        cut = raw.rfind(b" ", 0, max_bytes + 1)
+        if cut <= 0:
+            cut = max_bytes
+            while raw[cut] & 0xC0 == 0x80:  # a continuation byte: back up to the character's start
+                cut -= 1
+        out.append(raw[:cut].decode())
+        raw = raw[cut:].lstrip(b" ")
+    return out + [raw.decode()] if raw or not out else out
 
 
 def record_id(text: str) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hst import paths
-from hst.config import GrowConfig, TrainConfig
+from hst.config import ConfigError, GrowConfig, TrainConfig
 from hst.consolidate import ffn_inputs, only_trainable
 from hst.model import GPT
 from hst.novelty import fit_gate, gate_bias
@@ -56,7 +56,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         base = None if len(model.path_sketches) else torch.cat([t.flatten() for t in held_in.values()] or [novel[:0]])
         return grow_path(model, layers, novel, cfg, train_cfg, base)
     if model.n_paths > 1:
-        raise ValueError("grow: this model grew paths (grow.select: posterior); it cannot grow learned gates")
+        raise ConfigError("grow.select: gate, but this model grew paths (grow.select: posterior); a model keeps the "
+                          "select it first grew with")
     # Every gate is fitted on the model before growth: adding an expert to one layer must not
     # shift the features a later layer's gate is fitted on.
     # The held-in passes also give the start model's per-window BPB the forgetting budget is measured against.
@@ -112,10 +113,13 @@ def grow_path(model: GPT, layers: list[int], novel: torch.Tensor, cfg: GrowConfi
     0's sketch; later ones read nothing but ``novel``. Every earlier path computes exactly what it
     did. Returns what :func:`grow` returns (no gate statistics)."""
     path = model.n_paths
+    if any((model.moe(layer).router.gate_path < 0).any() for layer in range(model.cfg.n_layer)):
+        raise ConfigError("grow.select: posterior, but this model grew learned gates (grow.select: gate); a model "
+                          "keeps the select it first grew with")
     if not len(model.path_sketches) and path == 1 and base is not None and len(base) > 2:
         model.add_path_sketch(paths.fit_sketch(base, model.cfg.vocab_size))
     if len(model.path_sketches) != path:
-        raise ValueError(f"grow: a model of {path} paths with {len(model.path_sketches)} path sketches cannot grow "
+        raise ConfigError(f"grow: a model of {path} paths with {len(model.path_sketches)} path sketches cannot grow "
                          "one (the first path needs the base path's text for path 0's sketch; paths grown before "
                          "sketches existed have none)")
     with model.on_path(0):

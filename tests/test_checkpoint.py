@@ -178,3 +178,25 @@ def test_structure_that_does_not_fit_the_config_is_named(tiny_cfg, tmp_path):
         torch.save(bad, tmp_path / "bad.pt")
         with pytest.raises(CheckpointError, match=message):
             checkpoint.load(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([1, 1])), "disagree on the number of gates"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([0])), "gate_path must be -1"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([2])), r"paths \[2\] are not numbered"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([1.0])), "gate_path must hold integers"),
+    (lambda sd: sd["blocks.1.ffn.router.expert_gate"].__setitem__(-1, 3), "expert_gate must give each"),
+])
+def test_a_checkpoint_whose_growth_gates_were_edited_is_refused_in_one_line(tiny_cfg, tmp_path, edit, message):
+    model = GPT(tiny_cfg)
+    model.moe(1).router.add_gate(Gate.linear(torch.zeros(32), 0.0, 0.0), path=1)
+    model.moe(1).add_expert(model.moe(1).router.keys[0], gate=0)
+    for _ in range(2):
+        model.add_path_sketch(paths.fit_sketch(torch.randint(0, 256, (100,))))
+    checkpoint.save(tmp_path / "m.pt", model)
+    checkpoint.load(tmp_path / "m.pt")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    edit(state["state_dict"])
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(tmp_path / "edited.pt")

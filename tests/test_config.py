@@ -136,3 +136,20 @@ def test_the_large_preset_is_valid_and_differs_only_in_model_and_pretrain():
 def test_growth_selection_is_checked(section, message):
     with pytest.raises(ConfigError, match=message):
         build(GrowConfig, section, "grow")
+
+
+def test_a_params_file_with_a_repeated_key_or_bytes_that_are_not_utf8_is_refused_in_one_line(tmp_path):
+    from hst.config import load_params, read_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  n_layer: 4\n  d_model: 256\n  n_layer: 8\ncycle: {}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:4: not valid YAML \(duplicate key 'n_layer'\)"):
+        load_params(path, "model")
+    path.write_text("model: {n_layer: 4}\nmodel: {n_layer: 8}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'model'"):
+        read_params(path)
+    path.write_bytes("model: {ffn: key}  # Grüße\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"params.yaml: not UTF-8 text \(invalid byte at offset 23\)"):
+        read_params(path)
+    path.write_text("model: {n_layer: 4}\ncycle: {seed: 1}\n")  # keys repeated across mappings are fine
+    assert read_params(path) == {"model": {"n_layer": 4}, "cycle": {"seed": 1}}

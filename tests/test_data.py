@@ -95,3 +95,13 @@ def test_window_starts_cover_the_stream():
     assert starts[0] == 0 and starts[-1] == 900 and len(starts) == 10
     with pytest.raises(DataError):
         data.window_starts(50, 99, 10)
+
+
+def test_no_record_exceeds_max_record_bytes_however_the_text_is_laid_out():
+    words = " ".join(f"wörd{i}" for i in range(20_000))  # one 150 kB line with spaces
+    solid = "é" * 30_000 + "x"  # one 60 kB line without any, two bytes a character
+    for text in (words, solid, "short line\n" + words + "\nanother"):
+        records = data.cut_records(text, 256, 2048)
+        assert max(len(r.encode()) for r in records) <= 2048
+        assert "".join(records).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
+    assert data.cut_records("a b c", 256, 2048) == ["a b c"]  # short text: as before

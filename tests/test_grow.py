@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hst import data, grow
-from hst.config import GrowConfig, TrainConfig
+from hst.config import ConfigError, GrowConfig, TrainConfig
 from hst.consolidate import ffn_inputs, only_trainable
 from hst.evaluation import routing_stability
 from hst.model import GPT
@@ -230,7 +230,7 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     base = model(idx).logits
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = GrowConfig(experts=2, steps=8, gate_windows=8, lr=1e-2)  # select: posterior, the default
-    with pytest.raises(ValueError, match="base path's text"):  # the first path sketches path 0 from held-in text
+    with pytest.raises(ConfigError, match="base path's text"):  # the first path sketches path 0 from held-in text
         grow.grow(model, [0, 1], NOVEL, {}, cfg, TCFG)
     added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, cfg, TCFG)
     assert added == [(0, 4), (0, 5), (1, 4), (1, 5)] and model.n_paths == 2 and len(curves["train"]) == 8
@@ -251,5 +251,9 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     assert all(any(torch.equal(e.up.weight, w) for w in base_weights) for e in model.moe(0).experts[6:])
     with model.on_path(1):
         assert torch.equal(model(idx).logits, one)
-    with pytest.raises(ValueError, match="paths"):
+    with pytest.raises(ConfigError, match="grow.select: gate, but this model grew paths"):
         grow.grow(model, [0], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8), TCFG)
+    gated = GPT(tiny_cfg)
+    grow.grow(gated, [0], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8), TCFG)
+    with pytest.raises(ConfigError, match="grow.select: posterior, but this model grew learned gates"):
+        grow.grow(gated, [0], NOVEL, HELD_IN, cfg, TCFG)
