@@ -44,6 +44,18 @@ class TrackingError(HSTError):
     """The MLflow store cannot be reached or refused a write."""
 
 
+# MLflow's HTTP client waits 120 s a request and retries 7 times with backoff: a server that answers
+# /health but hangs (or answers 500) on its API held a cycle's logging for 4-20 min. These bound it.
+CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def client_limits(environ: Mapping[str, str]) -> dict[str, str]:
+    """The MLflow client settings to apply (``os.environ.update``): :data:`CLIENT_LIMITS` unless
+    ``environ`` sets them already."""
+    return {k: environ.get(k, v) for k, v in CLIENT_LIMITS.items()}
+
+
 def check_store(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
     """Fail fast, in one line, when the store at ``uri`` cannot be used: an http(s) server must answer
     ``/health`` within ``timeout`` s (MLflow's own client retries for minutes); a SQLite file's folder must exist."""

@@ -46,6 +46,7 @@ def main() -> None:
                                                  f"{build(CycleConfig, cycle_sec, 'params.yaml:cycle').mode}")
     names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(variant)
     uri = tracking.store_uri(os.environ, Path.cwd())
+    os.environ.update(tracking.client_limits(os.environ))
     params = tracking.sequence_params(read_params(args.params))
     report, gate = read_json(args.eval), read_json(args.gate, ("alarms",))
     plots, mdir = Path(args.plots), Path(args.metrics_dir)

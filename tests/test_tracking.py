@@ -181,3 +181,36 @@ def test_a_temporary_dvc_experiment_logs_into_the_original_project_as_its_own_va
     for name in ("hst-dense-x", "hst-key-grow"):
         version = client.get_model_version_by_alias(name, "champion")
         assert (Path(version.source) / "c1.pt").read_bytes() == b"model"
+
+
+def test_a_server_that_answers_health_but_hangs_ends_the_logging_in_one_line(tmp_path, monkeypatch):
+    import http.server
+    import threading
+    import time
+
+    class Hanging(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            if self.path.endswith("/health"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+            else:
+                time.sleep(30)  # the API never answers in time
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for k, v in tracking.client_limits({"MLFLOW_HTTP_REQUEST_TIMEOUT": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}).items():
+        monkeypatch.setenv(k, v)
+    assert tracking.client_limits({})["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"  # the default bound
+    start = time.monotonic()
+    try:
+        with pytest.raises(tracking.TrackingError, match="MLflow refused a request"):
+            _log(tmp_path, f"http://127.0.0.1:{server.server_port}", "c1", 1, True, b"one", b"one")
+    finally:
+        server.shutdown()
+    assert time.monotonic() - start < 20
