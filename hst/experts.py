@@ -91,7 +91,8 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.expert_hidden, cfg.expert_density)
                                      for _ in range(n_experts))
 
-    def forward(self, x: torch.Tensor, update_keys: bool = False, path: int = 0) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, update_keys: bool = False,
+                path: int | torch.Tensor = 0) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         routing = self.router(x, path)
         x = x.reshape(-1, shape[-1])  # (B·T, d)

@@ -94,14 +94,14 @@ class Block(nn.Module):
     def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         return x + self.attn(norm(x), cos, sin, cache)
 
-    def feed(self, x: torch.Tensor, update_keys: bool, path: int) -> tuple[torch.Tensor, Routing | None]:
+    def feed(self, x: torch.Tensor, update_keys: bool, path: int | torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
         if isinstance(self.ffn, MoE):
             y, routing = self.ffn(norm(x), update_keys, path)
         else:
             y, routing = self.ffn(norm(x)), None
         return x + y, routing
 
-    def forward(self, x, cos, sin, update_keys: bool, path: int = 0,
+    def forward(self, x, cos, sin, update_keys: bool, path: int | torch.Tensor = 0,
                 cache: dict | None = None) -> tuple[torch.Tensor, Routing | None]:
         return self.feed(self.attend(x, cos, sin, cache), update_keys, path)
 
@@ -273,10 +273,11 @@ class GPT(nn.Module):
         """(B, T) tokens -> (B, T, d) the residual stream after layer 0's attention: every path's."""
         return self.blocks[0].attend(self.wte(idx), self.rope_cos, self.rope_sin, cache)
 
-    def from_trunk(self, h0: torch.Tensor, update_keys: bool, path: int,
+    def from_trunk(self, h0: torch.Tensor, update_keys: bool, path: int | torch.Tensor,
                    caches: list[dict] | None = None) -> tuple[torch.Tensor, list[Routing | None]]:
-        """Run ``path`` from the trunk output: layer 0's FFN, then every later block (``caches``: their
-        attention caches, one per later block). Returns float logits and per-layer routing."""
+        """Run ``path`` (one for all sequences, or (B,) one per sequence) from the trunk output: layer 0's
+        FFN, then every later block (``caches``: their attention caches, one per later block). Returns
+        float logits and per-layer routing."""
         x, r = self.blocks[0].feed(h0, update_keys, path)
         routing = [r]
         for i, block in enumerate(self.blocks[1:]):
@@ -298,14 +299,18 @@ class GPT(nn.Module):
         spans = paths.segments(T)
         serving = paths.segment_paths(self.path_scores(idx))  # (B, S)
         logits, routing = None, None
+        by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for (p, length), rows in paths.runs(serving, T).items():
-            rows = rows.to(h0.device)
-            out, r = self.from_trunk(h0[rows, :length], False, p)
+            by_length.setdefault(length, []).append((p, rows.to(h0.device)))
+        for length, runs in by_length.items():  # one call per length: each row with its own path
+            rows = torch.cat([r for _, r in runs])
+            path = torch.cat([r.new_full((len(r),), p) for p, r in runs])
+            out, r = self.from_trunk(h0[rows, :length], False, path)
             if logits is None:
                 logits = out.new_empty(B, T, out.shape[-1])
                 routing = [None if layer is None else [f.new_empty(B, T, *f.shape[1:]) for f in layer] for layer in r]
             for s, (start, end) in enumerate(spans):
-                pick = serving[rows, s] == p  # which of these rows this path serves in segment s
+                pick = serving[rows, s] == path  # the rows whose segment s this run's path serves
                 if end > length or not pick.any():
                     continue
                 logits[rows[pick], start:end] = out[pick, start:end]

@@ -160,12 +160,14 @@ class KeyRouter(nn.Module):
         """Paths this router's gates belong to, the base path 0 included."""
         return 1 + max(int(self.gate_path.max()), 0) if len(self.gate_path) else 1
 
-    def eligible(self, f: torch.Tensor, path: int = 0) -> torch.Tensor:
-        """(B, T, d) features -> (B, T, E) bool: which experts' gates are open for each token on ``path``."""
+    def eligible(self, f: torch.Tensor, path: int | torch.Tensor = 0) -> torch.Tensor:
+        """(B, T, d) features -> (B, T, E) bool: which experts' gates are open for each token on ``path``
+        (one for all sequences, or (B,) one per sequence)."""
         always = torch.ones(*f.shape[:-1], 1, dtype=torch.bool, device=f.device)
         if not len(self.gate_b):
             return always.expand(*f.shape[:-1], self.n_experts)
         learned = self.gate_path < 0
+        path = torch.as_tensor(path, device=f.device).view(-1, 1, 1)  # (B or 1, 1, 1)
         opened = (self.gate_path == path).expand(*f.shape[:-1], -1)  # (B, T, G)
         if learned.any():
             opened = torch.where(learned, gate_open(f, self.gates), opened)
@@ -183,7 +185,7 @@ class KeyRouter(nn.Module):
         self.gate_path = torch.zeros_like(state_dict[f"{prefix}gate_path"], device=self.keys.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor, path: int = 0) -> Routing:
+    def forward(self, x: torch.Tensor, path: int | torch.Tensor = 0) -> Routing:
         with torch.autocast(x.device.type, enabled=False):
             f = self.features(x if x.dim() == 3 else x[None])  # (B, T, d)
             sim = f.reshape(-1, f.shape[-1]) @ F.normalize(self.keys, dim=-1).T  # (B·T, E)
@@ -255,7 +257,7 @@ class LearnedRouter(nn.Module):
     def n_experts(self) -> int:
         return self.gate.out_features
 
-    def forward(self, x: torch.Tensor, path: int = 0) -> Routing:  # no growth gates: every path is the same
+    def forward(self, x: torch.Tensor, path: int | torch.Tensor = 0) -> Routing:  # no growth gates: every path is the same
         with torch.autocast(x.device.type, enabled=False):
             probs = F.softmax(self.gate(x.reshape(-1, x.shape[-1]).float()), dim=-1)
         top_p, top_idx = probs.topk(self.n_experts if self.top_any else self.top_k, dim=-1)
