@@ -269,8 +269,8 @@ REPLAY_SOURCES = ("stored", "generated")
 
 @dataclass(frozen=True)
 class CycleConfig:
-    mode: str = "grow"  # "grow" (HST: every cycle adds one gated expert per layer and trains only those on the
-    #                     incoming records), "experts" (HST: per-expert coreset finetuning of the shared experts the
+    mode: str = "grow"  # "grow" (HST: every cycle adds new experts per layer, a path of their own by default
+    #                     (grow.select), and trains only those on the incoming records), "experts" (HST: per-expert coreset finetuning of the shared experts the
     #                     new data routes to; growth only when novelty triggers), "full" (finetune everything on
     #                     the new data: the forgetting reference), "full_replay" (everything, new + old data)
     replay: str = "stored"  # where old text comes from: "stored" (training records of the learned domains) or

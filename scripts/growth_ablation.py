@@ -6,7 +6,9 @@ and reports BPB change on each learned domain's validation split and on the new 
     python scripts/growth_ablation.py --cycle c3_german --variant grow:0.001:160 \
         --variant grow:0.003:160 --variant consolidate:160
 
-``grow:FPR:STEPS`` grows one gated expert per layer (gate false-positive rate FPR) trained STEPS
+``grow:FPR:STEPS`` grows ``grow.experts`` experts per layer behind a learned gate (``grow.select:
+gate``, false-positive rate FPR; the workspace must have run with gates: a model that grew paths
+refuses them) trained STEPS
 steps on the cycle's incoming records; ``consolidate:STEPS`` instead runs the cycle's consolidation
 again for STEPS more steps. Other settings come from params.yaml (`grow`, `consolidate`).
 """
@@ -45,7 +47,7 @@ def main() -> None:
         kind, *rest = variant.split(":")
         model, _ = checkpoint.load(f"models/{args.cycle}_consolidated.pt")
         if kind == "grow":
-            cfg = dataclasses.replace(gcfg, gate_fpr=float(rest[0]), steps=int(rest[1]))
+            cfg = dataclasses.replace(gcfg, select="gate", gate_fpr=float(rest[0]), steps=int(rest[1]))
             grow.grow(model, list(range(model.cfg.n_layer)), data.encode(buf["text"].to_pylist()),
                       held_in, cfg, tcfg)
         else:
