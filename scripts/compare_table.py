@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from hst.io import replace_section
-from hst.runs import OPEN_GATE, REPLAY_POOL, export, model_of, pct, read_metrics, run_experiments
+from hst.runs import OPEN_GATE, REPLAY_POOL, export, inference_cost, model_of, pct, read_metrics, run_experiments
 
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
@@ -46,11 +46,11 @@ def row(label: str, source: str, cycles: list[str]) -> str:
     worst = max(((r["forgetting"][d], d, r["name"]) for r in reports for d in r["forgetting"]))
     stab = [r["routing_stability_mean"] for r in reports if r["routing_stability_mean"] is not None]
     experts = reports[-1]["experts_per_layer"]
-    model = model_of(source, experts)
+    model, cost = model_of(source, experts), inference_cost(source, reports[-1])
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return (f"| {label} | {mean(list(reports[-1]['bpb'].values())):.3f} | {pct(mean([r['avg_forgetting'] for r in reports]))} | {pct(worst[0])} ({worst[1]}, {worst[2]}) "
             f"| {mean([r['absorption'] for r in reports]):.3f} | {f'{100 * mean(stab):.1f} %' if stab else '–'} "
-            f"| {model.flops_per_token(all_paths=True) / 1e6:.2f} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+            f"| {cost['mflops_per_token']:.2f} | {cost['parameters'] / 1e6:.2f} M "
             f"| {'/'.join(map(str, experts)) if model.cfg.ffn != 'dense' else '–'} |")
 
 
@@ -78,8 +78,9 @@ def main() -> None:
     lines += [row(label, source, cycles) for label, source in variants]
     settings = "; ".join(f"{label}: `{' '.join(o)}`" for label, (_, o) in BASELINES.items())
     lines += ["", f"Cycles: {', '.join(cycles)}. Forgetting of a domain = relative rise of its validation BPB over "
-                  "a cycle; FLOPs: forward matmuls, attention over the mean causal context, every path of a path "
-                  "mixture (`GPT.flops_per_token(all_paths=True)`). "
+                  "a cycle; FLOPs: forward matmuls per token, attention over the mean causal context, as the last "
+                  "evaluation measured them (every path of a path mixture; the selection's measured passes), or for "
+                  "runs exported before it did, `GPT.flops_per_token(all_paths=True)` of the model's shape. "
                   f"Baselines: {settings}; each with `{' '.join(OPEN_GATE)}`."]
     replace_section(args.out, "compare", "\n".join(lines))
 
