@@ -33,6 +33,7 @@ import torch
 import yaml
 from dvc.repo import Repo
 from prefect import flow, get_client, get_run_logger, task, unmapped
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
@@ -232,6 +233,11 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
             results.append(cycle_flow(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
                                       cfg.retries, cfg.retry_delay_seconds, pending, updated))
             updated += results[-1]["updated"]
+    # The run page's Artifacts tab shows every cycle's decision, not only the final log line.
+    create_table_artifact(key="gate-decisions", description="Promotion gate of each cycle in this run", table=[
+        {"cycle": r["cycle"], "decision": "promoted" if r["passed"] else "rejected", "champion": r["champion"],
+         "reasons": "; ".join(r["reasons"]) or "-", "alarms": "; ".join(r["alarms"]) or "-", "mlflow run": r["run_id"]}
+        for r in results])
     return Completed(message=summary(results), data=results)
 
 

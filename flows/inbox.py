@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 from ruamel.yaml import YAML
 
@@ -115,6 +116,7 @@ def inbox_flow(project: str = ".", params: str = "params.yaml"):
                 keys = unlearned(root, root / params)
                 message = f"inbox: resuming cycle(s) {keys}, claimed but never learned"
             get_run_logger().info(message)
+            create_markdown_artifact(key="inbox", markdown=message, description="What this inbox run did")
             if not keys:
                 return Completed(message=message)
             return continual_learning(str(root), params=params, return_state=True)

@@ -90,6 +90,15 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(par
     assert not result["passed"] and result["champion"] == "pretrain"
     assert state.message.startswith("c1: rejected (routing stability") and "ALARM" in state.message
     assert (proj / "models/c1.champion.pt").read_bytes() == (proj / "models/pretrain.champion.pt").read_bytes()
+    # The run page shows the decision as a table artifact.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect_client:
+        (artifact,) = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert artifact.key == "gate-decisions" and artifact.type == "table"
+    assert "rejected" in str(artifact.data) and "routing stability" in str(artifact.data)
 
     client = MlflowClient(uri, uri)
     run = client.get_run(result["run_id"])
