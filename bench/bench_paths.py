@@ -8,7 +8,7 @@ Each path has ``grow.experts`` (untrained) experts per layer and a sketch fitted
 records of one of the prepared domains (path p on domain p mod 6, a different sample of it each
 time), so many paths share a domain as a long history of drops would; the batch is validation
 windows of every domain. The selection's FLOPs are one path's times the model passes its chosen
-segments cost (:func:`hst.paths.relative_cost`, measured on the batch). Variants run round-robin so
+segments cost (``GPT.passes``, measured on the batch). Variants run round-robin so
 drifts in machine load hit all of them alike; medians of the rounds are reported. Needs the prepared
 corpus (``dvc repro prepare``). Writes a JSON (``--out``) and prints Markdown tables.
 
@@ -111,10 +111,8 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in runs.items()}
     passes = {}
     for name, p, mode in variants:
-        if name.startswith("select"):
-            passes[name] = paths.relative_cost(paths.segment_paths(models[p].path_scores(idx)), cfg.seq_len)
-        else:
-            passes[name] = float(p)
+        with models[p].on_path(mode):
+            passes[name] = models[p].passes(idx)
     prompt = idx[:8, :64]
     gen = {}
     for name, p, mode in [("pretrained", 1, 0), (f"select@{args.paths[0]}", args.paths[0], SELECTED_PATHS)]:

@@ -62,10 +62,9 @@ def inbox_dir(root: Path, params_path: Path) -> Path:
     return inbox
 
 
-def unlearned(root: Path, params_path: Path) -> list[str]:
+def unlearned(root: Path, params_path: Path, inbox: Path) -> list[str]:
     """Inbox cycles in ``params.yaml`` that have no gate report: claimed and added by a run that died
     before learning them (e.g. on DVC's lock)."""
-    inbox = inbox_dir(root, params_path)
     (cycles,) = load_params(params_path, "cycles")
     return [k for k, c in cycles.items() if (inbox / "processed" / str(c.get("domain"))).is_dir()
             and not (root / f"metrics/gate/{k}.json").is_file()]
@@ -109,11 +108,11 @@ def take_batch(root: Path, params_path: Path) -> tuple[list[str], str]:
 def inbox_flow(project: str = ".", params: str = "params.yaml"):
     """Turn a full inbox into a new cycle and run the sequence; otherwise report what is waiting."""
     root = Path(project).resolve()
+    inbox = inbox_dir(root, root / params)
     try:
-        with box.locked(inbox_dir(root, root / params), timeout=0, name=box.RUN_LOCK):
+        with box.locked(inbox, timeout=0, name=box.RUN_LOCK):
             keys, message = take_batch(root, root / params)
-            if not keys and unlearned(root, root / params):
-                keys = unlearned(root, root / params)
+            if not keys and (keys := unlearned(root, root / params, inbox)):
                 message = f"inbox: resuming cycle(s) {keys}, claimed but never learned"
             get_run_logger().info(message)
             create_markdown_artifact(key="inbox", markdown=message, description="What this inbox run did")

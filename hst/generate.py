@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hst import paths
 from hst.data import SEPARATOR
 from hst.experts import MoE
-from hst.model import ALL_PATHS, GPT, SELECTED_PATHS, mix_paths
+from hst.model import GPT, mix_paths
 from hst.router import KeyRouter
 from hst.train import eval_mode
 
@@ -40,8 +40,7 @@ class Decoder:
 
     def __init__(self, model: GPT):
         self.model = model
-        mode = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", None: model.inference}.get(model.path)
-        self.mode = "single" if mode is None or model.n_paths == 1 else mode
+        self.mode = model.path_mode
         # A learned growth gate opens on the running mean of its scores over the whole context, which
         # one cached step cannot see: such a model re-runs its context (at most seq_len bytes) per byte.
         if any((b.ffn.router.gate_path < 0).any() for b in model.blocks
@@ -66,11 +65,12 @@ class Decoder:
                 len(out), B, -1, 1))[..., 0].sum(-1)  # (P, B) each path's log-likelihood of the context
             self.last = out[:, :, -1].log_softmax(-1)  # (P, B, V)
             return logp[:, -1]
-        if self.mode == "single":
+        if self.mode == "one":
             self.serving = prompt.new_full((B,), max(model.path or 0, 0))
         else:
-            self.scores = model.path_scores(prompt)[:, -1]  # (B, P) sketch log-likelihood so far
-            self.serving = paths.segment_paths(model.path_scores(prompt))[:, -1]
+            scores = model.path_scores(prompt)
+            self.scores = scores[:, -1]  # (B, P) sketch log-likelihood so far
+            self.serving = paths.segment_paths(scores)[:, -1]
         logits = self.h0.new_empty(B, model.cfg.vocab_size, dtype=torch.float32)
         for p in self.serving.unique().tolist():
             mine = (self.serving == p).nonzero()[:, 0]

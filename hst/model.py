@@ -185,6 +185,15 @@ class GPT(nn.Module):
         self._non_persistent_buffers_set -= set(PATH_BUFFERS)
 
     @property
+    def path_mode(self) -> str:
+        """What ``forward`` runs now: "one" path (``on_path(p)``, or a model without paths), the
+        "mixture" of all or the "select"-ion of one per segment (``on_path(ALL_PATHS | SELECTED_PATHS)``,
+        else ``inference``)."""
+        if self.n_paths == 1 or self.path not in (None, ALL_PATHS, SELECTED_PATHS):
+            return "one"
+        return {ALL_PATHS: "mixture", SELECTED_PATHS: "select"}.get(self.path, self.inference)
+
+    @property
     def inference(self) -> str:
         """How ``forward`` runs a model of several paths: "select" (one per segment, hst.paths) or "mixture" (all)."""
         return "select" if bool(self.path_select) else "mixture"
@@ -224,8 +233,8 @@ class GPT(nn.Module):
     def passes(self, idx: torch.Tensor) -> float:
         """Model passes per token ``forward`` spends on (B, T) ``idx``: 1 on one path, P for the mixture,
         what the chosen segments cost for the selection (:func:`hst.paths.relative_cost`)."""
-        mode = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", None: self.inference}.get(self.path)
-        if self.n_paths == 1 or mode is None:
+        mode = self.path_mode
+        if mode == "one":
             return 1.0
         if mode == "mixture":
             return float(self.n_paths)
@@ -247,8 +256,8 @@ class GPT(nn.Module):
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}")
         h0 = self.trunk(idx)
-        n_paths, mode = self.n_paths, {ALL_PATHS: "mixture", SELECTED_PATHS: "select", None: self.inference}.get(self.path)
-        if n_paths == 1 or mode is None:
+        mode = self.path_mode
+        if mode == "one":
             path = max(self.path or 0, 0)
             logits, routing = self.from_trunk(h0, update_keys, path)
             chosen = idx.new_full((B, T), path)
@@ -257,7 +266,7 @@ class GPT(nn.Module):
         elif mode == "select":
             logits, routing, chosen = self._select(idx, h0)
         else:
-            runs = [self.from_trunk(h0, False, p) for p in range(n_paths)]
+            runs = [self.from_trunk(h0, False, p) for p in range(self.n_paths)]
             logits, weights = mix_paths(torch.stack([logits for logits, _ in runs]), idx)
             # Each token's routing is that of the path weighted most for it.
             chosen = weights.argmax(0)

@@ -23,7 +23,7 @@ from hst.config import HSTError, TrainConfig
 from hst.data import DataError, window_starts
 from hst.fars import consistency_loss, expert_costs, fars_loss
 from hst.metrics import routing_curve
-from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
+from hst.model import GPT
 
 LN2 = math.log(2)
 
@@ -123,7 +123,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int =
     """Bits per byte and routing on evenly spaced windows, fp32, eval mode; with ``layers``, also the
     inputs of those layers' MoE blocks from the same forward pass (the growth gates' features).
     ``only``: a (n_windows,) bool mask, the windows to evaluate (every field covers just those)."""
-    if layers and model.n_paths > 1 and model.path in (None, ALL_PATHS, SELECTED_PATHS):
+    if layers and model.path_mode != "one":
         raise ValueError("evaluate: a model of several paths has no single MoE input per layer; run one path "
                          "(GPT.on_path)")
     windows = eval_windows(tokens, model.cfg.seq_len, n_windows)
