@@ -33,8 +33,8 @@ from hst.io import write_text
 def scores(model, texts: list[str], desc: str) -> tuple[list[float], list[list[float]]]:
     """Per record: surprise (BPB) and per-layer raw novelty (1 − mean best-key cosine)."""
     routed = sampler.route_records(model, texts, desc=desc)
-    return ([b for _, _, b in routed],
-            [[1 - float(r.max_sim.mean()) for r in routing if r is not None] for _, routing, _ in routed])
+    return ([r.bpb for r in routed],
+            [[1 - float(r.max_sim.mean()) for r in rec.routing if r is not None] for rec in routed])
 
 
 def simulate(held: list[float], new: list[float], limit: float, cfg: GrowConfig, n_held: int, mix: float,

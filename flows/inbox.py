@@ -1,5 +1,6 @@
-"""Prefect flow `inbox`: text files dropped into ``params.yaml:flow.inbox`` become the next cycle
-once at least ``flow.min_inbox_bytes`` are waiting.
+"""Prefect flow `inbox`: text files dropped into ``params.yaml:flow.inbox`` — and the texts a server
+answered, logged under ``params.yaml:serve.log_dir`` (``hst.serving``) — become the next cycle once at
+least ``flow.min_inbox_bytes`` are waiting.
 
 A batch is claimed (files moved to ``<inbox>/processed/inboxN/``, see ``hst.inbox``), written as the
 corpus file ``data/corpus/inbox/inboxN.txt``, added to ``params.yaml`` as domain ``inboxN`` and as
@@ -28,7 +29,7 @@ from ruamel.yaml import YAML
 from flows.continual_learning import continual_learning
 from hst import data
 from hst import inbox as box
-from hst.config import FlowConfig, PrepareConfig, build, load_params
+from hst.config import FlowConfig, PrepareConfig, ServeConfig, build, load_params, read_params
 from hst.data import DataError
 from hst.io import write_text
 
@@ -83,6 +84,9 @@ def take_batch(root: Path, params_path: Path) -> tuple[list[str], str]:
         batches = _batches(inbox)
         unfinished = [b for b in batches if b not in pcfg.domains]
         if not unfinished:
+            serve = build(ServeConfig, read_params(params_path).get("serve"), "params.yaml:serve")
+            if serve.log_dir:  # what the server answered waits in the inbox like a dropped file
+                box.harvest(root / serve.log_dir, inbox)
             files = box.pending(inbox)
             waiting = sum(f.stat().st_size for f in files)
             if waiting < cfg.min_inbox_bytes:

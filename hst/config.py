@@ -391,11 +391,31 @@ class FlowConfig:
         _require(self.dask_workers >= 1, "dask_workers: expected >= 1")
 
 
+
+@dataclass(frozen=True)
+class ServeConfig:
+    log_dir: str = "data/served"  # served requests' Smart Sampler log (relative: to the server's working directory); "" -> none
+    flush_every: int = 64  # records per Parquet file of the log: at most this many are lost if the server is killed
+    flush_seconds: float = 5.0  # ... and a record waits at most this long before it is written
+    max_log_bytes: int = 1 << 30  # the log stops growing at this size: later records are dropped and counted
+    max_rows: int = 64  # rows per request
+    max_text_bytes: int = 16384  # UTF-8 bytes of a scored text or a prompt
+    max_new_bytes: int = 1024  # bytes a generate row may ask for
+    reload_seconds: float = 30.0  # how often the server asks the registry whether the champion moved; 0 -> never
+
+    def __post_init__(self):
+        _require(self.flush_every >= 1, "flush_every: expected >= 1")
+        _require(self.flush_seconds > 0, "flush_seconds: expected > 0")
+        _require(self.max_log_bytes >= 0, "max_log_bytes: expected >= 0")
+        for name in ("max_rows", "max_text_bytes", "max_new_bytes"):
+            _require(getattr(self, name) >= 1, f"{name}: expected >= 1")
+        _require(self.reload_seconds >= 0, "reload_seconds: expected >= 0")
+
 # Every top-level section of params.yaml, with the config it is built as (None: checked by hand).
 SECTIONS = {"prepare": PrepareConfig, "model": ModelConfig, "pretrain": TrainConfig, "cycles": None,
             "cycle": CycleConfig, "consolidate": TrainConfig, "grow": GrowConfig, "gate": GateConfig,
-            "tracking": TrackingConfig, "flow": FlowConfig}
-OPTIONAL_SECTIONS = ("flow",)
+            "tracking": TrackingConfig, "flow": FlowConfig, "serve": ServeConfig}
+OPTIONAL_SECTIONS = ("flow", "serve")
 
 
 def check_cycle_mode(mode: str, ffn: str, where: str = "params.yaml") -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hst import paths
 from hst.data import SEPARATOR
 from hst.experts import MoE
-from hst.model import GPT, mix_paths
+from hst.model import ALL_PATHS, GPT, mix_paths
 from hst.router import KeyRouter
 from hst.train import eval_mode
 
@@ -148,8 +148,33 @@ def sample_records(model: GPT, n: int, n_bytes: int, seed: int, temperature: flo
             logits = decoder.start(start.repeat(b, 1).to(device))
             drawn = []
             for _ in range(n_bytes):
-                probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-                drawn.append(torch.multinomial(probs, 1, generator=gen)[:, 0])
+                drawn.append(draw(logits, temperature, gen))
                 logits = decoder.step(drawn[-1].to(device))
             out += [bytes(row.tolist()).decode("utf-8", errors="ignore") for row in torch.stack(drawn, 1)]
     return out
+
+
+def draw(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) bytes sampled at ``temperature`` (0: the most likely byte)."""
+    if temperature == 0:
+        return logits.float().cpu().argmax(-1)
+    return torch.multinomial(torch.softmax(logits.float().cpu() / temperature, dim=-1), 1, generator=gen)[:, 0]
+
+
+@torch.no_grad()
+def continue_text(model: GPT, prompt: bytes, n_bytes: int, temperature: float, seed: int) -> tuple[bytes, int]:
+    """``n_bytes`` bytes continuing ``prompt`` (its last ``seq_len`` bytes are the context) and the path
+    serving the last of them (``ALL_PATHS`` for the mixture)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with eval_mode(model):
+        decoder = Decoder(model)
+        logits = decoder.start(torch.tensor([list(prompt[-model.cfg.seq_len:])], dtype=torch.long, device=device))
+        drawn = []
+        for i in range(n_bytes):
+            drawn.append(draw(logits, temperature, gen))
+            if i + 1 < n_bytes:
+                logits = decoder.step(drawn[-1].to(device))
+    serving = getattr(decoder, "serving", None)
+    path = ALL_PATHS if decoder.mode == "mixture" else int(serving[0]) if serving is not None else max(model.path or 0, 0)
+    return bytes(torch.cat(drawn).tolist()), path

@@ -8,6 +8,9 @@ count: a symlink, device or fifo is never followed or read, it goes to ``process
 a ``.reason`` file beside it, as does a file that is not UTF-8 text. Dot-files are ignored (an
 upload in progress should be written under a dot-name and renamed when complete). Every change to
 the inbox happens under :func:`locked`, so concurrent runs never claim a file twice.
+
+What a server answered is a source beside the dropped files: :func:`harvest` turns the written files
+of its Smart Sampler log (:class:`hst.sampler.ServedLog`) into one inbox file.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from hst.io import read_json, write_json, write_text
+from hst.sampler import SERVED_GLOB
 
 LEDGER = "processed/ledger.json"
 LOCK = "processed/.lock"
@@ -146,3 +153,32 @@ def join_text(files: list[Path]) -> str:
 def batch_text(inbox: Path, batch: str) -> str:
     """The claimed files of ``batch`` as one text, in name order."""
     return join_text(sorted((Path(inbox) / "processed" / batch).iterdir()))
+
+
+def harvest(log_dir: Path, inbox: Path) -> Path | None:
+    """Move the served log's written files out of ``log_dir`` into one inbox file of their distinct
+    texts, in the order they were served; return it (None when nothing was served).
+
+    The files go to ``<log_dir>/harvested/`` (an unreadable one to ``<log_dir>/rejected/`` with its
+    reason). The inbox file is named by the harvested files, so a harvest that dies before moving them
+    writes the same file again on the next run. Call under :func:`locked`.
+    """
+    log_dir = Path(log_dir)
+    texts: dict[str, str] = {}  # record id -> text: a text asked twice is learned once
+    used = []
+    for path in sorted(log_dir.glob(SERVED_GLOB)) if log_dir.is_dir() else []:
+        try:
+            table = pq.read_table(path, columns=["record_id", "text"])
+        except (pa.ArrowInvalid, OSError) as e:
+            reject(path, log_dir / "rejected", f"not a readable served log ({e})")
+            continue
+        for rid, text in zip(table["record_id"].to_pylist(), table["text"].to_pylist()):
+            texts.setdefault(rid, text)
+        used.append(path)
+    if not used:
+        return None
+    out = Path(inbox) / f"served-{hashlib.sha256(' '.join(p.name for p in used).encode()).hexdigest()[:16]}.txt"
+    write_text(out, "\n\n".join(t.strip("\n") for t in texts.values() if t.strip("\n")) + "\n")
+    for path in used:
+        _move(path, log_dir / "harvested")
+    return out

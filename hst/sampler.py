@@ -26,8 +26,13 @@ keeps them in its own request log, outside the pipeline's outputs.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import threading
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,12 +73,18 @@ def summarize(routing: list[Routing], n_experts: list[int]) -> dict:
     return {"expert_counts": counts, "primary_expert": primary, "mean_max_sim": sim}
 
 
+class Routed(NamedTuple):
+    """One record routed through a model."""
+    n_tokens: int  # byte tokens
+    routing: list[Routing | None]  # per layer, the record's tokens in order
+    bpb: float  # surprise: bits per byte of predicting every byte after the first from those before it in its window
+    path: int  # the path that served most of its bytes (the most weighted one under the mixture)
+
+
 @torch.no_grad()
-def route_records(model: GPT, texts: list[str], batch_windows: int = 16,
-                  desc: str | None = None) -> list[tuple[int, list[Routing], float]]:
-    """Route each record's bytes through the model in consecutive windows of ``seq_len``; per record
-    its token count, its routing per layer and its surprise: bits per byte of predicting every byte
-    after the first from the bytes before it in its window (0 for a one-byte record).
+def route_records(model: GPT, texts: list[str], batch_windows: int = 16, desc: str | None = None) -> list[Routed]:
+    """Route each record's bytes through the model in consecutive windows of ``seq_len`` (a
+    one-byte record has surprise 0).
 
     Windows of all records run ``batch_windows`` at a time (one window at a time ran the default
     model at half the tokens/s), padded at the end to the longest in the batch: attention is causal
@@ -91,6 +102,7 @@ def route_records(model: GPT, texts: list[str], batch_windows: int = 16,
     device = next(model.parameters()).device
     parts: list[list[list[Routing]]] = [[] for _ in texts]
     nll = [0.0] * len(texts)
+    served = [torch.zeros(0, dtype=torch.long) for _ in texts]
     with eval_mode(model):
         for b in tqdm(range(0, len(windows), batch_windows), desc=desc, disable=desc is None, unit="batch"):
             batch = windows[b:b + batch_windows]
@@ -103,23 +115,30 @@ def route_records(model: GPT, texts: list[str], batch_windows: int = 16,
                 tokens = slice(row * width, row * width + min(len(w), T))  # routing is per flattened (B·width) token
                 parts[i].append([None if r is None else Routing(*(t[tokens] for t in r)) for r in out.routing])
                 nll[i] += float(F.cross_entropy(out.logits[row, :len(w) - 1], w[1:].to(device), reduction="sum"))
-    return [(n, [None if layer[0] is None else Routing(*(torch.cat(p) for p in zip(*layer))) for layer in zip(*per_window)],
-             loss / max(n - 1, 1) / math.log(2)) for n, per_window, loss in zip(sizes, parts, nll)]
+                served[i] = torch.cat([served[i], out.path[row, :min(len(w), T)].cpu()])
+    return [Routed(n, [None if layer[0] is None else Routing(*(torch.cat(p) for p in zip(*layer))) for layer in zip(*per_window)],
+                   loss / max(n - 1, 1) / math.log(2), int(path.bincount().argmax()))
+            for n, per_window, loss, path in zip(sizes, parts, nll, served)]
 
 
 def make_rows(model: GPT, texts: list[str], source: str, first_seq: int, desc: str | None = None) -> list[dict]:
     """Smart Sampler rows (see the schema above) for ``texts`` routed through ``model``, the first
     as the ``first_seq``-th record of its log."""
-    return [{"record_id": record_id(text), "source": source, "seq": first_seq + i, "text": text,
-             "n_tokens": n_tokens, **summarize(routing, model.n_experts), "bpb": bpb}
-            for i, (text, (n_tokens, routing, bpb)) in enumerate(zip(texts, route_records(model, texts, desc=desc)))]
+    return [make_row(text, routed, model.n_experts, source, first_seq + i)
+            for i, (text, routed) in enumerate(zip(texts, route_records(model, texts, desc=desc)))]
 
 
-def write_rows(path: str | Path, rows: list[dict]) -> None:
-    """Write rows atomically as one Parquet file with the Smart Sampler schema."""
+def make_row(text: str, routed: Routed, n_experts: list[int], source: str, seq: int) -> dict:
+    """The Smart Sampler row of one routed record."""
+    return {"record_id": record_id(text), "source": source, "seq": seq, "text": text, "n_tokens": routed.n_tokens,
+            **summarize(routed.routing, n_experts), "bpb": routed.bpb}
+
+
+def write_rows(path: str | Path, rows: list[dict], schema: pa.Schema = SCHEMA) -> None:
+    """Write rows atomically as one Parquet file with the Smart Sampler schema (or ``schema``)."""
     rows = [{**r, "expert_counts": [list(c.items()) for c in r["expert_counts"]]} for r in rows]
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
 
 
 def existing_ids(buffer_dir: str | Path) -> set[str]:
@@ -198,3 +217,92 @@ class SmartSampler:
 
     def __exit__(self, *exc) -> None:
         self.flush()
+
+
+# The served log: the Smart Sampler's columns plus the server's own request log (wall-clock time).
+SERVED_SCHEMA = pa.schema([*SCHEMA, ("request_id", pa.string()), ("kind", pa.string()),
+                           ("received_at", pa.timestamp("ms", tz="UTC"))])
+SERVED_GLOB = "served-*.parquet"
+
+
+class ServedLog:
+    """The Smart Sampler of a server: rows of served requests (:data:`SERVED_SCHEMA`), one per request
+    row, written by a background thread to ``<dir>/served-<start>-<pid>-<n>.parquet`` (atomically,
+    ``flush_every`` rows a file, or fewer after ``flush_seconds``).
+
+    :meth:`add` never blocks on the disk and never raises: rows that cannot be kept — the log at
+    ``max_bytes``, a writer more than ``4 * flush_every`` rows behind, an unwritable folder — are counted
+    in :meth:`stats` and warned about, and the request is served all the same. A killed server loses
+    the rows not yet written: at most ``flush_every`` plus the file being written.
+    """
+
+    def __init__(self, log_dir: str | Path, flush_every: int = 64, flush_seconds: float = 5.0,
+                 max_bytes: int = 1 << 30):
+        self.dir, self.flush_every, self.flush_seconds, self.max_bytes = Path(log_dir), flush_every, flush_seconds, max_bytes
+        self.prefix = f"served-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        self.counts = {"logged": 0, "files": 0, "dropped_full": 0, "dropped_behind": 0, "failed": 0}
+        self.pending: list[dict] = []
+        self.oldest = 0.0  # monotonic time the first pending row arrived
+        self.closed = False
+        self.cond = threading.Condition()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.size = sum(p.stat().st_size for p in self.dir.glob(SERVED_GLOB))
+            self.seq = sum(pq.ParquetFile(p).metadata.num_rows for p in self.dir.glob(SERVED_GLOB))
+        except OSError as e:
+            logging.warning("served log %s unusable (%s): requests are served but not logged", self.dir, e)
+            self.size, self.seq = max_bytes, 0
+        self.writer = threading.Thread(target=self._write_loop, name="served-log", daemon=True)
+        self.writer.start()
+
+    def add(self, rows: list[dict]) -> None:
+        with self.cond:
+            if self.size >= self.max_bytes:
+                self._drop("dropped_full", rows, f"served log {self.dir} reached max_log_bytes")
+            elif len(self.pending) + len(rows) > 4 * self.flush_every:
+                self._drop("dropped_behind", rows, f"served log {self.dir}: the writer is behind")
+            else:
+                self.oldest = self.oldest if self.pending else time.monotonic()
+                for row in rows:
+                    self.pending.append({**row, "seq": self.seq})
+                    self.seq += 1
+                self.cond.notify()
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {**self.counts, "pending": len(self.pending), "dir": str(self.dir)}
+
+    def close(self) -> None:
+        """Write what is pending and stop the writer."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.writer.join()
+
+    def _drop(self, reason: str, rows: list[dict], why: str) -> None:
+        if self.counts[reason] == 0:
+            logging.warning("%s: dropping records (counted in stats)", why)
+        self.counts[reason] += len(rows)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.closed or len(self.pending) >= self.flush_every
+                           or (self.pending and time.monotonic() - self.oldest >= self.flush_seconds)):
+                    self.cond.wait(self.flush_seconds if self.pending else None)
+                batch, self.pending = self.pending[:self.flush_every], self.pending[self.flush_every:]
+                self.oldest = time.monotonic() if self.pending else 0.0
+                if not batch and self.closed:
+                    return
+            path = self.dir / f"{self.prefix}-{self.counts['files']:06d}.parquet"
+            try:
+                write_rows(path, batch, SERVED_SCHEMA)
+                size = path.stat().st_size
+            except Exception as e:  # a full or vanished disk must not take the server down
+                with self.cond:
+                    self._drop("failed", batch, f"served log {path}: {e}")
+                continue
+            with self.cond:
+                self.size += size
+                self.counts["files"] += 1
+                self.counts["logged"] += len(batch)

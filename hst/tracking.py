@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -238,16 +239,26 @@ def log_cycle(uri: str, experiment: str, variant: str, key: str, params: dict,
 
 
 def register_cycle(uri: str, registered_model: str, run_id: str, cycle: str, checkpoint: Path, champion: Path,
-                   gate: dict) -> dict:
-    """Log ``checkpoint`` (the cycle's final one) to the cycle's run ``run_id`` and mirror the gate in the
-    registry: ``champion`` is the champion file after the gate, ``gate["champion"]`` its cycle.
-    Returns the registered version of this cycle and the version ``champion`` points to."""
+                   gate: dict, package: Callable[[Path, Path], None]) -> dict:
+    """Log ``checkpoint`` (the cycle's final one) to the cycle's run ``run_id`` as an MLflow model and
+    mirror the gate in the registry: ``champion`` is the champion file after the gate, ``gate["champion"]``
+    its cycle. ``package(checkpoint, folder)`` writes the model folder serving a checkpoint
+    (:func:`hst.serving.save_model`). Returns the registered version of this cycle and the version
+    ``champion`` points to."""
     check_store(uri)
     with _one_line_errors(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.log_artifact(run_id, str(checkpoint), "checkpoint")
-        version, champion_version = _mirror_gate(client, registered_model, run_id, cycle, checkpoint, champion, gate)
+        _log_model(client, run_id, checkpoint, "model", package)
+        version, champion_version = _mirror_gate(client, registered_model, run_id, cycle, checkpoint, champion,
+                                                 gate, package)
         return {"registered_model": registered_model, "version": version, "champion_version": champion_version}
+
+
+def _log_model(client: MlflowClient, run_id: str, checkpoint: Path, artifact_path: str,
+               package: Callable[[Path, Path], None]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        package(checkpoint, Path(tmp) / artifact_path)
+        client.log_artifacts(run_id, str(Path(tmp) / artifact_path), artifact_path)
 
 
 @contextmanager
@@ -260,11 +271,11 @@ def _one_line_errors(uri: str):
 
 
 def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, checkpoint: Path,
-                 champion: Path, gate: dict) -> tuple[str, str]:
+                 champion: Path, gate: dict, package: Callable[[Path, Path], None]) -> tuple[str, str]:
     """Register this cycle's checkpoint; point ``champion`` at the version equal to the champion file.
 
-    A version's source is an artifact folder holding just that checkpoint, so
-    ``mlflow.artifacts.download_artifacts("models:/<name>@champion")`` fetches it.
+    A version's source is the MLflow model serving that checkpoint, so ``mlflow models serve -m
+    models:/<name>@champion`` serves the champion (its ``artifacts/`` folder holds the checkpoint).
 
     A passing cycle's checkpoint *is* the champion file, so the alias moves to it; a failing one
     leaves the alias on the previous champion's version. Only when the registry has no version of
@@ -276,7 +287,7 @@ def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, check
         client.create_registered_model(name)
     run = client.get_run(run_id)
     version = client.create_model_version(
-        name, f"{run.info.artifact_uri}/checkpoint", run_id,
+        name, f"{run.info.artifact_uri}/model", run_id,
         tags={"cycle": cycle, "md5": md5(checkpoint), "gate": "passed" if gate["passed"] else "failed"}).version
     target = md5(champion)
     try:
@@ -289,7 +300,7 @@ def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, check
     elif matches:
         champ = max(matches, key=lambda v: int(v.version)).version
     else:
-        client.log_artifact(run_id, str(champion), "champion")
+        _log_model(client, run_id, champion, "champion", package)
         champ = client.create_model_version(
             name, f"{run.info.artifact_uri}/champion", run_id,
             tags={"cycle": gate["champion"], "md5": target, "gate": "champion before tracking"}).version

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import subprocess
 import sys
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from hst import tracking
-from hst.config import CycleConfig, ModelConfig, TrackingConfig, build, load_params, read_params
+from hst import serving, tracking
+from hst.config import CycleConfig, ModelConfig, ServeConfig, TrackingConfig, build, load_params, read_params
 from hst.io import read_json, write_json
 from stages.common import run
 
@@ -42,6 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tracking_sec, model_sec, cycle_sec, cycles = load_params(args.params, "tracking", "model", "cycle", "cycles")
+    serve_cfg = build(ServeConfig, read_params(args.params).get("serve"), "params.yaml:serve")
     variant = os.environ.get("DVC_EXP_NAME") or (f"{build(ModelConfig, model_sec, 'params.yaml:model').ffn}-"
                                                  f"{build(CycleConfig, cycle_sec, 'params.yaml:cycle').mode}")
     names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(variant)
@@ -58,8 +60,10 @@ def main() -> None:
         [p for p in [*sorted(plots.glob("*.png")), Path(args.eval), Path(args.gate), *sorted(mdir.glob("*.json"))]
          if p.is_file() and p.name != Path(args.out).name],
         {"mlflow.source.git.commit": _git_commit(), **_dvc_hashes(Path(args.lock), args.cycle)})
+    package = functools.partial(serving.save_model, cfg=serve_cfg, registered_model=names.registered_model,
+                                tracking_uri=uri)
     result |= tracking.register_cycle(uri, names.registered_model, result["run_id"], args.cycle,
-                                      Path(args.checkpoint), Path(args.champion), gate)
+                                      Path(args.checkpoint), Path(args.champion), gate, package)
     for alarm in gate["alarms"]:
         print(f"warning: cycle {args.cycle}: {alarm}", file=sys.stderr)
     write_json(args.out, {**result, "cycle": args.cycle, "gate": gate})

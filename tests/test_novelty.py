@@ -57,7 +57,7 @@ def test_surprise_flags_a_novel_distribution_and_not_held_in_records(tiny_cfg):
                               precision="fp32"), {"en": encode(english[:20])}, {})
     greek = [" ".join(rng.choice("η γάτα κάθισε στο χαλί και ο σκύλος έτρεξε".split()) for _ in range(30))
              for _ in range(40)]
-    score = lambda texts: [bpb for _, _, bpb in sampler.route_records(model, texts)]  # noqa: E731
+    score = lambda texts: [r.bpb for r in sampler.route_records(model, texts)]  # noqa: E731
     limit = novelty.threshold(score(english[20:40]), 0.99)  # held-in reference (the index's role)
     held_in, novel = score(english[40:]), score(greek)
     assert novelty.auroc(held_in, novel) == 1.0

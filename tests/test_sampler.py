@@ -28,7 +28,8 @@ def test_summarize_counts_slots_and_breaks_ties_low():
 def test_route_records_covers_every_byte_in_windows(tiny_cfg):
     model = GPT(tiny_cfg)
     text = "x" * 70 + "ü"  # 72 bytes: windows of 32, 32, 8
-    ((n, routing_, bpb),) = sampler.route_records(model, [text])
+    ((n, routing_, bpb, path),) = sampler.route_records(model, [text])
+    assert path == 0
     assert n == 72 and [r.expert_ids.shape for r in routing_] == [(72, 2), (72, 2)]
     tokens = torch.tensor(list(text.encode()))
     with torch.no_grad():
@@ -46,7 +47,7 @@ def test_batched_routing_equals_one_window_at_a_time(tiny_cfg):
     model = GPT(tiny_cfg)
     texts = ["a" * 5, "b" * 70, "x" * 33, "ü" * 20]  # windows of 5; 32, 32, 6; 32, 1; 32, 8 bytes
     alone, batched = (sampler.route_records(model, texts, batch_windows=b) for b in (1, 3))
-    for (n1, r1, b1), (n2, r2, b2) in zip(alone, batched):
+    for (n1, r1, b1, _), (n2, r2, b2, _) in zip(alone, batched):
         assert n1 == n2 and b1 == pytest.approx(b2, rel=1e-5)
         assert all(torch.equal(x.expert_ids, y.expert_ids) and torch.allclose(x.max_sim, y.max_sim, atol=1e-5)
                    for x, y in zip(r1, r2))
