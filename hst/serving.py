@@ -32,13 +32,19 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
 import math
 import numbers
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -238,3 +244,54 @@ def save_model(checkpoint_path: Path, out: Path, cfg: ServeConfig, registered_mo
                       "tracking_uri": tracking_uri},
         # Served with --env-manager local from the project's environment; these say what it needs.
         pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "pyarrow", "pandas"])
+
+
+def start_server(model_uri: str, cwd: str | Path, env: dict, port: int = 0, timeout: float = 120.0
+                 ) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow models serve -m model_uri --env-manager local`` on 127.0.0.1 (``port``; 0: a free
+    one) in its own process group; return the process and its URL once it answers ``/ping``."""
+    if port == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=1):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited: {proc.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.3)
+    stop_server(proc, signal.SIGKILL)
+    raise TimeoutError(f"mlflow models serve did not answer {url}/ping within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Signal the server's process group (the `mlflow` command and the uvicorn process it starts) and
+    wait until all of it has exited."""
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the server's process group {proc.pid} did not exit")
+
+
+def invoke(url: str, body: list[dict] | bytes, timeout: float = 120.0) -> tuple[int, dict]:
+    """POST rows (or raw bytes) to a server's ``/invocations``: (HTTP status, parsed JSON answer)."""
+    data = body if isinstance(body, bytes) else json.dumps({"dataframe_records": body}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")

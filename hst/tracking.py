@@ -163,14 +163,22 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> No
         client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
 
 
+# MLflow 3's UI opens an experiment of no declared kind on its GenAI traces page; this kind opens the
+# runs table and charts ("Model training").
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp:
+        if not set(EXPERIMENT_KIND) <= set(exp.tags):  # made by an earlier version, or by hand
+            for k, v in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     # MLflow puts a SQLite store's artifacts under the *current* folder's mlruns/; a temporary
     # experiment copy would take them away with it, so they go next to the store instead.
     db = sqlite_path(uri)
-    return client.create_experiment(name, None if db is None else str(db.parent / "mlruns"))
+    return client.create_experiment(name, None if db is None else str(db.parent / "mlruns"), tags=EXPERIMENT_KIND)
 
 
 def sequence_run(client: MlflowClient, experiment_id: str, variant: str, key: str, params: dict,
@@ -234,6 +242,9 @@ def log_cycle(uri: str, experiment: str, variant: str, key: str, params: dict,
         for path in artifacts:
             client.log_artifact(run_id, str(path), "evaluation")
         client.set_terminated(run_id)
+        # The parent is FINISHED after each cycle (a later cycle still logs to it): a sequence has no
+        # end MLflow could know of, and a parent left RUNNING read as a run that never ended.
+        client.set_terminated(parent)
         return {"experiment": experiment, "experiment_id": exp_id, "variant": variant, "parent_run_id": parent,
                 "run_id": run_id}
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,49 @@ def test_concurrent_inbox_runs_claim_each_file_once(tmp_path, monkeypatch):
     claimed = sorted(p.name for p in (box / "processed/inbox1").iterdir())
     assert claimed == sorted(texts) and not list(box.glob("*.txt"))  # all claimed, once, none lost
     assert {p.read_text() for p in (box / "processed/inbox1").iterdir()} == set(texts.values())
+
+
+@pytest.mark.slow
+def test_served_traffic_becomes_a_cycle_whose_champion_the_running_server_then_serves(tmp_path, monkeypatch):
+    """serve -> requests -> the inbox flow harvests the served log -> a cycle learns it and passes its
+    gate -> the same server process answers with the new champion (it follows the registry's alias)."""
+    from flows.inbox import inbox_flow
+    from hst.tracking import md5
+    from hst import serving
+
+    proj = tiny_project(tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["cycles"] = {"c1": {"domain": "kjv", "prev": "pretrain"}}
+    params["flow"] |= {"min_inbox_bytes": 5000}
+    params["serve"] = {"log_dir": "data/served", "flush_every": 8, "flush_seconds": 0.5, "reload_seconds": 1.0}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    assert cl.continual_learning(str(proj), return_state=True).is_completed()
+    env = {**dvc_env(proj), "MLFLOW_TRACKING_URI": uri}
+    env.pop("HST_SERVE_LOG_DIR", None)  # the log goes where params.yaml:serve.log_dir says
+    proc, url = serving.start_server("models:/tiny@champion", proj, env)
+    try:
+        asked = [f"Served question {i}: " + "wie geht es dir heute, mein Freund? " * 8 for i in range(40)]
+        for text in asked:
+            status, body = serving.invoke(url, [{"text": text}])
+            assert status == 200 and body["predictions"][0]["model"] == md5(proj / "models/c1.champion.pt")
+        time.sleep(2)  # the log's last batch is written after flush_seconds
+        state = inbox_flow(str(proj), return_state=True)
+        assert state.is_completed(), state.message
+        cycles = yaml.safe_load((proj / "params.yaml").read_text())["cycles"]
+        assert list(cycles) == ["c1", "c2_inbox1"]
+        corpus = (proj / "data/corpus/inbox/inbox1.txt").read_text()
+        assert all(text in corpus for text in asked) and not list((proj / "data/served").glob("served-*.parquet"))
+        assert json.loads((proj / "metrics/gate/c2_inbox1.json").read_text())["passed"]
+        new = md5(proj / "models/c2_inbox1.champion.pt")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status, body = serving.invoke(url, [{"text": "and now?"}])
+            if body["predictions"][0]["model"] == new:
+                break
+            time.sleep(0.5)
+        assert body["predictions"][0]["model"] == new
+    finally:
+        serving.stop_server(proc)

@@ -1,18 +1,12 @@
 """Serving: request checks, answers equal to the model's own, the served log, following the champion,
 and the real `mlflow models serve` process over HTTP."""
 
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -85,10 +79,8 @@ def test_answers_equal_the_models_own_and_every_row_is_logged_once(ckpt, tmp_pat
     assert table["bpb"][0].as_py() == pytest.approx(routed.bpb)
 
 
-def pa_table(log_dir: Path):
-    files = sorted(log_dir.glob(sampler.SERVED_GLOB))
-    import pyarrow as pa
-    return pa.concat_tables([pq.read_table(f) for f in files])
+def pa_table(log_dir: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in sorted(log_dir.glob(sampler.SERVED_GLOB))])
 
 
 def test_the_log_writes_in_batches_and_after_a_while_and_never_raises(tmp_path):
@@ -137,58 +129,6 @@ REPORT = {"bpb": {}, "forgetting": {}, "avg_forgetting": 0.0, "worst_forgetting"
           "backward_transfer": 0.0, "forward_transfer": 0.0, "experts_per_layer": [4, 4]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_uri: str, cwd: Path, env: dict) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` on a free port of 127.0.0.1, in its own process group; once it answers /ping."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=1):
-                return proc, url
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.3)
-    raise TimeoutError("mlflow models serve did not answer /ping")
-
-
-def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Signal the server's whole group (the `mlflow` command and the uvicorn process it starts) and wait
-    until every process of it is gone."""
-    os.killpg(proc.pid, sig)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    raise TimeoutError("the server's processes did not exit")
-
-
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def records(rows: list[dict]) -> bytes:
-    return json.dumps({"dataframe_records": rows}).encode()
-
-
 def test_mlflow_models_serve_answers_refuses_bad_requests_and_logs_exactly_the_good_ones(ckpt, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     gate = {"passed": True, "reasons": [], "alarms": [], "champion": "c1"}
@@ -197,24 +137,24 @@ def test_mlflow_models_serve_answers_refuses_bad_requests_and_logs_exactly_the_g
                             lambda c, out: serving.save_model(c, out, ServeConfig(), "tiny", uri))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HST_SERVE_LOG_DIR": str(tmp_path / "served"),
            "OMP_NUM_THREADS": "1"}
-    proc, url = start_server("models:/tiny@champion", tmp_path, env)
+    proc, url = serving.start_server("models:/tiny@champion", tmp_path, env)
     try:
-        status, body = post(url, records([{"text": "hello served world"}]))
+        status, body = serving.invoke(url, [{"text": "hello served world"}])
         assert status == 200 and body["predictions"][0]["n_bytes"] == 18
         assert body["predictions"][0]["model"] == tracking.md5(ckpt)
-        status, body = post(url, records([{"prompt": "to be", "max_new_bytes": 5, "temperature": 0.5, "seed": 3}]))
+        status, body = serving.invoke(url, [{"prompt": "to be", "max_new_bytes": 5, "temperature": 0.5, "seed": 3}])
         assert status == 200 and body["predictions"][0]["n_bytes"] == 5
         for bad, message in [(b'{"dataframe_records": [{"text": ', ""),
-                             (records([{"txt": "a"}]), "unknown column(s) ['txt']"),
-                             (records([{"prompt": "a", "temperature": -1}]), "row 0: temperature"),
-                             (records([{"text": ""}]), "row 0: text: expected non-empty text"),
+                             ([{"txt": "a"}], "unknown column(s) ['txt']"),
+                             ([{"prompt": "a", "temperature": -1}], "row 0: temperature"),
+                             ([{"text": ""}], "row 0: text: expected non-empty text"),
                              (b'{"dataframe_records": [{"text": "\xff\xfe"}]}', "")]:
-            status, body = post(url, bad)
+            status, body = serving.invoke(url, bad)
             assert 400 <= status < 500, (bad, status, body)
             assert message in body.get("message", "") and ("\n" not in body["message"] or not message)
-        status, _ = post(url, records([{"text": "still up"}]))
+        status, _ = serving.invoke(url, [{"text": "still up"}])
         assert status == 200
     finally:
-        stop_server(proc)  # SIGTERM: the server writes what is pending before it exits
+        serving.stop_server(proc)  # SIGTERM: the server writes what is pending before it exits
     table = pa_table(tmp_path / "served")
     assert table["text"].to_pylist() == ["hello served world", "to be", "still up"]

@@ -13,7 +13,8 @@ import yaml
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-from hst import runs, tracking  # noqa: E402
+from hst import runs, serving, tracking  # noqa: E402
+from hst.config import ServeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = {"bpb": {"python": 2.0, "kjv": 1.5}, "forgetting": {"python": 0.01}, "avg_forgetting": 0.01,
@@ -55,7 +56,11 @@ def _log(tmp: Path, uri: str, cycle: str, index: int, passed: bool, checkpoint: 
                              {"consolidate": [{"step": 1, "train_bpb": 3.0, "coreset": "L0_E1"}]},
                              [], {"mlflow.source.git.commit": "abc"})
     return out | tracking.register_cycle(uri, f"hst-{variant}", out["run_id"], cycle, tmp / f"{cycle}.pt",
-                                         tmp / f"{cycle}.champion.pt", _gate(cycle, passed))
+                                         tmp / f"{cycle}.champion.pt", _gate(cycle, passed), PACKAGE)
+
+
+def PACKAGE(checkpoint: Path, out: Path) -> None:
+    serving.save_model(checkpoint, out, ServeConfig())
 
 
 def test_cycles_are_child_runs_with_metrics_at_their_step_and_a_failed_gate_keeps_the_champion(tmp_path, uri):
@@ -74,19 +79,24 @@ def test_cycles_are_child_runs_with_metrics_at_their_step_and_a_failed_gate_keep
     assert [m.step for m in client.get_metric_history(first["parent_run_id"], "absorption")] == [1, 2]
     parent = client.get_run(first["parent_run_id"])
     assert parent.data.params["model.ffn"] == "key" and "pretrain.train.train_bpb" in parent.data.metrics
+    assert parent.info.status == "FINISHED"  # after every cycle, not RUNNING forever
+    # The UI opens the experiment on its runs and charts, not on the GenAI traces page.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     # Both checkpoints are versions; the alias stayed on c1's when c2 failed its gate.
     versions = {v.version: v.tags["cycle"] for v in client.search_model_versions("name = 'hst-key-experts'")}
     assert sorted(versions.values()) == ["c1", "c2"]
     champion = client.get_model_version_by_alias("hst-key-experts", "champion")
     assert str(champion.version) == first["version"] == second["champion_version"] and champion.tags["cycle"] == "c1"
-    assert (Path(champion.source) / "c1.pt").read_bytes() == b"model one"
+    # The version is an MLflow model (what `mlflow models serve` loads) holding the checkpoint.
+    assert (Path(champion.source) / "MLmodel").is_file()
+    assert (Path(champion.source) / "artifacts/c1.pt").read_bytes() == b"model one"
 
 
 def test_first_tracked_cycle_failing_registers_the_champion_it_started_from(tmp_path, uri):
     out = _log(tmp_path, uri, "c2", 2, False, b"model two", b"model one")
     champion = MlflowClient(uri, uri).get_model_version_by_alias("hst-key-experts", "champion")
     assert str(champion.version) == out["champion_version"] != out["version"]
-    assert (Path(champion.source) / "c2.champion.pt").read_bytes() == b"model one"
+    assert (Path(champion.source) / "artifacts/c2.champion.pt").read_bytes() == b"model one"
 
 
 def test_variants_share_one_experiment_each_a_parent_run_drawing_a_line_across_cycles(tmp_path, uri):
@@ -180,7 +190,7 @@ def test_a_temporary_dvc_experiment_logs_into_the_original_project_as_its_own_va
     assert Path(exp.artifact_location).is_relative_to(proj / "mlruns")
     for name in ("hst-dense-x", "hst-key-grow"):
         version = client.get_model_version_by_alias(name, "champion")
-        assert (Path(version.source) / "c1.pt").read_bytes() == b"model"
+        assert (Path(version.source) / "artifacts/c1.pt").read_bytes() == b"model"
 
 
 def test_a_server_that_answers_health_but_hangs_ends_the_logging_in_one_line(tmp_path, monkeypatch):
