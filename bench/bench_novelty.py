@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-from pathlib import Path
 
 import torch
-import yaml
 
 from hst import checkpoint, data, novelty, sampler
-from hst.config import GrowConfig, build
+from hst.config import GrowConfig, build, read_params
 from hst.io import write_text
 
 
@@ -62,7 +60,7 @@ def main() -> None:
     ap.add_argument("--mix", type=float, default=0.75, help="share of new records once the new domain starts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params)
     cfg = build(GrowConfig, params["grow"], "params.yaml:grow")
     lines = ["| cycle (new domain) | AUROC surprise | AUROC raw cosine, layers 0–3 | threshold (BPB) | held-in val above | new above | false expert creation | records until detection (median, max) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

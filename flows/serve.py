@@ -8,7 +8,7 @@
     python -m flows.serve [--project DIR]
 
 Needs a Prefect API to register with: ``prefect server start --host 127.0.0.1`` and
-``PREFECT_API_URL=http://127.0.0.1:4200/api`` (README). ``prefect deployment run
+``PREFECT_API_URL=http://127.0.0.1:4200/api`` (docs/orchestration.md). ``prefect deployment run
 continual_learning/scheduled`` triggers a run now.
 """
 

@@ -52,17 +52,24 @@ def read_params(path: str | Path) -> dict:
     """The whole params file at ``path`` (the caller names it) as a mapping of sections."""
     path = Path(path)
     try:
-        params = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    return parse_params(text, str(path))
+
+
+def parse_params(text: str, where: str) -> dict:
+    """Params text (from a file or a git ref named by ``where``) as a mapping of sections."""
+    try:
+        params = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raise ConfigError(f"{where}: expected a mapping of sections at the top level")
     return params
 
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
 
 from hst.io import replace_section
 from hst.runs import OPEN_GATE, REPLAY_POOL, export, inference_cost, model_of, pct, read_metrics, run_experiments
+from hst.config import read_params
 
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
@@ -71,7 +71,7 @@ def main() -> None:
         if args.run or args.export:
             export(name, run_dir)
         variants.append((label, str(run_dir)))
-    cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
+    cycles = list(read_params(args.params)["cycles"])
     lines = ["| variant | BPB after the last cycle (mean, all domains) | avg forgetting (mean of cycles) | worst forgetting | absorption (mean BPB) "
              "| routing stability | active MFLOPs per token | parameters | experts per layer |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -18,10 +18,9 @@ import argparse
 import time
 from pathlib import Path
 
-import yaml
 
 from hst import checkpoint, coreset, data, evaluation, sampler
-from hst.config import CycleConfig, TrainConfig
+from hst.config import CycleConfig, TrainConfig, read_params
 from hst.consolidate import consolidate_experts, consolidate_parallel
 
 
@@ -31,7 +30,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["bottom-up", "top-down", "joint", "parallel"],
                     choices=["bottom-up", "top-down", "joint", "parallel"])
     args = ap.parse_args()
-    params = yaml.safe_load(Path("params.yaml").read_text())
+    params = read_params("params.yaml")
     item = params["cycles"][args.cycle]
     tcfg, ccfg = TrainConfig(**params["consolidate"]), CycleConfig(**params["cycle"])
     root = Path("cycles") / args.cycle

@@ -21,9 +21,9 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
 from hst.io import replace_section
 from hst.runs import export, pct
+from hst.config import read_params
 
 
 def load(path: Path) -> dict | None:
@@ -85,7 +85,7 @@ def main() -> None:
     for label, root in variants:
         if not root.is_dir():
             raise SystemExit(f"error: {root}: metrics directory of variant {label!r} not found")
-    cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
+    cycles = list(read_params(args.params)["cycles"])
     replace_section(args.out, "density", tables(variants, cycles))
 
 

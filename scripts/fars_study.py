@@ -29,10 +29,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from hst import data, metrics  # noqa: E402
-from hst.config import ModelConfig, TrainConfig, build  # noqa: E402
+from hst.config import ModelConfig, TrainConfig, build, read_params  # noqa: E402
 from hst.io import replace_section, write_json  # noqa: E402
 from hst.model import GPT  # noqa: E402
 from hst.train import evaluate, train  # noqa: E402
@@ -140,7 +139,7 @@ def main() -> None:
     ap.add_argument("--plot", default="docs/fars_study.png")
     args = ap.parse_args()
 
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params)
     domains = data.prepared_domains(args.prepared)
     runs, curves = [], {}
     grid = variants(args.fars_lambda, args.consistency_lambda, args.floor, args.sweep)

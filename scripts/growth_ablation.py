@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
-import yaml
 
 from hst import checkpoint, coreset, data, evaluation, grow, sampler
-from hst.config import GrowConfig, TrainConfig, build
+from hst.config import GrowConfig, TrainConfig, build, read_params
 from hst.consolidate import consolidate_experts
 
 
@@ -32,7 +30,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True)
     ap.add_argument("--windows", type=int, default=32)
     args = ap.parse_args()
-    params = yaml.safe_load(Path("params.yaml").read_text())
+    params = read_params("params.yaml")
     gcfg = build(GrowConfig, params["grow"], "params.yaml:grow")
     tcfg = build(TrainConfig, params["consolidate"], "params.yaml:consolidate")
     domain, prev = params["cycles"][args.cycle]["domain"], params["cycles"][args.cycle]["prev"]

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pyarrow as pa
-import yaml
 
 from hst import checkpoint, data, novelty, sampler
-from hst.config import GrowConfig, build
+from hst.config import GrowConfig, build, read_params
 from hst.consolidate import ffn_inputs
 from hst.io import write_json
 from hst.router import gate_open
@@ -51,7 +49,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", help="gate MLP widths (0: linear); default grow.gate_hidden")
     ap.add_argument("--out", required=True, help="JSON report")
     args = ap.parse_args()
-    params = yaml.safe_load(Path("params.yaml").read_text())
+    params = read_params("params.yaml")
     cfg = build(GrowConfig, params["grow"], "params.yaml:grow")
     report = {}
     for cycle, item in params["cycles"].items():

@@ -38,8 +38,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 
+from hst.config import parse_params, read_params  # noqa: E402
 from hst.io import atomic_path, replace_section  # noqa: E402
 from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model_of, pct, read_metrics,  # noqa: E402
                       read_text, run_experiments)
@@ -96,7 +96,7 @@ def run_dir(runs: Path, name: str) -> Path:
 
 def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
     """One point's numbers (see the module docstring) from its exported params and metrics."""
-    params = yaml.safe_load(read_text(source, "params.yaml"))
+    params = parse_params(read_text(source, "params.yaml"), f"{source}:params.yaml")
     reports = [read_metrics(source, f"metrics/eval/{c}.json") for c in cycles]
     dense = [read_metrics(reference, f"metrics/eval/{c}.json")["absorption"] for c in cycles] if reference else None
     steps = params["grow"]["steps"] if params["cycle"]["mode"] == "grow" else params["consolidate"]["steps"]
@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--section", default="pareto", help="the table goes between <!-- SECTION:start/end --> of --out")
     ap.add_argument("--figure", default="docs/pareto.png")
     args = ap.parse_args()
-    cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
+    cycles = list(read_params(args.params)["cycles"])
     if args.run:
         todo = [(name, overrides) for label, _, name, overrides in points()
                 if label in args.methods and not run_dir(args.runs, name).is_dir()]

@@ -1,4 +1,4 @@
-"""Regenerate the README's results table from the cycle metrics (`metrics/eval/<cycle>.json`).
+"""Regenerate the results table of `docs/pipeline.md` from the cycle metrics (`metrics/eval/<cycle>.json`).
 
 Each variant is read from the workspace, from a DVC experiment (its git ref under `refs/exps`, where
 `dvc exp run -n NAME` stores the metrics files) or from a directory that `compare_table.py --export`
@@ -7,7 +7,7 @@ filled from one (committed, so the table rebuilds in a fresh clone; see ``hst.ru
     python -m scripts.results_table --variant "HST=workspace" \
         --variant "dense finetune=docs/runs/dense_finetune" --variant "dense + replay=exp:dense-replay"
 
-The table replaces the text between the results markers in README.md; no number is typed by hand.
+The table replaces the text between the results markers in docs/pipeline.md; no number is typed by hand.
 With ``--mlflow`` the same variants go into the MLflow store instead (``$MLFLOW_TRACKING_URI``, else
 the project's ``mlflow.db``), each as a parent run named LABEL with its cycles' metrics at ``step`` =
 cycle, beside any run the `track` stage logged: one chart view compares them, also in a fresh clone
@@ -20,11 +20,11 @@ import argparse
 import os
 from pathlib import Path
 
-import yaml
 
 from hst.io import replace_section
 from hst.runs import inference_cost, pct, read_metrics, track
 from hst.tracking import store_uri
+from hst.config import read_params
 
 
 def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:
@@ -49,8 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", required=True, help="LABEL=workspace, LABEL=exp:NAME or LABEL=DIRECTORY")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--readme", default="README.md")
-    ap.add_argument("--mlflow", action="store_true", help="log the variants into the MLflow store, not the README")
+    ap.add_argument("--doc", default="docs/pipeline.md", help="the Markdown file holding the results markers")
+    ap.add_argument("--mlflow", action="store_true", help="log the variants into the MLflow store, not the table")
     args = ap.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.variant]
     if args.mlflow:
@@ -58,8 +58,8 @@ def main() -> None:
         for label, source in variants:
             print(f"{label}: {', '.join(track(source, label, uri)) or 'already logged'} -> {uri}")
         return
-    cycles = list(yaml.safe_load(Path(args.params).read_text())["cycles"])
-    replace_section(args.readme, "results", table(variants, cycles))
+    cycles = list(read_params(args.params)["cycles"])
+    replace_section(args.doc, "results", table(variants, cycles))
 
 
 if __name__ == "__main__":
