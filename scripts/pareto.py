@@ -73,6 +73,12 @@ METHODS = {
                                            *FIXED_RATE], (1,)),
     "dense + replay": ("dense-replay", "consolidate.steps",
                        ["model.ffn=dense", "cycle.mode=full_replay", *REPLAY_POOL, *OPEN_GATE], (0.5, 1, 2)),
+    # Tuning the baseline (issue 31): its learning rate and its new-data share (1:4 -> 1:1).
+    **{f"dense + replay, {share}lr {lr:g}": (f"dense-replay-{slug}lr{lr:g}", "consolidate.steps",
+                                              ["model.ffn=dense", "cycle.mode=full_replay", *REPLAY_POOL, *OPEN_GATE,
+                                               f"consolidate.lr={lr:g}", *ratio], (1,))
+       for share, slug, ratio in (("", "", []), ("50 % new, ", "new50-", ["cycle.new_old_ratio=0.5"]))
+       for lr in (0.0005, 0.001, 0.002) if share or lr != 0.0005},
     # P's denominator; in the table, not in the figure (it forgets tens of percent).
     "dense finetune": ("dense-finetune", "consolidate.steps", ["model.ffn=dense", "cycle.mode=full", *OPEN_GATE], (1,)),
 }
