@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from hst import checkpoint
-from test_stages import dvc_env, error_line, tiny_project
+from project import dvc_env, error_line, tiny_project
 
 OUTPUT_DIRS = ("data/prepared", "data/learned", "models", "cycles", "metrics", "plots")
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from hst import checkpoint
-from test_stages import dvc_env, prepare, stage, tiny_project
+from project import dvc_env, prepare, stage, tiny_project
 
 def pretrain_args(out: str) -> list[str]:
     return ["--prepared", "data/prepared", "--checkpoint", f"{out}/pretrain.pt", "--metrics", f"{out}/pretrain.json",

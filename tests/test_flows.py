@@ -19,7 +19,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows import continual_learning as cl  # noqa: E402
 from hst.config import FlowConfig  # noqa: E402
-from test_stages import dvc_env, tiny_project  # noqa: E402
+from project import dvc_env, tiny_project  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
