@@ -1,7 +1,6 @@
 """The screenshot ``docs/mlflow_compare.png``: MLflow's chart view of every variant across the cycles.
 
-    python -m scripts.results_table --mlflow --variant "HST=workspace" \\
-        --variant "dense finetune=docs/runs/pareto_2threads/dense_finetune_1x" \\
+    python -m scripts.results_table --mlflow --variant "dense finetune=docs/runs/pareto_2threads/dense_finetune_1x" \\
         --variant "dense + replay=docs/runs/pareto_2threads/dense_replay_1x"     # fill the store
     python -m scripts.mlflow_screenshot                                   # take the screenshot
 
