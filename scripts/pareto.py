@@ -45,6 +45,7 @@ from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model
                       read_text, run_experiments)
 
 BASE_STEPS = 160
+BRANCHES = [f"cycles.{c}.prev=pretrain" for c in ("c2_manpages", "c3_german", "c4_gcide")]
 # Points run before gates tightened to a forgetting budget: their gates keep grow.gate_fpr.
 FIXED_RATE = ["grow.forgetting_budget=0"]
 # label -> (slug, params key holding the cycle's training steps, overrides, budgets as multiples of BASE_STEPS)
@@ -79,6 +80,10 @@ METHODS = {
                                                f"consolidate.lr={lr:g}", *ratio], (1,))
        for share, slug, ratio in (("", "", []), ("50 % new, ", "new50-", ["cycle.new_old_ratio=0.5"]))
        for lr in (0.0005, 0.001, 0.002) if share or lr != 0.0005},
+    # Branch-train-mix's branches (issue 31): every cycle finetunes the dense pretraining on its domain
+    # (not the previous cycle's model); scripts/btm.py mixes the branches (posterior) or picks one (top-1).
+    "dense branches": ("dense-branches", "consolidate.steps",
+                       ["model.ffn=dense", "cycle.mode=full", *OPEN_GATE, *BRANCHES], (1,)),
     # P's denominator; in the table, not in the figure (it forgets tens of percent).
     "dense finetune": ("dense-finetune", "consolidate.steps", ["model.ffn=dense", "cycle.mode=full", *OPEN_GATE], (1,)),
 }
