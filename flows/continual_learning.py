@@ -25,6 +25,8 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +55,41 @@ class StageFailed(RuntimeError):
     """A DVC stage exited with an error; the message names the stage and its last error line."""
 
 
-def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+PROGRESS_EVERY_S = 15.0  # a stage's progress bar reaches the run's log at most this often
+_PROGRESS = re.compile(r"\d+%\|")  # a tqdm line
+
+
+def run_dvc(project: Path, *args: str, log: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
+    """``dvc *args`` in ``project``; with ``log``, every output line is passed to it as it comes (a
+    progress bar's updates at most every :data:`PROGRESS_EVERY_S`, and its last one), so a stage that
+    runs for minutes shows its progress on the run page while it runs."""
     # The stages' `python` is this interpreter, whether or not its environment is activated.
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(project),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", "dvc", *args]
+    if log is None:
+        return subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env)
+    lines, held, last = [], None, 0.0
+    # Text mode reads tqdm's carriage-return updates as lines of their own.
+    with subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            lines.append(line)
+            if _PROGRESS.search(line):
+                if time.monotonic() - last < PROGRESS_EVERY_S:
+                    held = line
+                    continue
+                last = time.monotonic()
+            elif held is not None:
+                log(held)  # where the bar ended
+            held = None
+            log(line)
+        if held is not None:
+            log(held)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "\n".join(lines) + "\n", "")
 
 
 @dataclass(frozen=True)
@@ -100,11 +132,7 @@ def run_stage(project: Path, target: str) -> tuple[list[str], list[str]]:
     """``dvc repro --single-item target``: the names of the stages that ran (none: up to date) and
     of those among them whose outputs changed; StageFailed otherwise."""
     before = out_hashes(project)
-    proc = run_dvc(project, "repro", "--single-item", target)
-    logger = get_run_logger()
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info(line)
+    proc = run_dvc(project, "repro", "--single-item", target, log=get_run_logger().info)
     if proc.returncode != 0:
         raise StageFailed(f"{target}: {error_line(proc.stdout + proc.stderr) or f'exit code {proc.returncode}'}")
     ran, after = re.findall(r"Running stage '([^']+)'", proc.stdout), out_hashes(project)
@@ -238,7 +266,9 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
         {"cycle": r["cycle"], "decision": "promoted" if r["passed"] else "rejected", "champion": r["champion"],
          "reasons": "; ".join(r["reasons"]) or "-", "alarms": "; ".join(r["alarms"]) or "-", "mlflow run": r["run_id"]}
         for r in results])
-    return Completed(message=summary(results), data=results)
+    # A cycle with an alarm names the final state, so the run list shows it without opening the run.
+    alarmed = any(r["alarms"] for r in results)
+    return Completed(message=summary(results), data=results, name="Completed with alarms" if alarmed else "Completed")
 
 
 def expert_runner(cfg: FlowConfig) -> DaskTaskRunner | None:

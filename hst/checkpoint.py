@@ -8,6 +8,7 @@ atomic (temporary file + rename).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,7 +40,12 @@ def save(path: str | Path, model: GPT, meta: dict | None = None) -> None:
         "meta": dict(meta or {}),
     }
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch reports a full disk as "file write failed", never ENOSPC
+            free = shutil.disk_usage(tmp.parent).free
+            raise CheckpointError(f"{path}: could not write the checkpoint ({_reason(e)}); {free / 2**20:.0f} MiB "
+                                  "free on its disk: is it full?") from None
 
 
 def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict]:

@@ -42,6 +42,9 @@ class DataError(HSTError):
 def read_source(path: str | Path) -> list[str]:
     """The documents of a source file: one text for .txt/.txt.gz, one per line/row for .jsonl/.parquet."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a fifo would block the read forever, a device never end
+        raise DataError(f"{path}: not a regular file (a directory, fifo or device); expected a .txt, .txt.gz, "
+                        ".jsonl or .parquet file")
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected a .txt, .txt.gz, .jsonl or .parquet file)")
     name = path.name.lower()

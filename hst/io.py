@@ -10,6 +10,8 @@ write of the same target.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import glob
 import json
 import os
@@ -80,9 +82,32 @@ def atomic_path(path: str | os.PathLike):
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
-    if tmp.is_dir() and path.exists():
+    """Put ``tmp`` at ``path``. A directory replacing a directory is exchanged with it in one step
+    where the kernel can (Linux renameat2), so a kill never leaves ``path`` missing; elsewhere the old
+    one is moved aside first (a kill between the two renames leaves it missing until the next write)."""
+    if tmp.is_dir() and path.is_dir() and not path.is_symlink():
+        if _exchange(tmp, path):
+            return  # the old directory is now at tmp, removed with its temp root
         os.replace(path, tmp.parent / (path.name + ".old"))
     os.replace(tmp, path)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def remove_stale(path: str | os.PathLike) -> list[Path]:

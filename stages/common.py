@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,12 @@ def run(main: Callable[[], None]) -> None:
             main()
     except HSTError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {e.filename or 'an output'}: no space left on its disk ({e.strerror}); "
+              "the previous outputs are unchanged", file=sys.stderr)
         sys.exit(2)
 
 

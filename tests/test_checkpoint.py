@@ -200,3 +200,18 @@ def test_a_checkpoint_whose_growth_gates_were_edited_is_refused_in_one_line(tiny
     torch.save(state, tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match=message):
         checkpoint.load(tmp_path / "edited.pt")
+
+
+def test_a_full_disk_is_one_line_and_the_old_checkpoint_survives(tmp_path, tiny_cfg, monkeypatch):
+    checkpoint.save(tmp_path / "m.pt", GPT(tiny_cfg))
+    before = (tmp_path / "m.pt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save(tmp_path / "m.pt", GPT(tiny_cfg))
+    assert "file write failed" in str(e.value) and "is it full?" in str(e.value) and "\n" not in str(e.value)
+    assert (tmp_path / "m.pt").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]

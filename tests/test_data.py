@@ -1,6 +1,7 @@
 import gzip
 import math
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,3 +106,12 @@ def test_no_record_exceeds_max_record_bytes_however_the_text_is_laid_out():
         assert max(len(r.encode()) for r in records) <= 2048
         assert "".join(records).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
     assert data.cut_records("a b c", 256, 2048) == ["a b c"]  # short text: as before
+
+
+def test_a_domain_source_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "feed.txt"
+    os.mkfifo(fifo)  # reading it would block forever
+    (tmp_path / "dir.txt").mkdir()
+    for path in (fifo, tmp_path / "dir.txt"):
+        with pytest.raises(DataError, match="not a regular file"):
+            data.read_source(path)

@@ -90,6 +90,7 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(par
     (result,) = state.result()
     assert not result["passed"] and result["champion"] == "pretrain"
     assert state.message.startswith("c1: rejected (routing stability") and "ALARM" in state.message
+    assert state.name == "Completed with alarms"  # the run list shows the alarm
     assert (proj / "models/c1.champion.pt").read_bytes() == (proj / "models/pretrain.champion.pt").read_bytes()
     # The run page shows the decision as a table artifact.
     from prefect.client.orchestration import get_client
@@ -99,6 +100,13 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(par
         (artifact,) = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert artifact.key == "gate-decisions" and artifact.type == "table"
+    # A stage's progress bar reaches the run's logs while it runs (pretraining's, here).
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect_client:
+        logs = prefect_client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])), limit=200)
+    assert any("pretrain" in log.message and "%|" in log.message for log in logs)
     assert "rejected" in str(artifact.data) and "routing stability" in str(artifact.data)
 
     client = MlflowClient(uri, uri)

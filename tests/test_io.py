@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,19 @@ def test_read_json_names_the_file_and_what_is_wrong(tmp_path, content, keys, mes
         io.read_json(tmp_path / "r.json", keys)
     with pytest.raises(io.ArtifactError, match="nope.json: not found"):
         io.read_json(tmp_path / "nope.json")
+
+
+def test_a_directory_output_is_exchanged_in_one_step_never_missing(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with io.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("old")
+    moved = []
+    real = os.replace
+    monkeypatch.setattr(io.os, "replace", lambda src, dst: moved.append(Path(src)) or real(src, dst))
+    with io.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "b").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert target not in moved  # never renamed away: there is no moment without it
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the old directory went with the temp root

@@ -224,6 +224,16 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     second = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert second.returncode == 0 and "didn't change" in second.stdout, second.stdout
     assert "Running stage" not in second.stdout
+    # A fresh clone has the lock and metrics but neither the MLflow store nor track's run ids (not in
+    # git): `dvc repro` logs every cycle into the new store, and only the track stages run.
+    assert_store_holds_cycles(proj, ["c1", "c2"])
+    shutil.rmtree(proj / "mlruns")
+    (proj / "mlflow.db").unlink()
+    for c in ("c1", "c2"):
+        (proj / f"metrics/cycles/{c}/mlflow.json").unlink()
+    fresh = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
+    assert set(re.findall(r"Running stage '([^']+)'", fresh.stdout)) == {"track@c1", "track@c2"}, fresh.stdout
+    assert_store_holds_cycles(proj, ["c1", "c2"])
     # Appending a cycle with a new domain runs that domain's prepare and the new cycle's stages only
     # (and the params check, which reads the whole file).
     text = gzip.decompress((ROOT / "data/corpus/manpages.txt.gz").read_bytes())[:60_000]
@@ -259,6 +269,21 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     assert bad.returncode != 0 and "params.yaml:pretrain.lr: expected finite float" in bad.stdout + bad.stderr
     assert (proj / "models/pretrain.pt").read_bytes() == before
     assert (proj / "data/prepared/python/train.parquet").is_file()
+
+
+def assert_store_holds_cycles(proj: Path, cycles: list[str]) -> None:
+    """The project's MLflow store has a FINISHED child run per cycle under a FINISHED parent, and
+    ``champion`` on the last cycle that passed its gate."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{proj}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    children = {r.data.tags["hst.cycle"]: r for r in runs if r.data.tags["hst.role"] == "cycle"}
+    assert sorted(children) == cycles and {r.info.status for r in runs} == {"FINISHED"}
+    passed = [c for c in cycles if json.loads((proj / f"metrics/gate/{c}.json").read_text())["passed"]]
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    assert champion.tags["cycle"] == (passed[-1] if passed else "pretrain")
 
 
 def gate(cwd, params, *args):
@@ -371,3 +396,18 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
         idx = data.encode(["Und es begab sich zu der Zeit, dass ein Gebot von dem Kaiser ausging."])[None, :60].long()
         with final.on_path(0):
             assert torch.equal(final(idx).logits, start(idx).logits)
+
+
+def test_a_full_disk_in_a_stage_is_one_line(capsys):
+    import errno
+
+    from stages.common import run
+
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", "models/pretrain.pt")
+
+    with pytest.raises(SystemExit) as e:
+        run(main)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert err.startswith("error: models/pretrain.pt: no space left on its disk")
