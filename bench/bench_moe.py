@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from hst import experts
-from hst.config import ModelConfig, TrainConfig, build, load_params
+from hst.config import ModelConfig, TrainConfig
+from hst.params import load_section
 from hst.data import encode
 from hst.model import GPT
 from hst.router import SKIPPED
@@ -113,7 +114,7 @@ def main() -> None:
     ap.add_argument("--no-sampler", action="store_true", help="skip part 2")
     ap.add_argument("--out", help="JSON file for the results")
     args = ap.parse_args()
-    base = build(ModelConfig, load_params(args.params, "model")[0], f"{args.params}:model") if args.params else ModelConfig()
+    base = load_section(args.params, "model", ModelConfig) if args.params else ModelConfig()
 
     rates: dict[str, list[float]] = {}
     for _ in range(args.rounds):

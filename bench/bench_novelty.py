@@ -24,7 +24,8 @@ import statistics
 import torch
 
 from hst import checkpoint, data, novelty, sampler
-from hst.config import GrowConfig, build, read_params
+from hst.config import GrowConfig
+from hst.params import load_section, read_params
 from hst.io import write_text
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     params = read_params(args.params)
-    cfg = build(GrowConfig, params["grow"], "params.yaml:grow")
+    cfg = load_section(args.params, "grow", GrowConfig)
     lines = ["| cycle (new domain) | AUROC surprise | AUROC raw cosine, layers 0–3 | threshold (BPB) | held-in val above | new above | false expert creation | records until detection (median, max) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, cycle in params["cycles"].items():

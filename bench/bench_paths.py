@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from hst import data, paths
-from hst.config import ModelConfig, build, load_params
+from hst.config import ModelConfig
+from hst.params import load_section
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
 from hst.router import Gate
@@ -93,8 +94,8 @@ def main() -> None:
     ap.add_argument("--gen-bytes", type=int, default=192)
     ap.add_argument("--out", default="docs/bench/paths.json")
     args = ap.parse_args()
-    model_sec, grow_sec = load_params(args.params, "model", "grow")
-    cfg = build(ModelConfig, model_sec, "params.yaml:model")
+    cfg = load_section(args.params, "model", ModelConfig)
+    grow_sec = load_section(args.params, "grow")
     domains = data.prepared_domains(PREPARED)
     per = -(-args.batch // len(domains))
     idx = torch.cat([eval_windows(data.load_tokens(PREPARED, d, "val"), cfg.seq_len, per)[:, :-1]

@@ -34,8 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hst import data, serving
-from hst.config import ServeConfig, build, read_params
-from hst.sampler import SERVED_GLOB
+from hst.config import ServeConfig
+from hst.params import load_section
+from hst.served_log import SERVED_GLOB
 
 
 def requests_for(n: int, text_bytes: int, new_bytes: int, tag: str) -> list[list[dict]]:
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--new-bytes", type=int, default=32)
     ap.add_argument("--out", default="docs/bench/serve.json")
     args = ap.parse_args()
-    cfg = build(ServeConfig, read_params("params.yaml").get("serve"), "params.yaml:serve")
+    cfg = load_section("params.yaml", "serve", ServeConfig)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         serving.save_model(Path(args.checkpoint), tmp / "model", cfg)

@@ -41,7 +41,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
 from prefect_dask import DaskTaskRunner
 
-from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConfig, build, load_params
+from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConfig
+from hst.params import load_section
 from hst.consolidate import Job, consolidate_part, load_job, merge_expert_states, save_job
 from hst.io import committed_together
 
@@ -193,10 +194,8 @@ def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: fl
     args = {w[2:]: str(root / v) for w, v in zip(words, words[1:]) if w.startswith("--")}
     params = root / args.get("params", "params.yaml")
     try:
-        cycle_sec, train_sec, model_sec = load_params(params, "cycle", "consolidate", "model")
-        job = load_job(build(CycleConfig, cycle_sec, "params.yaml:cycle"),
-                       build(TrainConfig, train_sec, "params.yaml:consolidate"),
-                       build(ModelConfig, model_sec, "params.yaml:model"), args["checkpoint"], args["coresets"], args["buffer"])
+        job = load_job(load_section(params, "cycle", CycleConfig), load_section(params, "consolidate", TrainConfig),
+                       load_section(params, "model", ModelConfig), args["checkpoint"], args["coresets"], args["buffer"])
     except HSTError as e:
         raise StageFailed(f"{target}: error: {e}") from None
     parts = expert_task.with_options(retries=retries, retry_delay_seconds=retry_delay).map(
@@ -247,9 +246,9 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     of per-cycle results.
     """
     root = Path(project).resolve()
-    flow_sec, cycle_sec, all_cycles = load_params(root / params, "flow", "cycle", "cycles")
-    cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
-    ccfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    cfg = load_section(root / params, "flow", FlowConfig)
+    ccfg = load_section(root / params, "cycle", CycleConfig)
+    all_cycles = load_section(root / params, "cycles")
     run = stage_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
     pending, updated = Pending.of(root), []
     for target in START:

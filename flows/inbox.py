@@ -29,7 +29,8 @@ from ruamel.yaml import YAML
 from flows.continual_learning import continual_learning
 from hst import data
 from hst import inbox as box
-from hst.config import FlowConfig, PrepareConfig, ServeConfig, build, load_params, read_params
+from hst.config import FlowConfig, PrepareConfig, ServeConfig
+from hst.params import load_section
 from hst.data import DataError
 from hst.io import write_text
 
@@ -57,8 +58,7 @@ def _batches(inbox: Path) -> list[str]:
 
 def inbox_dir(root: Path, params_path: Path) -> Path:
     """The project's inbox folder, made if missing (a first run makes the folder people drop files into)."""
-    (flow_sec,) = load_params(params_path, "flow")
-    inbox = root / build(FlowConfig, flow_sec, "params.yaml:flow").inbox
+    inbox = root / load_section(params_path, "flow", FlowConfig).inbox
     inbox.mkdir(parents=True, exist_ok=True)
     return inbox
 
@@ -66,7 +66,7 @@ def inbox_dir(root: Path, params_path: Path) -> Path:
 def unlearned(root: Path, params_path: Path, inbox: Path) -> list[str]:
     """Inbox cycles in ``params.yaml`` that have no gate report: claimed and added by a run that died
     before learning them (e.g. on DVC's lock)."""
-    (cycles,) = load_params(params_path, "cycles")
+    cycles = load_section(params_path, "cycles")
     return [k for k, c in cycles.items() if (inbox / "processed" / str(c.get("domain"))).is_dir()
             and not (root / f"metrics/gate/{k}.json").is_file()]
 
@@ -78,13 +78,12 @@ def take_batch(root: Path, params_path: Path) -> tuple[list[str], str]:
     params). Returns the new cycles' keys and what happened."""
     inbox = inbox_dir(root, params_path)
     with box.locked(inbox):  # a concurrent run waits here, then reads the params and inbox this one left
-        flow_sec, prepare_sec = load_params(params_path, "flow", "prepare")
-        cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
-        pcfg = build(PrepareConfig, prepare_sec, "params.yaml:prepare")
+        cfg = load_section(params_path, "flow", FlowConfig)
+        pcfg = load_section(params_path, "prepare", PrepareConfig)
         batches = _batches(inbox)
         unfinished = [b for b in batches if b not in pcfg.domains]
         if not unfinished:
-            serve = build(ServeConfig, read_params(params_path).get("serve"), "params.yaml:serve")
+            serve = load_section(params_path, "serve", ServeConfig)
             if serve.log_dir:  # what the server answered waits in the inbox like a dropped file
                 box.harvest(root / serve.log_dir, inbox)
             files = box.pending(inbox)

@@ -22,7 +22,8 @@ from prefect import serve
 
 from flows.continual_learning import continual_learning
 from flows.inbox import inbox_flow
-from hst.config import FlowConfig, HSTError, build, load_params
+from hst.config import FlowConfig, HSTError
+from hst.params import load_section
 
 
 def main() -> None:
@@ -32,8 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     root = str(Path(args.project).resolve())
     try:
-        (flow_sec,) = load_params(Path(root) / args.params, "flow")
-        cfg = build(FlowConfig, flow_sec, "params.yaml:flow")
+        cfg = load_section(Path(root) / args.params, "flow", FlowConfig)
     except HSTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

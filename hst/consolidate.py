@@ -18,7 +18,8 @@ from typing import NamedTuple
 import torch
 
 from hst import checkpoint, coreset, sampler
-from hst.config import CycleConfig, ModelConfig, TrainConfig, check_cycle_mode
+from hst.config import CycleConfig, ModelConfig, TrainConfig
+from hst.params import check_cycle_mode
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.router import KeyRouter

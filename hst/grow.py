@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from hst import paths
 from hst.config import ConfigError, GrowConfig, TrainConfig

@@ -10,7 +10,7 @@ upload in progress should be written under a dot-name and renamed when complete)
 the inbox happens under :func:`locked`, so concurrent runs never claim a file twice.
 
 What a server answered is a source beside the dropped files: :func:`harvest` turns the written files
-of its Smart Sampler log (:class:`hst.sampler.ServedLog`) into one inbox file.
+of its Smart Sampler log (:class:`hst.served_log.ServedLog`) into one inbox file.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hst.io import read_json, write_json, write_text
-from hst.sampler import SERVED_GLOB
+from hst.served_log import SERVED_GLOB
 
 LEDGER = "processed/ledger.json"
 LOCK = "processed/.lock"

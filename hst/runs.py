@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from hst import tracking
-from hst.config import GrowConfig, HSTError, ModelConfig, TrackingConfig, build, check_params, read_params
+from hst.config import GrowConfig, HSTError, ModelConfig, TrackingConfig
+from hst.params import build, check_params, read_params
 from hst.model import GPT
 from hst.router import Gate
 

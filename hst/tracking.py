@@ -1,14 +1,11 @@
-"""MLflow tracking of learn–consolidate cycles, and the registry mirror of the promotion gate.
+"""MLflow tracking of learn–consolidate cycles (the registry's mirror of the gate is ``hst.registry``).
 
 One experiment per scenario, shared by all its variants (HST, dense finetune, dense + replay, ...),
 so one view compares them; one parent run per *sequence* of a variant (found by a key of the variant
 and its settings, so cycles run by separate `dvc repro` or flow invocations land under one parent),
 named after the variant and holding every cycle's metrics at ``step = cycle index`` (a line per
 variant across cycles in MLflow's chart view); one child run per cycle with the same metrics, its
-artifacts and its lineage tags. Every cycle's checkpoint becomes a version of the variant's
-registered model; the alias ``champion`` always points at a version whose checkpoint is
-byte-identical (same md5) to the champion file the gate stage wrote, so the registry follows the
-gate and never decides anything itself.
+artifacts and its lineage tags.
 
 Functions take explicit URIs, paths, dicts and environments; nothing here reads params files or
 ``os.environ``.
@@ -18,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +29,6 @@ from mlflow.exceptions import MlflowException
 
 from hst.config import HSTError
 
-CHAMPION = "champion"
 REACH_TIMEOUT_S = 10.0  # how long a tracking server may take to answer before a cycle's logging gives up
 DEFAULT_STORE = "sqlite:///mlflow.db"  # relative to the project
 SQLITE = "sqlite:///"  # + the database file's path: relative, or absolute with a fourth slash
@@ -109,15 +104,6 @@ def sequence_key(params: dict, variant: str) -> str:
 
 
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
-
-
-def md5(path: str | Path) -> str:
-    """The file's md5: the hash DVC records for a file output."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -203,7 +189,7 @@ def sequence_run(client: MlflowClient, experiment_id: str, variant: str, key: st
 def tracked_cycles(uri: str, experiment: str, key: str) -> set[str]:
     """The cycles sequence ``key`` already has a child run for."""
     check_store(uri)
-    with _one_line_errors(uri):
+    with one_line_errors(uri):
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -224,7 +210,7 @@ def log_cycle(uri: str, experiment: str, variant: str, key: str, params: dict,
     :class:`TrackingError`.
     """
     check_store(uri)
-    with _one_line_errors(uri):
+    with one_line_errors(uri):
         client = MlflowClient(tracking_uri=uri)
         exp_id = _experiment_id(client, uri, experiment)
         parent = sequence_run(client, exp_id, variant, key, params, pretrain_curves)
@@ -249,72 +235,10 @@ def log_cycle(uri: str, experiment: str, variant: str, key: str, params: dict,
                 "run_id": run_id}
 
 
-def register_cycle(uri: str, registered_model: str, run_id: str, cycle: str, checkpoint: Path, champion: Path,
-                   gate: dict, package: Callable[[Path, Path], None]) -> dict:
-    """Log ``checkpoint`` (the cycle's final one) to the cycle's run ``run_id`` as an MLflow model and
-    mirror the gate in the registry: ``champion`` is the champion file after the gate, ``gate["champion"]``
-    its cycle. ``package(checkpoint, folder)`` writes the model folder serving a checkpoint
-    (:func:`hst.serving.save_model`). Returns the registered version of this cycle and the version
-    ``champion`` points to."""
-    check_store(uri)
-    with _one_line_errors(uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        _log_model(client, run_id, checkpoint, "model", package)
-        version, champion_version = _mirror_gate(client, registered_model, run_id, cycle, checkpoint, champion,
-                                                 gate, package)
-        return {"registered_model": registered_model, "version": version, "champion_version": champion_version}
-
-
-def _log_model(client: MlflowClient, run_id: str, checkpoint: Path, artifact_path: str,
-               package: Callable[[Path, Path], None]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        package(checkpoint, Path(tmp) / artifact_path)
-        client.log_artifacts(run_id, str(Path(tmp) / artifact_path), artifact_path)
-
-
 @contextmanager
-def _one_line_errors(uri: str):
+def one_line_errors(uri: str):
     try:
         yield
     except MlflowException as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise TrackingError(f"{uri}: MLflow refused a request ({first[:300]})") from None
-
-
-def _mirror_gate(client: MlflowClient, name: str, run_id: str, cycle: str, checkpoint: Path,
-                 champion: Path, gate: dict, package: Callable[[Path, Path], None]) -> tuple[str, str]:
-    """Register this cycle's checkpoint; point ``champion`` at the version equal to the champion file.
-
-    A version's source is the MLflow model serving that checkpoint, so ``mlflow models serve -m
-    models:/<name>@champion`` serves the champion (its ``artifacts/`` folder holds the checkpoint).
-
-    A passing cycle's checkpoint *is* the champion file, so the alias moves to it; a failing one
-    leaves the alias on the previous champion's version. Only when the registry has no version of
-    the champion file (the first tracked cycle fails) is that file registered from this run.
-    """
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
-    run = client.get_run(run_id)
-    version = client.create_model_version(
-        name, f"{run.info.artifact_uri}/model", run_id,
-        tags={"cycle": cycle, "md5": md5(checkpoint), "gate": "passed" if gate["passed"] else "failed"}).version
-    target = md5(champion)
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    matches = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("md5") == target]
-    if current is not None and current.tags.get("md5") == target and not gate["passed"]:
-        champ = current.version
-    elif matches:
-        champ = max(matches, key=lambda v: int(v.version)).version
-    else:
-        _log_model(client, run_id, champion, "champion", package)
-        champ = client.create_model_version(
-            name, f"{run.info.artifact_uri}/champion", run_id,
-            tags={"cycle": gate["champion"], "md5": target, "gate": "champion before tracking"}).version
-    client.set_registered_model_alias(name, CHAMPION, champ)
-    client.set_tag(run_id, "champion_version", champ)
-    return str(version), str(champ)

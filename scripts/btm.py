@@ -26,10 +26,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hst import checkpoint, data, paths, sampler
-from hst.config import read_params
+from hst.params import read_params
 from hst.model import mix_paths
 from hst.train import eval_windows
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hst.io import replace_section
 from hst.runs import OPEN_GATE, REPLAY_POOL, export, inference_cost, model_of, pct, read_metrics, run_experiments
-from hst.config import read_params
+from hst.params import load_section
 
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
@@ -71,7 +71,7 @@ def main() -> None:
         if args.run or args.export:
             export(name, run_dir)
         variants.append((label, str(run_dir)))
-    cycles = list(read_params(args.params)["cycles"])
+    cycles = list(load_section(args.params, "cycles"))
     lines = ["| variant | BPB after the last cycle (mean, all domains) | avg forgetting (mean of cycles) | worst forgetting | absorption (mean BPB) "
              "| routing stability | active MFLOPs per token | parameters | experts per layer |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

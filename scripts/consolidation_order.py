@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 from hst import checkpoint, coreset, data, evaluation, sampler
-from hst.config import CycleConfig, TrainConfig, read_params
+from hst.config import CycleConfig, TrainConfig
+from hst.params import read_params
 from hst.consolidate import consolidate_experts, consolidate_parallel
 
 

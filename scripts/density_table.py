@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hst.io import replace_section
 from hst.runs import export, pct
-from hst.config import read_params
+from hst.params import load_section
 
 
 def load(path: Path) -> dict | None:
@@ -85,7 +85,7 @@ def main() -> None:
     for label, root in variants:
         if not root.is_dir():
             raise SystemExit(f"error: {root}: metrics directory of variant {label!r} not found")
-    cycles = list(read_params(args.params)["cycles"])
+    cycles = list(load_section(args.params, "cycles"))
     replace_section(args.out, "density", tables(variants, cycles))
 
 

@@ -20,7 +20,8 @@ import dataclasses
 
 
 from hst import checkpoint, coreset, data, evaluation, grow, sampler
-from hst.config import GrowConfig, TrainConfig, build, read_params
+from hst.config import GrowConfig, TrainConfig
+from hst.params import load_section, read_params
 from hst.consolidate import consolidate_experts
 
 
@@ -31,8 +32,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     args = ap.parse_args()
     params = read_params("params.yaml")
-    gcfg = build(GrowConfig, params["grow"], "params.yaml:grow")
-    tcfg = build(TrainConfig, params["consolidate"], "params.yaml:consolidate")
+    gcfg = load_section("params.yaml", "grow", GrowConfig)
+    tcfg = load_section("params.yaml", "consolidate", TrainConfig)
     domain, prev = params["cycles"][args.cycle]["domain"], params["cycles"][args.cycle]["prev"]
     start, meta = checkpoint.load(f"models/{args.cycle}_consolidated.pt")
     val = {d: data.load_tokens("data/prepared", d, "val") for d in [*meta["learned_domains"], domain]}

@@ -25,7 +25,8 @@ import json
 import pyarrow as pa
 
 from hst import checkpoint, data, novelty, sampler
-from hst.config import GrowConfig, build, read_params
+from hst.config import GrowConfig
+from hst.params import load_section, read_params
 from hst.consolidate import ffn_inputs
 from hst.io import write_json
 from hst.router import gate_open
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSON report")
     args = ap.parse_args()
     params = read_params("params.yaml")
-    cfg = build(GrowConfig, params["grow"], "params.yaml:grow")
+    cfg = load_section("params.yaml", "grow", GrowConfig)
     report = {}
     for cycle, item in params["cycles"].items():
         model, meta = checkpoint.load(f"models/{cycle}_consolidated.pt")

@@ -39,7 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hst.config import parse_params, read_params  # noqa: E402
+from hst.params import load_section, parse_params  # noqa: E402
 from hst.io import atomic_path, replace_section  # noqa: E402
 from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model_of, pct, read_metrics,  # noqa: E402
                       read_text, run_experiments)
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--section", default="pareto", help="the table goes between <!-- SECTION:start/end --> of --out")
     ap.add_argument("--figure", default="docs/pareto.png")
     args = ap.parse_args()
-    cycles = list(read_params(args.params)["cycles"])
+    cycles = list(load_section(args.params, "cycles"))
     if args.run:
         todo = [(name, overrides) for label, _, name, overrides in points()
                 if label in args.methods and not run_dir(args.runs, name).is_dir()]

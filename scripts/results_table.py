@@ -24,7 +24,7 @@ from pathlib import Path
 from hst.io import replace_section
 from hst.runs import inference_cost, pct, read_metrics, track
 from hst.tracking import store_uri
-from hst.config import read_params
+from hst.params import load_section
 
 
 def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:
@@ -58,7 +58,7 @@ def main() -> None:
         for label, source in variants:
             print(f"{label}: {', '.join(track(source, label, uri)) or 'already logged'} -> {uri}")
         return
-    cycles = list(read_params(args.params)["cycles"])
+    cycles = list(load_section(args.params, "cycles"))
     replace_section(args.doc, "results", table(variants, cycles))
 
 

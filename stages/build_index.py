@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from hst import checkpoint, data, generate, sampler
-from hst.config import CycleConfig, build, load_params
+from hst.config import CycleConfig
+from hst.params import load_section
 from stages.common import model_config, run
 
 
@@ -24,8 +25,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="index Parquet file")
     args = ap.parse_args()
 
-    (cycle_sec,) = load_params(args.params, "cycle")
-    cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    cfg = load_section(args.params, "cycle", CycleConfig)
     model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     if cfg.replay == "generated":
         texts = generate.sample_records(model, cfg.replay_records, model.cfg.seq_len, cfg.seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from hst.config import check_params, read_params
+from hst.params import check_params, read_params
 from hst.io import write_json
 from stages.common import run
 

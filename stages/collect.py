@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 
 from hst import checkpoint, data, sampler
-from hst.config import CycleConfig, build, load_params
+from hst.config import CycleConfig
+from hst.params import load_section
 from hst.data import DataError
 from hst.io import atomic_path
 from stages.common import cycle_domain, model_config, run
@@ -25,8 +26,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="Smart Sampler buffer directory")
     args = ap.parse_args()
 
-    cycle_sec, cycles = load_params(args.params, "cycle", "cycles")
-    cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    cfg, cycles = load_section(args.params, "cycle", CycleConfig), load_section(args.params, "cycles")
     domain = cycle_domain(cycles, args.cycle)
     model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     consumed = set(meta.get("consumed", []))

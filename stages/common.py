@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from hst.config import ConfigError, HSTError, ModelConfig, build, load_params
+from hst.config import ConfigError, HSTError, ModelConfig
+from hst.params import load_section
 from hst.io import committed_together
 
 
 def model_config(params_path: str | Path) -> ModelConfig:
     """``params.yaml:model``: every checkpoint a stage loads must have been built with it."""
-    (section,) = load_params(params_path, "model")
-    return build(ModelConfig, section, "params.yaml:model")
+    return load_section(params_path, "model", ModelConfig)
 
 
 def run(main: Callable[[], None]) -> None:

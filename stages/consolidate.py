@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from hst.config import CycleConfig, TrainConfig, build, load_params
+from hst.config import CycleConfig, TrainConfig
+from hst.params import load_section
 from hst.consolidate import load_job, run_job, save_job
 from stages.common import model_config, run
 
@@ -31,8 +32,7 @@ def main() -> None:
     ap.add_argument("--curves", required=True, help="CSV of training loss per step")
     args = ap.parse_args()
 
-    cycle_sec, train_sec = load_params(args.params, "cycle", "consolidate")
-    job = load_job(build(CycleConfig, cycle_sec, "params.yaml:cycle"), build(TrainConfig, train_sec, "params.yaml:consolidate"),
+    job = load_job(load_section(args.params, "cycle", CycleConfig), load_section(args.params, "consolidate", TrainConfig),
                    model_config(args.params), args.checkpoint, args.coresets, args.buffer)
     save_job(job, run_job(job), args.out, args.metrics, args.curves)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 
 from hst import coreset, sampler
-from hst.config import CycleConfig, build, load_params
+from hst.config import CycleConfig
+from hst.params import load_section
 from hst.io import atomic_path
 from stages.common import run
 
@@ -26,8 +27,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="directory of coreset Parquet files")
     args = ap.parse_args()
 
-    (cycle_sec,) = load_params(args.params, "cycle")
-    cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    cfg = load_section(args.params, "cycle", CycleConfig)
     new = sampler.load_records(args.buffer)
     old = sampler.read_buffer(args.index)
     if cfg.mode == "experts":

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from hst import checkpoint, data, evaluation, plots
-from hst.config import CycleConfig, build, load_params
+from hst.config import CycleConfig
+from hst.params import load_section
 from hst.io import read_json, write_json
 from stages.common import cycle_domain, model_config, run
 
@@ -30,8 +31,7 @@ def main() -> None:
     ap.add_argument("--plots", required=True, help="directory for the PNGs")
     args = ap.parse_args()
 
-    cycle_sec, cycles = load_params(args.params, "cycle", "cycles")
-    cfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    cfg, cycles = load_section(args.params, "cycle", CycleConfig), load_section(args.params, "cycles")
     domain = cycle_domain(cycles, args.cycle)
     expect = model_config(args.params)
     before, meta = checkpoint.load(args.before, expect)

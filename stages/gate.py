@@ -13,7 +13,8 @@ import argparse
 import shutil
 
 from hst import checkpoint, promotion
-from hst.config import GateConfig, build, load_params
+from hst.config import GateConfig
+from hst.params import load_section
 from hst.io import ArtifactError, atomic_path, read_json, write_json
 from stages.common import model_config, run
 
@@ -32,8 +33,7 @@ def main() -> None:
     if args.eval and not (args.previous and args.previous_report):
         ap.error("--eval needs --previous and --previous-report")
 
-    (gate_sec,) = load_params(args.params, "gate")
-    cfg = build(GateConfig, gate_sec, "params.yaml:gate")
+    cfg = load_section(args.params, "gate", GateConfig)
     if args.eval is None:
         decision = {"cycle": args.cycle, "passed": True, "reasons": [], "alarms": [],
                     "started_from": None, "champion": args.cycle}

@@ -27,7 +27,8 @@ import argparse
 import pyarrow as pa
 
 from hst import checkpoint, coreset, data, grow, novelty, sampler
-from hst.config import CycleConfig, GrowConfig, TrainConfig, build, load_params
+from hst.config import CycleConfig, GrowConfig, TrainConfig
+from hst.params import load_section
 from hst.io import write_csv, write_json
 from stages.common import cycle_domain, model_config, run
 
@@ -44,10 +45,10 @@ def main() -> None:
     ap.add_argument("--curves", required=True)
     args = ap.parse_args()
 
-    grow_sec, train_sec, cycle_sec, cycles = load_params(args.params, "grow", "consolidate", "cycle", "cycles")
-    cfg = build(GrowConfig, grow_sec, "params.yaml:grow")
-    tcfg = build(TrainConfig, train_sec, "params.yaml:consolidate")
-    ccfg = build(CycleConfig, cycle_sec, "params.yaml:cycle")
+    cfg = load_section(args.params, "grow", GrowConfig)
+    tcfg = load_section(args.params, "consolidate", TrainConfig)
+    ccfg = load_section(args.params, "cycle", CycleConfig)
+    cycles = load_section(args.params, "cycles")
     domain = cycle_domain(cycles, args.cycle)
     model, meta = checkpoint.load(args.checkpoint, model_config(args.params))
     new = sampler.load_records(args.buffer)

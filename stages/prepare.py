@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 
 from hst import data
-from hst.config import ConfigError, PrepareConfig, build, load_params
+from hst.config import ConfigError, PrepareConfig
+from hst.params import load_section
 from hst.io import atomic_path, write_json
 from stages.common import run
 
@@ -24,8 +25,7 @@ def main() -> None:
     ap.add_argument("--manifest", required=True, help="JSON manifest (a DVC metric)")
     args = ap.parse_args()
 
-    (section,) = load_params(args.params, "prepare")
-    cfg = build(PrepareConfig, section, "params.yaml:prepare")
+    cfg = load_section(args.params, "prepare", PrepareConfig)
     if args.domain not in cfg.domains:
         raise ConfigError(f"params.yaml:prepare.domains: expected a key {args.domain!r}, got {sorted(cfg.domains)}")
     # Read and split before writing anything: a bad file leaves the old splits intact.

@@ -19,7 +19,8 @@ import time
 import torch
 
 from hst import checkpoint, data, distributed, metrics, plots
-from hst.config import ConfigError, ModelConfig, TrainConfig, build, load_params
+from hst.config import ConfigError, ModelConfig, TrainConfig
+from hst.params import load_section
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.train import evaluate, resolve_device, train
@@ -37,9 +38,8 @@ def main() -> None:
     ap.add_argument("--eval", required=True, help="JSON: BPB on every domain in --prepared (row 0 of the R matrix)")
     args = ap.parse_args()
 
-    model_sec, train_sec = load_params(args.params, "model", "pretrain")
-    mcfg = build(ModelConfig, model_sec, "params.yaml:model")
-    tcfg = build(TrainConfig, train_sec, "params.yaml:pretrain")
+    mcfg = load_section(args.params, "model", ModelConfig)
+    tcfg = load_section(args.params, "pretrain", TrainConfig)
     if not tcfg.domains:
         raise ConfigError("params.yaml:pretrain.domains: expected at least one domain")
     train_streams = {d: data.load_tokens(args.prepared, d, "train") for d in tcfg.domains}

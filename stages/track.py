@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from hst import serving, tracking
-from hst.config import CycleConfig, ModelConfig, ServeConfig, TrackingConfig, build, load_params, read_params
+from hst import registry, serving, tracking
+from hst.config import CycleConfig, ModelConfig, ServeConfig, TrackingConfig
+from hst.params import load_section, read_params
 from hst.io import read_json, write_json
 from stages.common import run
 
@@ -42,11 +43,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSON: experiment, run ids, registered versions")
     args = ap.parse_args()
 
-    tracking_sec, model_sec, cycle_sec, cycles = load_params(args.params, "tracking", "model", "cycle", "cycles")
-    serve_cfg = build(ServeConfig, read_params(args.params).get("serve"), "params.yaml:serve")
-    variant = os.environ.get("DVC_EXP_NAME") or (f"{build(ModelConfig, model_sec, 'params.yaml:model').ffn}-"
-                                                 f"{build(CycleConfig, cycle_sec, 'params.yaml:cycle').mode}")
-    names = build(TrackingConfig, tracking_sec, "params.yaml:tracking").resolve(variant)
+    cycles, serve_cfg = load_section(args.params, "cycles"), load_section(args.params, "serve", ServeConfig)
+    variant = os.environ.get("DVC_EXP_NAME") or (f"{load_section(args.params, 'model', ModelConfig).ffn}-"
+                                                 f"{load_section(args.params, 'cycle', CycleConfig).mode}")
+    names = load_section(args.params, "tracking", TrackingConfig).resolve(variant)
     uri = tracking.store_uri(os.environ, Path.cwd())
     os.environ.update(tracking.client_limits(os.environ))
     params = tracking.sequence_params(read_params(args.params))
@@ -62,7 +62,7 @@ def main() -> None:
         {"mlflow.source.git.commit": _git_commit(), **_dvc_hashes(Path(args.lock), args.cycle)})
     package = functools.partial(serving.save_model, cfg=serve_cfg, registered_model=names.registered_model,
                                 tracking_uri=uri)
-    result |= tracking.register_cycle(uri, names.registered_model, result["run_id"], args.cycle,
+    result |= registry.register_cycle(uri, names.registered_model, result["run_id"], args.cycle,
                                       Path(args.checkpoint), Path(args.champion), gate, package)
     for alarm in gate["alarms"]:
         print(f"warning: cycle {args.cycle}: {alarm}", file=sys.stderr)

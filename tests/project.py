@@ -45,6 +45,7 @@ def tiny_project(tmp: Path) -> Path:
         "gate": {"max_forgetting": 10.0, "min_routing_stability": 0.0},
         "tracking": {"experiment": "tiny", "registered_model": "tiny"},
         "flow": {"retries": 0, "retry_delay_seconds": 0},
+        "serve": {},  # the defaults; `track` reads the section, so DVC needs it present
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hst.config import (ConfigError, CycleConfig, FlowConfig, GateConfig, GrowConfig, ModelConfig, TrackingConfig,
-                        SECTIONS, TrainConfig, build, check_params)
+from hst.config import ConfigError, CycleConfig, FlowConfig, GateConfig, GrowConfig, ModelConfig, TrackingConfig, TrainConfig
+from hst.params import SECTIONS, build, check_params
 
 
 def test_unknown_key_is_named():
@@ -139,12 +139,12 @@ def test_growth_selection_is_checked(section, message):
 
 
 def test_a_params_file_with_a_repeated_key_or_bytes_that_are_not_utf8_is_refused_in_one_line(tmp_path):
-    from hst.config import load_params, read_params
+    from hst.params import load_section, read_params
 
     path = tmp_path / "params.yaml"
     path.write_text("model:\n  n_layer: 4\n  d_model: 256\n  n_layer: 8\ncycle: {}\n")
     with pytest.raises(ConfigError, match=r"params.yaml:4: not valid YAML \(duplicate key 'n_layer'\)"):
-        load_params(path, "model")
+        load_section(path, "model")
     path.write_text("model: {n_layer: 4}\nmodel: {n_layer: 8}\n")
     with pytest.raises(ConfigError, match="duplicate key 'model'"):
         read_params(path)

@@ -318,14 +318,14 @@ def test_served_traffic_becomes_a_cycle_whose_champion_the_running_server_then_s
     """serve -> requests -> the inbox flow harvests the served log -> a cycle learns it and passes its
     gate -> the same server process answers with the new champion (it follows the registry's alias)."""
     from flows.inbox import inbox_flow
-    from hst.tracking import md5
+    from hst.registry import md5
     from hst import serving
 
     proj = tiny_project(tmp_path / "proj")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["cycles"] = {"c1": {"domain": "kjv", "prev": "pretrain"}}
     params["flow"] |= {"min_inbox_bytes": 5000}
-    params["serve"] = {"log_dir": "data/served", "flush_every": 8, "flush_seconds": 0.5, "reload_seconds": 1.0}
+    params["serve"] |= {"log_dir": "data/served", "flush_every": 8, "flush_seconds": 0.5, "reload_seconds": 1.0}
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from hst import runs
-from hst.config import ConfigError, check_params, read_params
+from hst.config import ConfigError
+from hst.params import check_params, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hst import checkpoint, sampler, serving, tracking
+from hst import checkpoint, registry, sampler, served_log, serving, tracking
 from hst.config import ServeConfig
 from hst.model import GPT
 
@@ -62,7 +62,7 @@ def test_answers_equal_the_models_own_and_every_row_is_logged_once(ckpt, tmp_pat
          {"prompt": prompt, "max_new_bytes": 8, "temperature": 1.0, "seed": 7},
          {"prompt": prompt, "max_new_bytes": 8, "temperature": 1.0, "seed": 7}]), CFG))
     (routed,) = sampler.route_records(model, [text])
-    assert score["bpb"] == pytest.approx(routed.bpb) and score["n_bytes"] == 19 and score["model"] == tracking.md5(ckpt)
+    assert score["bpb"] == pytest.approx(routed.bpb) and score["n_bytes"] == 19 and score["model"] == registry.md5(ckpt)
     # Greedy generation with the KV cache equals re-running the whole context for every byte.
     context = torch.tensor([list(prompt.encode())])
     with torch.no_grad():
@@ -80,14 +80,14 @@ def test_answers_equal_the_models_own_and_every_row_is_logged_once(ckpt, tmp_pat
 
 
 def pa_table(log_dir: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(f) for f in sorted(log_dir.glob(sampler.SERVED_GLOB))])
+    return pa.concat_tables([pq.read_table(f) for f in sorted(log_dir.glob(served_log.SERVED_GLOB))])
 
 
 def test_the_log_writes_in_batches_and_after_a_while_and_never_raises(tmp_path):
     row = {"record_id": "r", "source": "served", "text": "t", "n_tokens": 1, "expert_counts": [{0: 1}],
            "primary_expert": [0], "mean_max_sim": [0.5], "bpb": 1.0, "request_id": "q", "kind": "score",
            "received_at": pd.Timestamp.now(tz="UTC")}
-    log = sampler.ServedLog(tmp_path / "log", flush_every=3, flush_seconds=0.3)
+    log = served_log.ServedLog(tmp_path / "log", flush_every=3, flush_seconds=0.3)
     log.add([row] * 3)  # a full batch is written at once
     log.add([row])  # a lone row after flush_seconds
     time.sleep(1.0)
@@ -95,13 +95,13 @@ def test_the_log_writes_in_batches_and_after_a_while_and_never_raises(tmp_path):
                                          "pending": 0, "dir": ""}
     log.close()
     # A log at its size limit counts what it drops; an unwritable folder counts what it failed to write.
-    full = sampler.ServedLog(tmp_path / "log", max_bytes=1)
+    full = served_log.ServedLog(tmp_path / "log", max_bytes=1)
     full.add([row])
     assert full.stats()["dropped_full"] == 1
     full.close()
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    broken = sampler.ServedLog(blocked / "log", flush_every=1)
+    broken = served_log.ServedLog(blocked / "log", flush_every=1)
     broken.add([row])
     broken.close()
     assert broken.stats()["logged"] == 0 and broken.stats()["dropped_full"] + broken.stats()["failed"] == 1
@@ -112,17 +112,17 @@ def test_the_server_follows_the_champion_alias(ckpt, tmp_path, tiny_cfg):
     package = lambda c, out: serving.save_model(c, out, CFG)  # noqa: E731
     gate = {"passed": True, "reasons": [], "alarms": [], "champion": "c1"}
     run = tracking.log_cycle(uri, "e", "v", "k", {}, {}, "c1", 1, REPORT, gate, {}, [], {})["run_id"]
-    tracking.register_cycle(uri, "m", run, "c1", ckpt, ckpt, gate, package)
+    registry.register_cycle(uri, "m", run, "c1", ckpt, ckpt, gate, package)
     served = serving.Served(ckpt, CFG, "", (uri, "m"))
     first = served.answer([{"kind": "score", "text": "abc"}])[0]["model"]
     torch.manual_seed(1)
     checkpoint.save(tmp_path / "b.pt", GPT(tiny_cfg))
     run = tracking.log_cycle(uri, "e", "v", "k", {}, {}, "c2", 2, REPORT, gate | {"champion": "c2"}, {}, [], {})["run_id"]
-    tracking.register_cycle(uri, "m", run, "c2", tmp_path / "b.pt", tmp_path / "b.pt", gate | {"champion": "c2"}, package)
+    registry.register_cycle(uri, "m", run, "c2", tmp_path / "b.pt", tmp_path / "b.pt", gate | {"champion": "c2"}, package)
     deadline = time.monotonic() + 30
     while served.answer([{"kind": "score", "text": "abc"}])[0]["model"] == first and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert served.answer([{"kind": "score", "text": "abc"}])[0]["model"] == tracking.md5(tmp_path / "b.pt") != first
+    assert served.answer([{"kind": "score", "text": "abc"}])[0]["model"] == registry.md5(tmp_path / "b.pt") != first
 
 
 REPORT = {"bpb": {}, "forgetting": {}, "avg_forgetting": 0.0, "worst_forgetting": 0.0, "absorption": 1.0,
@@ -133,7 +133,7 @@ def test_mlflow_models_serve_answers_refuses_bad_requests_and_logs_exactly_the_g
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     gate = {"passed": True, "reasons": [], "alarms": [], "champion": "c1"}
     run = tracking.log_cycle(uri, "e", "v", "k", {}, {}, "c1", 1, REPORT, gate, {}, [], {})["run_id"]
-    tracking.register_cycle(uri, "tiny", run, "c1", ckpt, ckpt, gate,
+    registry.register_cycle(uri, "tiny", run, "c1", ckpt, ckpt, gate,
                             lambda c, out: serving.save_model(c, out, ServeConfig(), "tiny", uri))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HST_SERVE_LOG_DIR": str(tmp_path / "served"),
            "OMP_NUM_THREADS": "1"}
@@ -141,7 +141,7 @@ def test_mlflow_models_serve_answers_refuses_bad_requests_and_logs_exactly_the_g
     try:
         status, body = serving.invoke(url, [{"text": "hello served world"}])
         assert status == 200 and body["predictions"][0]["n_bytes"] == 18
-        assert body["predictions"][0]["model"] == tracking.md5(ckpt)
+        assert body["predictions"][0]["model"] == registry.md5(ckpt)
         status, body = serving.invoke(url, [{"prompt": "to be", "max_new_bytes": 5, "temperature": 0.5, "seed": 3}])
         assert status == 200 and body["predictions"][0]["n_bytes"] == 5
         for bad, message in [(b'{"dataframe_records": [{"text": ', ""),

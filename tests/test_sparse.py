@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from hst import checkpoint
-from hst.config import ConfigError, ModelConfig, TrainConfig, build
+from hst.config import ConfigError, ModelConfig, TrainConfig
+from hst.params import build
 from hst.consolidate import consolidate_expert
 from hst.experts import Expert, MoE
 from hst.model import GPT

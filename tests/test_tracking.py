@@ -13,7 +13,7 @@ import yaml
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-from hst import runs, serving, tracking  # noqa: E402
+from hst import registry, runs, serving, tracking  # noqa: E402
 from hst.config import ServeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _log(tmp: Path, uri: str, cycle: str, index: int, passed: bool, checkpoint: 
                              cycle, index, report, _gate(cycle, passed),
                              {"consolidate": [{"step": 1, "train_bpb": 3.0, "coreset": "L0_E1"}]},
                              [], {"mlflow.source.git.commit": "abc"})
-    return out | tracking.register_cycle(uri, f"hst-{variant}", out["run_id"], cycle, tmp / f"{cycle}.pt",
+    return out | registry.register_cycle(uri, f"hst-{variant}", out["run_id"], cycle, tmp / f"{cycle}.pt",
                                          tmp / f"{cycle}.champion.pt", _gate(cycle, passed), PACKAGE)
 
 
