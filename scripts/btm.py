@@ -16,7 +16,7 @@ on the pretraining index's records (``indexes/pretrain.parquet``), as HST's grow
 where the experiment's outputs are checked out:
 
     dvc exp apply pareto-dense-branches-1x
-    python -m scripts.btm --out docs/runs/pareto_2threads/dense_branches_1x/btm.json
+    python -m scripts.btm --out docs/runs/pareto_2threads/dense_branches_1x/btm.json   # committed
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ METHODS = {
        for lr in (0.0005, 0.001, 0.002) if share or lr != 0.0005},
     # Branch-train-mix's branches (issue 31): every cycle finetunes the dense pretraining on its domain
     # (not the previous cycle's model); scripts/btm.py mixes the branches (posterior) or picks one (top-1).
-    "dense branches": ("dense-branches", "consolidate.steps",
+    "dense branches, each alone": ("dense-branches", "consolidate.steps",
                        ["model.ffn=dense", "cycle.mode=full", *OPEN_GATE, *BRANCHES], (1,)),
     # P's denominator; in the table, not in the figure (it forgets tens of percent).
     "dense finetune": ("dense-finetune", "consolidate.steps", ["model.ffn=dense", "cycle.mode=full", *OPEN_GATE], (1,)),
