@@ -141,12 +141,12 @@ def main() -> None:
     args = ap.parse_args()
 
     params = read_params(args.params)
-    domains = data.prepared_domains(args.prepared)
     runs, curves = [], {}
     grid = variants(args.fars_lambda, args.consistency_lambda, args.floor, args.sweep)
     for label, (model_over, train_over) in grid.items():
         path = Path(args.runs) / f"{slug(label)}.json"
         if not args.table_only and (not args.only or label in args.only):
+            domains = data.prepared_domains(args.prepared)
             mcfg = build(ModelConfig, {**params["model"], **model_over}, "params.yaml:model")
             tcfg = build(TrainConfig, {**params["pretrain"], "domains": domains, "steps": args.steps,
                                        "eval_every": args.eval_every,
