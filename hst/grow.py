@@ -5,7 +5,7 @@ an MLP of width ``GrowConfig.gate_hidden`` or a linear one) that opens only for 
 looks like the novel records, not like the held-in ones.
 Their keys are the centroids of a spherical k-means over the novel tokens that pass the gate (for
 one expert: their normalized mean) — not of all novel hidden states, which point along the
-direction every hidden state shares (``FINDINGS.md``) — so the new experts split the new data
+direction every hidden state shares (``docs/prototype.md``) — so the new experts split the new data
 between them. Weights are copied from the expert nearest each key (or drawn fresh); then only the
 new experts train on the novel records — and, given old (replay) records too, the ones grown in
 earlier cycles then train on those (a ``GrowConfig.old_share`` of the steps), meant to keep learning

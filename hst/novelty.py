@@ -1,7 +1,7 @@
 """Novelty detection: when does incoming data call for a new expert, and which tokens may use it.
 
 Two levels, measured in ``docs/decisions.md`` (raw max-cosine and Mahalanobis scores on hidden
-states did not separate a new domain; see ``FINDINGS.md``):
+states did not separate a new domain; see ``docs/prototype.md``):
 
 - **Record level — surprise.** A record's novelty score is its BPB under the current model (the
   Smart Sampler logs it as ``bpb``). A record is novel when its BPB exceeds a high quantile of the
