@@ -28,7 +28,7 @@ from hst.router import Gate
 # the next cycle's start: plain sequential finetuning.
 OPEN_GATE = ["grow.enabled=false", "gate.max_forgetting=1000", "gate.min_routing_stability=0"]
 # Methods that train on old index records (coresets, replay) need a pool of ~4x a cycle's 200 new
-# records: 600 per learned domain, where HST's default index (novelty threshold, gate text) has 150.
+# records: 600 per learned domain, where HST's default index (the novelty threshold) has 50 (150 with learned gates).
 REPLAY_POOL = ["cycle.index_records=600"]
 
 
