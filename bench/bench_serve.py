@@ -130,7 +130,8 @@ def main() -> None:
         logged_at_kill = read_log(log_dir)[0]
         proc, url = serving.start_server(str(tmp / "model"), tmp, env)
         try:
-            _, _, after = load(url, [r for r in reqs if (r[0].get("text") or r[0].get("prompt")) not in set(before)],
+            answered = set(before)
+            _, _, after = load(url, [r for r in reqs if (r[0].get("text") or r[0].get("prompt")) not in answered],
                                args.clients)
         finally:
             serving.stop_server(proc)

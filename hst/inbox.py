@@ -23,10 +23,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from hst.data import SEPARATOR, DataError
 from hst.io import read_json, write_json, write_text
+from hst.sampler import read_buffer
 from hst.served_log import SERVED_GLOB
 
 LEDGER = "processed/ledger.json"
@@ -147,7 +146,12 @@ def claim(inbox: Path, batch: str, only: list[Path] | None = None) -> list[Path]
 
 def join_text(files: list[Path]) -> str:
     """Files as one text, in the given order, separated by blank lines."""
-    return "\n\n".join(p.read_text(encoding="utf-8").strip("\n") for p in files) + "\n"
+    return join_texts(p.read_text(encoding="utf-8") for p in files)
+
+
+def join_texts(texts) -> str:
+    """Texts as one, in the given order, separated by blank lines (how prepare cuts records)."""
+    return SEPARATOR.join(t.strip("\n") for t in texts) + "\n"
 
 
 def batch_text(inbox: Path, batch: str) -> str:
@@ -168,9 +172,9 @@ def harvest(log_dir: Path, inbox: Path) -> Path | None:
     used = []
     for path in sorted(log_dir.glob(SERVED_GLOB)) if log_dir.is_dir() else []:
         try:
-            table = pq.read_table(path, columns=["record_id", "text"])
-        except (pa.ArrowInvalid, OSError) as e:
-            reject(path, log_dir / "rejected", f"not a readable served log ({e})")
+            table = read_buffer(path, columns=["record_id", "text"])
+        except DataError as e:
+            reject(path, log_dir / "rejected", str(e))
             continue
         for rid, text in zip(table["record_id"].to_pylist(), table["text"].to_pylist()):
             texts.setdefault(rid, text)
@@ -178,7 +182,7 @@ def harvest(log_dir: Path, inbox: Path) -> Path | None:
     if not used:
         return None
     out = Path(inbox) / f"served-{hashlib.sha256(' '.join(p.name for p in used).encode()).hexdigest()[:16]}.txt"
-    write_text(out, "\n\n".join(t.strip("\n") for t in texts.values() if t.strip("\n")) + "\n")
+    write_text(out, join_texts(t for t in texts.values() if t.strip("\n")))
     for path in used:
         _move(path, log_dir / "harvested")
     return out

@@ -46,8 +46,9 @@ class ServedLog:
         self.cond = threading.Condition()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.size = sum(p.stat().st_size for p in self.dir.glob(SERVED_GLOB))
-            self.seq = sum(pq.ParquetFile(p).metadata.num_rows for p in self.dir.glob(SERVED_GLOB))
+            written = list(self.dir.glob(SERVED_GLOB))
+            self.size = sum(p.stat().st_size for p in written)
+            self.seq = sum(pq.ParquetFile(p).metadata.num_rows for p in written)
         except OSError as e:
             logging.warning("served log %s unusable (%s): requests are served but not logged", self.dir, e)
             self.size, self.seq = max_bytes, 0

@@ -165,7 +165,6 @@ class Served:
         if self.log is not None:
             atexit.register(self.log.close)  # a server stopped by SIGTERM / Ctrl-C writes what is pending
             _exit_on_sigterm()
-        self.stop = threading.Event()
         if registry is not None and cfg.reload_seconds > 0:
             threading.Thread(target=self._follow, args=registry, name="champion", daemon=True).start()
 
@@ -177,12 +176,14 @@ class Served:
         with self.lock:
             model, model_md5 = self.model, self.md5
             routed = dict(zip(routed_rows, sampler.route_records(model, [texts[i] for i in routed_rows])))
+            # The Smart Sampler row of each routed text: the log's row, and a score's per-layer routing.
+            logged = {i: sampler.make_row(texts[i], r, model.n_experts, "served", 0) for i, r in routed.items()}
             answers = []
             for i, row in enumerate(rows):
                 if row["kind"] == "score":
                     r = routed[i]
                     answers.append({"bpb": r.bpb, "n_bytes": r.n_tokens, "path": r.path, "model": model_md5,
-                                    "primary_expert": sampler.summarize(r.routing, model.n_experts)["primary_expert"]})
+                                    "primary_expert": logged[i]["primary_expert"]})
                 else:
                     out, path = continue_text(model, row["prompt"].encode("utf-8"), row["max_new_bytes"],
                                               row["temperature"], row["seed"])
@@ -190,13 +191,14 @@ class Served:
                                     "path": path, "model": model_md5})
         if self.log is not None:
             request = uuid.uuid4().hex
-            self.log.add([{**sampler.make_row(texts[i], r, model.n_experts, "served", 0), "request_id": f"{request}-{i}",
-                           "kind": rows[i]["kind"], "received_at": received} for i, r in routed.items()])
+            self.log.add([{**row, "request_id": f"{request}-{i}", "kind": rows[i]["kind"], "received_at": received}
+                          for i, row in logged.items()])
         return answers
 
     def _follow(self, uri: str, name: str) -> None:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        while not self.stop.wait(self.cfg.reload_seconds):
+        while True:
+            time.sleep(self.cfg.reload_seconds)
             try:
                 version = client.get_model_version_by_alias(name, CHAMPION)
                 if version.tags.get("md5") in (None, self.md5):

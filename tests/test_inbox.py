@@ -24,3 +24,21 @@ def test_inbox_claims_each_file_once_moves_never_deletes(tmp_path):
     assert (box / ".partial.txt").is_file()
     assert inbox.batch_text(box, "inbox1") == "alpha " * 100 + "\n\n" + "beta " * 100 + "\n"
     assert {v["batch"] for v in inbox.ledger(box).values()} == {"inbox1", "inbox2"}
+
+
+def test_harvest_moves_the_served_log_into_one_inbox_file_of_distinct_texts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    log, box = tmp_path / "served", tmp_path / "inbox"
+    log.mkdir()
+    box.mkdir()
+    for n, texts in enumerate([["a question", "b question"], ["a question", "c question\n"]]):
+        pq.write_table(pa.table({"record_id": [t.strip() for t in texts], "text": texts}), log / f"served-x-{n}.parquet")
+    (log / "served-x-2.parquet").write_bytes(b"not parquet")
+    out = inbox.harvest(log, box)
+    assert out.parent == box and out.read_text() == "a question\n\nb question\n\nc question\n"
+    assert sorted(p.name for p in (log / "harvested").iterdir()) == ["served-x-0.parquet", "served-x-1.parquet"]
+    assert (log / "rejected/served-x-2.parquet").is_file()
+    assert "not a readable Smart Sampler buffer" in (log / "rejected/served-x-2.parquet.reason").read_text()
+    assert inbox.harvest(log, box) is None  # nothing new was served
