@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from hst import experts
 from hst.config import ModelConfig, TrainConfig
-from hst.params import load_section
 from hst.data import encode
 from hst.model import GPT
+from hst.params import load_section
 from hst.router import SKIPPED
 from hst.sampler import SmartSampler
 from hst.train import eval_mode, make_optimizer, train_step

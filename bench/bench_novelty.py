@@ -25,8 +25,8 @@ import torch
 
 from hst import checkpoint, data, novelty, sampler
 from hst.config import GrowConfig
-from hst.params import load_section, read_params
 from hst.io import write_text
+from hst.params import load_section, read_params
 
 
 def scores(model, texts: list[str], desc: str) -> tuple[list[float], list[list[float]]]:

@@ -27,9 +27,9 @@ import torch
 
 from hst import data, paths
 from hst.config import ModelConfig
-from hst.params import load_section
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
+from hst.params import load_section
 from hst.router import Gate
 from hst.train import eval_windows
 

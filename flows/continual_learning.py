@@ -42,9 +42,9 @@ from prefect.states import Completed
 from prefect_dask import DaskTaskRunner
 
 from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConfig
-from hst.params import load_section
 from hst.consolidate import Job, consolidate_part, load_job, merge_expert_states, save_job
 from hst.io import committed_together
+from hst.params import load_section
 
 # build_index comes last: the index of the cycle's champion, which the next cycle starts with.
 CYCLE_STAGES = ("learned", "collect", "coreset", "consolidate", "grow", "evaluate", "gate", "track", "build_index")

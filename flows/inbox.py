@@ -30,9 +30,9 @@ from flows.continual_learning import continual_learning
 from hst import data
 from hst import inbox as box
 from hst.config import FlowConfig, PrepareConfig, ServeConfig
-from hst.params import load_section
 from hst.data import DataError
 from hst.io import write_text
+from hst.params import load_section
 
 
 def add_cycle(params_path: Path, domain: str, corpus: str) -> str:

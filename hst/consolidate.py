@@ -19,9 +19,9 @@ import torch
 
 from hst import checkpoint, coreset, sampler
 from hst.config import CycleConfig, ModelConfig, TrainConfig
-from hst.params import check_cycle_mode
 from hst.io import write_csv, write_json
 from hst.model import GPT
+from hst.params import check_cycle_mode
 from hst.router import KeyRouter
 from hst.train import evaluate, train
 

@@ -20,8 +20,8 @@ import yaml
 
 from hst import tracking
 from hst.config import GrowConfig, HSTError, ModelConfig, TrackingConfig
-from hst.params import build, check_params, read_params
 from hst.model import GPT
+from hst.params import build, check_params, read_params
 from hst.router import Gate
 
 # Baselines run with the promotion gate open (and growth off), so a cycle that forgets still becomes

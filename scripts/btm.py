@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from hst import checkpoint, data, paths, sampler
-from hst.params import read_params
 from hst.model import mix_paths
+from hst.params import read_params
 from hst.train import eval_windows
 
 LN2 = 0.6931471805599453

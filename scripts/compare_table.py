@@ -28,8 +28,8 @@ from pathlib import Path
 
 
 from hst.io import replace_section
-from hst.runs import OPEN_GATE, REPLAY_POOL, export, inference_cost, model_of, pct, read_metrics, run_experiments
 from hst.params import load_section
+from hst.runs import OPEN_GATE, REPLAY_POOL, export, inference_cost, model_of, pct, read_metrics, run_experiments
 
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from hst import checkpoint, coreset, data, evaluation, sampler
 from hst.config import CycleConfig, TrainConfig
-from hst.params import read_params
 from hst.consolidate import consolidate_experts, consolidate_parallel
+from hst.params import read_params
 
 
 def main() -> None:

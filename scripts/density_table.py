@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 
 from hst.io import replace_section
-from hst.runs import export, pct
 from hst.params import load_section
+from hst.runs import export, pct
 
 
 def load(path: Path) -> dict | None:

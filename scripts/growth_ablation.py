@@ -21,8 +21,8 @@ import dataclasses
 
 from hst import checkpoint, coreset, data, evaluation, grow, sampler
 from hst.config import GrowConfig, TrainConfig
-from hst.params import load_section, read_params
 from hst.consolidate import consolidate_experts
+from hst.params import load_section, read_params
 
 
 def main() -> None:

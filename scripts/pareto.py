@@ -39,8 +39,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hst.params import load_section, parse_params  # noqa: E402
 from hst.io import atomic_path, replace_section  # noqa: E402
+from hst.params import load_section, parse_params  # noqa: E402
 from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model_of, pct, read_metrics,  # noqa: E402
                       read_text, run_experiments)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 
 from hst.io import replace_section
+from hst.params import load_section
 from hst.runs import inference_cost, pct, read_metrics, track
 from hst.tracking import store_uri
-from hst.params import load_section
 
 
 def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:

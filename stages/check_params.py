@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from hst.params import check_params, read_params
 from hst.io import write_json
+from hst.params import check_params, read_params
 from stages.common import run
 
 

@@ -11,9 +11,9 @@ import argparse
 
 from hst import checkpoint, data, sampler
 from hst.config import CycleConfig
-from hst.params import load_section
 from hst.data import DataError
 from hst.io import atomic_path
+from hst.params import load_section
 from stages.common import cycle_domain, model_config, run
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from hst.config import ConfigError, HSTError, ModelConfig
-from hst.params import load_section
 from hst.io import committed_together
+from hst.params import load_section
 
 
 def model_config(params_path: str | Path) -> ModelConfig:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 
 from hst.config import CycleConfig, TrainConfig
-from hst.params import load_section
 from hst.consolidate import load_job, run_job, save_job
+from hst.params import load_section
 from stages.common import model_config, run
 
 

@@ -14,8 +14,8 @@ import argparse
 
 from hst import coreset, sampler
 from hst.config import CycleConfig
-from hst.params import load_section
 from hst.io import atomic_path
+from hst.params import load_section
 from stages.common import run
 
 

@@ -13,8 +13,8 @@ import argparse
 
 from hst import checkpoint, data, evaluation, plots
 from hst.config import CycleConfig
-from hst.params import load_section
 from hst.io import read_json, write_json
+from hst.params import load_section
 from stages.common import cycle_domain, model_config, run
 
 

@@ -14,8 +14,8 @@ import shutil
 
 from hst import checkpoint, promotion
 from hst.config import GateConfig
-from hst.params import load_section
 from hst.io import ArtifactError, atomic_path, read_json, write_json
+from hst.params import load_section
 from stages.common import model_config, run
 
 

@@ -28,8 +28,8 @@ import pyarrow as pa
 
 from hst import checkpoint, coreset, data, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig
-from hst.params import load_section
 from hst.io import write_csv, write_json
+from hst.params import load_section
 from stages.common import cycle_domain, model_config, run
 
 

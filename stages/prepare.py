@@ -12,8 +12,8 @@ from pathlib import Path
 
 from hst import data
 from hst.config import ConfigError, PrepareConfig
-from hst.params import load_section
 from hst.io import atomic_path, write_json
+from hst.params import load_section
 from stages.common import run
 
 

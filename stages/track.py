@@ -23,8 +23,8 @@ import yaml
 
 from hst import registry, serving, tracking
 from hst.config import CycleConfig, ModelConfig, ServeConfig, TrackingConfig
-from hst.params import load_section, read_params
 from hst.io import read_json, write_json
+from hst.params import load_section, read_params
 from stages.common import run
 
 

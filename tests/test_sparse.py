@@ -6,10 +6,10 @@ import torch.nn as nn
 
 from hst import checkpoint
 from hst.config import ConfigError, ModelConfig, TrainConfig
-from hst.params import build
 from hst.consolidate import consolidate_expert
 from hst.experts import Expert, MoE
 from hst.model import GPT
+from hst.params import build
 from hst.sparse import SparseLinear, Topology, live_count, path_counts, prune_and_regrow, random_mask
 from hst.train import make_optimizer, train, train_step
 
