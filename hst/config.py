@@ -201,6 +201,12 @@ class GrowConfig:
     inference: str = "mixture"  # with select posterior, how the grown model runs its paths: "mixture" (all of them,
     #                             weighted by their posterior: P models per token) or "select" (one per segment, chosen
     #                             by the paths' byte sketches: flat cost, hst/paths.py); stored in the checkpoint
+    decide: str = "novelty"  # with select posterior in mode grow: "novelty" (each record goes to the grown path whose
+    #                         sketch explains it better than a sketch of the cycle's own records does; those paths
+    #                         consolidate on theirs, the rest grow a path: hst.paths.assign) or "always" (every cycle
+    #                         grows a path from all its records, the default before 2026-12-07)
+    min_records: int = 32  # a known path consolidates on at least this many of the cycle's records (fewer join the
+    #                        novel ones), and a path grows from at least this many (fewer are left unlearned)
     gate_fpr: float = 0.1  # share of each learned domain's tokens a new expert's gate may let through (its bias), at most
     gate_windows: int = 256  # windows of novel and of held-in records the gate is fitted on
     gate_hidden: int = 128  # hidden width of the gate's MLP token scorer; 0 = a linear (Fisher) gate
@@ -228,6 +234,8 @@ class GrowConfig:
         _require(0 <= self.old_share < 1, "old_share: expected in [0, 1)")
         _require(self.select in ("gate", "posterior"), f"select: expected gate or posterior, got {self.select!r}")
         _require(self.inference in ("mixture", "select"), f"inference: expected mixture or select, got {self.inference!r}")
+        _require(self.decide in ("novelty", "always"), f"decide: expected novelty or always, got {self.decide!r}")
+        _require(self.min_records >= 1, "min_records: expected >= 1")
         _require(self.select == "gate" or self.old_share == 0,
                  "old_share: expected 0 with select: posterior (a path trains on its own cycle's records only)")
         _require(0 <= self.forgetting_budget < 1, "forgetting_budget: expected in [0, 1)")

@@ -61,16 +61,17 @@ def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tenso
     cfg = dataclasses.replace(cfg, domains=("coreset",), update_keys=False)
     with only_trainable(model, [(layer, expert)]), model.on_path(0):
         curves = train(model, cfg, {"coreset": coreset}, {}, desc=f"consolidate L{layer}/E{expert}")
-        _ema_key(model, layer, expert, new, key_windows)
+        ema_key(model, layer, expert, new, key_windows)
     return curves
 
 
-def _ema_key(model: GPT, layer: int, expert: int, new: torch.Tensor, key_windows: int = 16) -> None:
-    """One EMA step of the expert's key toward the new tokens routed to it (key router only)."""
+def ema_key(model: GPT, layer: int, expert: int, new: torch.Tensor, key_windows: int = 16, path: int = 0) -> None:
+    """One EMA step of the expert's key toward the new tokens routed to it on ``path`` (key router only;
+    call it with the model on that path)."""
     router = model.moe(layer).router
     if isinstance(router, KeyRouter):
         (x,) = ffn_inputs(model, new, [layer], key_windows)
-        mine = (router(x).expert_ids == expert).any(-1)
+        mine = (router(x, path).expert_ids == expert).any(-1)
         x = x.reshape(-1, x.shape[-1])  # (windows·T, d), the order routing flattens to
         if mine.any():
             router.update_keys(x[mine], torch.full((int(mine.sum()), 1), expert))
@@ -91,7 +92,7 @@ def consolidate_experts(model: GPT, sets: list[tuple[int, int, torch.Tensor, tor
         with only_trainable(model, [(l, e) for l, e, _, _ in sets]), model.on_path(0):
             curves = train(model, jcfg, {f"{l}/{e}": c for l, e, c, _ in sets}, {}, desc="consolidate jointly")
             for layer, expert, _, new in sets:
-                _ema_key(model, layer, expert, new)
+                ema_key(model, layer, expert, new)
         return [curves]
     return [consolidate_expert(model, layer, expert, coreset, new, expert_budget(cfg, i, len(sets)))
             for i, (layer, expert, coreset, new) in enumerate(sets)]

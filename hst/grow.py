@@ -18,18 +18,21 @@ experts keep what they learned, fewer old tokens reach them.
 With ``GrowConfig.select: posterior`` a growth adds a *path* instead (:func:`grow_path`): its experts
 are eligible only when the model runs that path, which trains alone on the novel records; the model
 mixes its paths by their posterior given the context (:func:`hst.model.mix_paths`). No held-in text
-is read and nothing needs calibrating: an old domain's path never changes again.
+is read and nothing needs calibrating. A path consolidates (:func:`consolidate_path`) only on
+records its sketch explains (:func:`hst.paths.assign`): a repeat of its domain trains it further,
+every other path computes exactly what it did.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
 from hst import paths
 from hst.config import ConfigError, GrowConfig, TrainConfig
-from hst.consolidate import ffn_inputs, only_trainable
+from hst.consolidate import ema_key, ffn_inputs, only_trainable
 from hst.model import GPT
 from hst.novelty import fit_gate, gate_bias
 from hst.router import Gate, gate_scores, scores_open, spherical_kmeans
@@ -136,6 +139,67 @@ def grow_path(model: GPT, layers: list[int], novel: torch.Tensor, cfg: GrowConfi
     model.add_path_sketch(paths.fit_sketch(novel, model.cfg.vocab_size))
     model.inference = cfg.inference
     return added, curves, stats
+
+
+class Plan(NamedTuple):
+    """What a cycle does with its records under ``grow.decide: novelty`` (:func:`plan`)."""
+    consolidate: dict[int, list[int]]  # known path -> the indices of the records it consolidates on
+    grow: list[int]  # records a new path grows from (empty: no path grows)
+    left: list[int]  # records nothing learns: too few to grow a path from
+    assignment: paths.Assignment  # per record: the path whose sketch explains it, the gap, the best path
+
+
+def plan(sketches: torch.Tensor, records: list[torch.Tensor], min_records: int) -> Plan:
+    """Grow or consolidate: every record goes to the grown path that explains it
+    (:func:`hst.paths.assign`); a path explaining at least ``min_records`` consolidates on them, and the
+    rest — records no path explains, and those of paths explaining fewer — grow a new path if there are
+    at least ``min_records`` of them, else are left."""
+    found = paths.assign(sketches, records)
+    groups: dict[int, list[int]] = {}
+    for i, path in enumerate(found.path):
+        groups.setdefault(path, []).append(i)
+    known = {p: rows for p, rows in sorted(groups.items()) if p != paths.NOVEL and len(rows) >= min_records}
+    rest = sorted(i for p, rows in groups.items() if p not in known for i in rows)
+    return Plan(known, rest if len(rest) >= min_records else [], [] if len(rest) >= min_records else rest, found)
+
+
+def path_domains(meta: dict, n_paths: int) -> list[list[str]]:
+    """The domains each path learned, from a checkpoint's meta (``path_domains``; a checkpoint from
+    before it was stored grew one path per cycle after pretraining, which it derives from)."""
+    if "path_domains" in meta:
+        return [list(d) for d in meta["path_domains"]]
+    learned = list(meta["learned_domains"])
+    first = len(learned) - (n_paths - 1)
+    return [learned[:first], *([d] for d in learned[first:])]
+
+
+def path_experts(model: GPT, path: int) -> list[tuple[int, int]]:
+    """The ``(layer, expert)`` pairs that growth ``path`` (>= 1) added, at every layer."""
+    out = []
+    for layer in range(model.cfg.n_layer):
+        router = model.moe(layer).router
+        grown = router.expert_gate >= 0
+        mine = torch.zeros_like(grown)
+        mine[grown] = router.gate_path[router.expert_gate[grown]] == path
+        out += [(layer, e) for e in mine.nonzero()[:, 0].tolist()]
+    return out
+
+
+def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Tensor, steps: int, cfg: GrowConfig,
+                     train_cfg: TrainConfig, key_windows: int = 16) -> list[dict]:
+    """Consolidate a known path (seed §5): train only its experts, running that path alone, on ``stream``
+    (the cycle's records it explains mixed with its own stored ones) for ``steps`` at ``cfg.lr``, then
+    move each of their keys one EMA step toward the ``new`` tokens routed to it (seed §3.2). Every
+    other path computes exactly what it did: their experts, the shared ones and every key but these stay
+    bit-identical. Returns the training curve."""
+    experts = path_experts(model, path)
+    if not experts:
+        raise ConfigError(f"grow: path {path} has no experts to consolidate (the model has {model.n_paths} paths)")
+    with model.on_path(path):
+        curve = train_experts(model, experts, stream, steps, cfg.lr, train_cfg, f"consolidate path {path}")
+        for layer, expert in experts:
+            ema_key(model, layer, expert, new, key_windows, path)
+    return curve
 
 
 def add_experts(model: GPT, placements: list[tuple[int, Gate, int, torch.Tensor]], cfg: GrowConfig,

@@ -134,6 +134,11 @@ def cycle_metrics(report: dict) -> dict[str, float]:
     out |= {f"experts.layer{i}": n for i, n in enumerate(report["experts_per_layer"])}
     if report.get("novelty_rate") is not None:
         out["novelty_rate"] = report["novelty_rate"]  # share of incoming records above the novelty threshold
+    if report.get("growth"):  # grow.decide: novelty: did the cycle grow a path, and how many did it consolidate
+        out["grew_path"] = report["growth"]["grown_path"] is not None
+        out["consolidated_paths"] = len(report["growth"]["consolidated"])
+    if report.get("inference"):
+        out["paths"] = report["inference"]["paths"]
     return {k: float(v) for k, v in out.items()}
 
 

@@ -129,7 +129,18 @@ def test_the_large_preset_is_valid_and_differs_only_in_model_and_pretrain():
     assert configs["pretrain"].batch_size % 8 == 0  # splits over 1, 2, 4 or 8 torchrun processes
 
 
+def test_the_stream_preset_is_valid_repeats_every_cycle_domain_and_differs_only_in_cycles():
+    root = Path(__file__).resolve().parents[1]
+    shipped, stream = (yaml.safe_load((root / p).read_text()) for p in ("params.yaml", "presets/stream.yaml"))
+    check_params(stream, "presets/stream.yaml")
+    assert {k for k in shipped if shipped[k] != stream[k]} == {"cycles"} and len(stream["cycles"]) >= 12
+    domains = [c["domain"] for c in stream["cycles"].values()]
+    assert {d: domains.count(d) for d in domains} == {c["domain"]: 3 for c in shipped["cycles"].values()}
+
+
 @pytest.mark.parametrize("section, message", [
+    ({"decide": "sometimes"}, "grow.decide: expected novelty or always, got 'sometimes'"),
+    ({"min_records": 0}, "grow.min_records: expected >= 1"),
     ({"select": "mlp"}, "grow.select: expected gate or posterior, got 'mlp'"),
     ({"select": "posterior", "old_share": 0.2}, "grow.old_share: expected 0 with select: posterior"),
 ])

@@ -11,6 +11,7 @@ from hst.evaluation import routing_stability
 from hst.model import GPT
 from hst.router import Gate, gate_scores
 from hst.train import evaluate, train
+from test_paths import corpus_records
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
                       dtype=torch.uint8)
@@ -257,3 +258,45 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     grow.grow(gated, [0], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8), TCFG)
     with pytest.raises(ConfigError, match="grow.select: posterior, but this model grew learned gates"):
         grow.grow(gated, [0], NOVEL, HELD_IN, cfg, TCFG)
+
+
+def test_a_repeat_drop_consolidates_its_own_path_and_leaves_everything_else_bit_identical(tiny_cfg):
+    german, python = (corpus_records(d, 160) for d in ("german", "python"))
+    model = GPT(tiny_cfg)
+    cfg = GrowConfig(experts=2, steps=6, gate_windows=8, lr=1e-2)
+    grow.grow(model, [0, 1], torch.cat(german[:120]), HELD_IN, cfg, TCFG)  # path 1: German
+    grow.grow(model, [0, 1], torch.cat(python[:120]), HELD_IN, cfg, TCFG)  # path 2: python
+    drop = german[120:]
+    todo = grow.plan(model.path_sketches, drop, min_records=8)
+    assert set(todo.consolidate) == {1} and len(todo.consolidate[1]) >= 36 and not todo.grow
+    assert sorted(todo.consolidate[1] + todo.left) == list(range(40))  # too few for a path of their own: left
+    assert grow.path_experts(model, 1) == [(0, 4), (0, 5), (1, 4), (1, 5)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held_out = torch.cat(german[140:])
+    with model.on_path(1):
+        start = evaluate(model, held_out, 4).bpb
+    new = torch.cat([drop[i] for i in todo.consolidate[1]])
+    curve = grow.consolidate_path(model, 1, new, new, 8, cfg, TCFG)
+    assert len(curve) == 8
+    with model.on_path(1):
+        assert evaluate(model, held_out, 4).bpb < start
+    after = model.state_dict()
+    mine = {f"blocks.{layer}.ffn.experts.{e}." for layer, e in grow.path_experts(model, 1)}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(tuple(mine)) or k.endswith(".router.keys") for k in changed)
+    for layer in range(2):  # only path 1's keys moved (one EMA step toward the new tokens routed to them)
+        keys_before, keys_after = before[f"blocks.{layer}.ffn.router.keys"], after[f"blocks.{layer}.ffn.router.keys"]
+        moved = (keys_before != keys_after).any(-1).nonzero()[:, 0].tolist()
+        assert moved and set(moved) <= {4, 5}
+
+
+def test_records_no_path_explains_grow_a_path_and_a_small_known_group_joins_them(tiny_cfg):
+    german, kjv = corpus_records("german", 150), corpus_records("kjv", 40, skip=200)
+    model = GPT(tiny_cfg)
+    grow.grow(model, [0, 1], torch.cat(german[:120]), HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8), TCFG)
+    todo = grow.plan(model.path_sketches, kjv + german[120:126], min_records=8)
+    assert not todo.consolidate and len(todo.grow) == 46 and not todo.left  # 6 German records join the 40 novel
+    todo = grow.plan(model.path_sketches, kjv[:5] + german[120:150], min_records=8)
+    assert list(todo.consolidate) == [1] and todo.left == list(range(5)) and not todo.grow
+    assert grow.path_domains({"learned_domains": ["a", "b", "c", "d"]}, 3) == [["a", "b"], ["c"], ["d"]]
+    assert grow.path_domains({"learned_domains": ["a"], "path_domains": [["a"], ["c", "d"]]}, 2) == [["a"], ["c", "d"]]

@@ -1,4 +1,5 @@
 import dataclasses
+import gzip
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from hst.config import GrowConfig, TrainConfig
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
 from hst.router import Gate
+from project import ROOT
 
 ENGLISH = data.encode(["the quick brown fox jumps over the lazy dog and then the cat sat on the mat " * 8])
 NUMBERS = data.encode(["0123 4567 89 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 " * 8])
@@ -115,3 +117,25 @@ def test_each_path_is_sketched_on_its_own_records_and_the_checkpoint_says_how_to
     assert model.inference == "select"
     with pytest.raises(ValueError, match="inference: expected"):
         model.inference = "both"
+
+
+def corpus_records(domain: str, n: int, skip: int = 0) -> list[torch.Tensor]:
+    """``n`` records of a shipped domain (after the first ``skip``), each as its byte tokens."""
+    text = gzip.decompress((ROOT / f"data/corpus/{domain}.txt.gz").read_bytes())[:400_000].decode(errors="ignore")
+    return [data.encode([r]) for r in data.cut_records(text, 256, 2048)[skip:skip + n]]
+
+
+def test_a_drop_goes_to_the_path_of_its_domain_and_an_unseen_domain_is_novel():
+    def sketch(domain):
+        return paths.fit_sketch(torch.cat(corpus_records(domain, 120)))
+    sketches = torch.stack([sketch("python"), sketch("kjv"), sketch("german")])  # path 0, then two grown paths
+    repeat = paths.assign(sketches, corpus_records("german", 60, skip=120))
+    assert repeat.path.count(2) >= 55 and set(repeat.best) == {2}
+    assert sum(g <= 0 for g in repeat.gap) == repeat.path.count(2)
+    # Path 0 is the trunk: text only it explains (python, its domain) is novel to the grown paths.
+    for domain in ("manpages", "python"):
+        unseen = paths.assign(sketches, corpus_records(domain, 60, skip=120))
+        assert unseen.path.count(paths.NOVEL) >= 50, domain
+    # Without a grown path, or without a second record to hold out, every record is novel.
+    assert set(paths.assign(sketches[:1], corpus_records("german", 4)).path) == {paths.NOVEL}
+    assert paths.assign(sketches, corpus_records("german", 1)).path == [paths.NOVEL]

@@ -334,25 +334,53 @@ def test_gate_rejects_bad_params_in_one_line(tmp_path):
     assert not (tmp_path / "c1.champion.pt").exists()
 
 
-def cycle_stages(proj: Path, params: Path) -> dict[str, subprocess.CompletedProcess]:
-    """build_index → collect → coreset → consolidate → grow of cycle c1 from the pretrained checkpoint."""
+def cycle_stages(proj: Path, params: Path, cycle: str = "c1", start: str = "models/pretrain.pt") -> dict[str, subprocess.CompletedProcess]:
+    """build_index → collect → coreset → consolidate → grow of ``cycle`` from checkpoint ``start``, into ``<cycle>/``."""
     p = ("--params", str(params))
+    c = cycle
     runs = {}
     for name, args in [
-        ("build_index", ("--checkpoint", "models/pretrain.pt", "--prepared", "data/prepared", "--out", "c1/index.parquet")),
-        ("collect", ("--cycle", "c1", "--checkpoint", "models/pretrain.pt", "--prepared", "data/prepared",
-                     "--out", "c1/buffer")),
-        ("coreset", ("--buffer", "c1/buffer", "--index", "c1/index.parquet", "--out", "c1/coresets")),
-        ("consolidate", ("--checkpoint", "models/pretrain.pt", "--coresets", "c1/coresets", "--buffer", "c1/buffer",
-                         "--out", "c1/consolidated.pt", "--metrics", "c1/consolidate.json", "--curves", "c1/c.csv")),
-        ("grow", ("--cycle", "c1", "--checkpoint", "c1/consolidated.pt", "--buffer", "c1/buffer", "--index",
-                  "c1/index.parquet", "--out", "c1/final.pt", "--metrics", "c1/grow.json",
-                  "--curves", "c1/g.csv")),
+        ("build_index", ("--checkpoint", start, "--prepared", "data/prepared", "--out", f"{c}/index.parquet")),
+        ("collect", ("--cycle", c, "--checkpoint", start, "--prepared", "data/prepared", "--out", f"{c}/buffer")),
+        ("coreset", ("--buffer", f"{c}/buffer", "--index", f"{c}/index.parquet", "--out", f"{c}/coresets")),
+        ("consolidate", ("--checkpoint", start, "--coresets", f"{c}/coresets", "--buffer", f"{c}/buffer",
+                         "--out", f"{c}/consolidated.pt", "--metrics", f"{c}/consolidate.json", "--curves", f"{c}/c.csv")),
+        ("grow", ("--cycle", c, "--checkpoint", f"{c}/consolidated.pt", "--buffer", f"{c}/buffer", "--index",
+                  f"{c}/index.parquet", "--out", f"{c}/final.pt", "--metrics", f"{c}/grow.json",
+                  "--curves", f"{c}/g.csv")),
     ]:
         runs[name] = stage(proj, name, *p, *args)
         if runs[name].returncode:
             break
     return runs
+
+
+def test_a_repeat_drop_grows_no_path_and_consolidates_only_the_path_that_explains_it(pretrained, tmp_path):
+    proj = tmp_path / "proj"
+    shutil.copytree(pretrained, proj)
+    text = gzip.decompress((ROOT / "data/corpus/german.txt.gz").read_bytes())[:500_000]
+    (proj / "data/corpus/german.txt").write_bytes(text[:text.rfind(b"\n\n")])
+    assert stage(proj, "prepare", "--domain", "german", "--out", "data/prepared/german",
+                 "--manifest", "metrics/prepare/german.json").returncode == 0
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["cycles"] = {"c1": {"domain": "german", "prev": "pretrain"}, "c2": {"domain": "german", "prev": "c1"}}
+    params["cycle"] |= {"mode": "grow", "incoming_records": 300}
+    params["grow"] |= {"experts": 1, "min_records": 16}  # select: posterior and decide: novelty, the defaults
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    runs = cycle_stages(proj, tmp_path / "params.yaml", "c1")
+    assert all(r.returncode == 0 for r in runs.values()), {k: r.stderr[-500:] for k, r in runs.items()}
+    first = json.loads((proj / "c1/grow.json").read_text())
+    assert first["decision"]["grown_path"] == 1 and first["decision"]["grow_records"] == 300 and first["paths"] == 2
+    runs = cycle_stages(proj, tmp_path / "params.yaml", "c2", "c1/final.pt")
+    assert all(r.returncode == 0 for r in runs.values()), {k: r.stderr[-500:] for k, r in runs.items()}
+    second = json.loads((proj / "c2/grow.json").read_text())["decision"]
+    assert second["grown_path"] is None and second["consolidated"]["1"]["new_records"] >= 280
+    assert second["consolidated"]["1"]["old_records"] > 0 and second["path_domains"] == [["shakespeare", "python"], ["german"]]
+    (before, _), (after, meta) = checkpoint.load(proj / "c1/final.pt"), checkpoint.load(proj / "c2/final.pt")
+    assert after.n_paths == 2 and after.n_experts == before.n_experts and meta["learned_domains"].count("german") == 1
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
+    assert changed and changed <= {f"blocks.{layer}.ffn.{part}" for layer in range(2) for part in
+                                   ("router.keys", "experts.4.up.weight", "experts.4.down.weight")}
 
 
 @pytest.mark.parametrize("replay, select", [("stored", "gate"), ("generated", "gate"), ("generated", "posterior")])
