@@ -23,6 +23,7 @@ TABLES = {  # name -> (document, script and its arguments, the flag naming the d
     "density": ("docs/results.md", ["density_table", "--variant", "density 1.0=docs/runs/density_1.0",
                                     "--variant", "density 0.05=docs/runs/density_0.05"], "--out"),
     "fars": ("docs/results.md", ["fars_study", "--table-only", "--plot", "{tmp}/figure.png"], "--out"),
+    "stream": ("docs/results.md", ["stream_table", "--run", "docs/runs/stream"], "--out"),
 }
 
 
