@@ -26,16 +26,20 @@ every other path computes exactly what it did.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
+import pyarrow as pa
 import torch
 
-from hst import paths
+from hst import coreset, paths
 from hst.config import ConfigError, GrowConfig, TrainConfig
 from hst.consolidate import ema_key, ffn_inputs, only_trainable
+from hst.data import encode
 from hst.model import GPT
 from hst.novelty import fit_gate, gate_bias
 from hst.router import Gate, gate_scores, scores_open, spherical_kmeans
+from hst.sampler import tokens_by_source
 from hst.train import Evaluation, evaluate, train
 
 
@@ -161,6 +165,43 @@ def plan(sketches: torch.Tensor, records: list[torch.Tensor], min_records: int) 
     known = {p: rows for p, rows in sorted(groups.items()) if p != paths.NOVEL and len(rows) >= min_records}
     rest = sorted(i for p, rows in groups.items() if p not in known for i in rows)
     return Plan(known, rest if len(rest) >= min_records else [], [] if len(rest) >= min_records else rest, found)
+
+
+def learn(model: GPT, new: pa.Table, index: pa.Table, owners: list[list[str]], domain: str, cfg: GrowConfig,
+          tcfg: TrainConfig, new_old_ratio: float, seed: int) -> tuple[dict, list[dict]]:
+    """Novelty decides (``grow.decide: novelty``, :func:`plan`): each known path consolidates on the new
+    records (Smart Sampler rows) it explains mixed with its own stored ones (``index`` rows of its
+    domains, at ``new_old_ratio``); the rest grow a path, from ``domain`` records.
+    ``cfg.steps`` is shared by the trained paths in proportion to their new records. Updates ``owners``
+    (the domains of each path) in place; returns the decision's report and the training curve."""
+    texts = new["text"].to_pylist()
+    todo = plan(model.path_sketches, [encode([t]) for t in texts], cfg.min_records)
+    used = sum(map(len, todo.consolidate.values())) + len(todo.grow)
+    share = {p: round(cfg.steps * len(rows) / used) for p, rows in todo.consolidate.items()}
+    curve, consolidated = [], {}
+    for path, rows in todo.consolidate.items():
+        mine = new.take(rows)
+        stored = index.filter(pa.array([s in owners[path] for s in index["source"].to_pylist()]))
+        stream = coreset.mix(mine, stored, new_old_ratio, seed)
+        curve += consolidate_path(model, path, encode(stream["text"].tolist()), encode(mine["text"].to_pylist()),
+                                  share[path], cfg, tcfg)
+        consolidated[path] = {"new_records": len(rows), "old_records": int((stream["kind"] == "old").sum()),
+                              "steps": share[path]}
+        owners[path] += [domain] if domain not in owners[path] else []
+    grown_path = None
+    if todo.grow:
+        base = None if len(model.path_sketches) else torch.cat([t.flatten() for t in tokens_by_source(index).values()])
+        steps = cfg.steps - sum(share.values())
+        _, phase, _ = grow_path(model, list(range(model.cfg.n_layer)), encode([texts[i] for i in todo.grow]),
+                                dataclasses.replace(cfg, steps=steps), tcfg, base)
+        curve += phase["train"]
+        grown_path = model.n_paths - 1
+        owners.append([domain])
+    gaps = [g for g in todo.assignment.gap if math.isfinite(g)]
+    return {"grown_path": grown_path, "grow_records": len(todo.grow), "consolidated": consolidated,
+            "left_records": len(todo.left), "mean_gap_bits": sum(gaps) / len(gaps) if gaps else None,
+            "records_per_best_path": {str(p): todo.assignment.best.count(p) for p in sorted(set(todo.assignment.best))},
+            "path_domains": owners}, [row | {"step": i + 1} for i, row in enumerate(curve)]
 
 
 def path_domains(meta: dict, n_paths: int) -> list[list[str]]:

@@ -1,33 +1,27 @@
-"""DVC stage `grow`: decide from the cycle's Smart Sampler records whether the incoming data is
-novel, and if so add new experts to every layer — a path of their own (``grow.select: posterior``,
-the default) or behind a learned gate per layer — and train only them on it.
+"""DVC stage `grow`: decide what the cycle's Smart Sampler records teach the model, train only that,
+and write the cycle's final checkpoint.
 
-A record is novel when its surprise (BPB under the cycle-start model, logged by `collect`) exceeds
-the ``grow.quantile`` of the held-in index records' BPB (`build_index`, same model). Growth
-triggers when ``grow.min_batches`` consecutive batches of ``grow.batch_records`` records have more
-than ``grow.novel_share`` novel ones. Each new expert's gate is calibrated to let through only
-``grow.gate_fpr`` of held-in tokens (the routing stability of the learned domains' validation
-tokens across growth is `evaluate`'s to measure: this stage reads no validation text). The output
-checkpoint is the cycle's final model.
+Default (``cycle.mode: grow``, ``grow.select: posterior``, ``grow.decide: novelty``): each record
+goes to the grown path whose byte sketch explains it better than a held-out sketch of the cycle's
+own records; such a path consolidates on its records mixed with its stored ones (the index's
+records of its domains), and the rest grow a new path of ``grow.experts`` experts per layer
+(``hst.grow.learn``). With ``grow.decide: always`` every cycle grows a path from all its records.
 
-With ``cycle.mode: grow`` every cycle grows (DEMix-style dedicated capacity, no domain labels: the
-cycle's incoming records are the unit) and the new experts train on all incoming records; the
-novelty check is still reported. With ``grow.select: posterior`` the new experts form a path of their own instead of sitting behind
-gates, and the index's text is not read (``hst.grow.grow_path``). The new experts train at
-``grow.lr`` for ``grow.steps``; with
-``grow.old_share`` > 0 that share of the training records is sampled from the index (old training
-records, or the start model's samples when ``cycle.replay: generated``), and the experts grown in
-earlier cycles then train on them at ``consolidate.lr``.
+The surprise detector is always reported: a record is novel when its BPB under the cycle-start
+model (logged by `collect`) exceeds the ``grow.quantile`` of the index records' BPB, and it triggers
+after ``grow.min_batches`` consecutive batches of ``grow.batch_records`` records with more than
+``grow.novel_share`` novel ones. In mode ``experts`` it decides whether to grow, and from which
+records. With ``grow.select: gate`` the new experts sit behind a learned gate per layer, calibrated
+on the index's held-in text to let through at most ``grow.gate_fpr`` of its tokens; with
+``grow.old_share`` > 0 that share of the training records comes from the index and the experts
+grown earlier train on them at ``consolidate.lr``. This stage reads no validation text.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 
 import pyarrow as pa
-import torch
 
 from hst import checkpoint, coreset, data, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig
@@ -70,8 +64,9 @@ def main() -> None:
     grown, curves, gates, old = [], {}, [], []
     if decides and cfg.enabled:
         owners = grow.path_domains(meta, model.n_paths)
-        report["decision"], curves["train"] = decide(model, new, index, owners, domain, cfg, tcfg, ccfg)
-        report["triggered"] = bool(report["decision"]["grown_path"])
+        report["decision"], curves["train"] = grow.learn(model, new, index, owners, domain, cfg, tcfg,
+                                                          ccfg.new_old_ratio, ccfg.seed)
+        report["triggered"] = report["decision"]["grown_path"] is not None
         meta = {**meta, "path_domains": owners}
     elif report["triggered"]:
         fresh = new.filter(pa.array([bool(flag) or ccfg.mode == "grow" for flag in found.novel]))
@@ -86,42 +81,6 @@ def main() -> None:
     write_json(args.metrics, {**report, "old_records": len(old), "grown": gates,
                               "held_in_bpb_change": curves.get("held_in_bpb_change", {}),
                               "experts_per_layer": model.n_experts, "paths": model.n_paths})
-
-
-def decide(model, new: pa.Table, index: pa.Table, owners: list[list[str]], domain: str, cfg: GrowConfig,
-           tcfg: TrainConfig, ccfg: CycleConfig) -> tuple[dict, list[dict]]:
-    """Novelty decides: each known path consolidates on the records it explains mixed with its own
-    stored ones (the index's records of its domains, at ``cycle.new_old_ratio``), the rest grow a path.
-    ``cfg.steps`` is shared by the trained paths in proportion to their new records. Updates ``owners``
-    (the domains of each path) in place; returns the decision's report and the training curve."""
-    texts = new["text"].to_pylist()
-    todo = grow.plan(model.path_sketches, [data.encode([t]) for t in texts], cfg.min_records)
-    used = sum(map(len, todo.consolidate.values())) + len(todo.grow)
-    share = {p: round(cfg.steps * len(rows) / used) for p, rows in todo.consolidate.items()}
-    curve, consolidated = [], {}
-    for path, rows in todo.consolidate.items():
-        mine = new.take(rows)
-        stored = index.filter(pa.array([s in owners[path] for s in index["source"].to_pylist()]))
-        stream = coreset.mix(mine, stored, ccfg.new_old_ratio, ccfg.seed)
-        curve += grow.consolidate_path(model, path, data.encode(stream["text"].tolist()),
-                                       data.encode(mine["text"].to_pylist()), share[path], cfg, tcfg)
-        consolidated[path] = {"new_records": len(rows), "old_records": int((stream["kind"] == "old").sum()),
-                              "steps": share[path]}
-        owners[path] += [domain] if domain not in owners[path] else []
-    grown_path = None
-    if todo.grow:
-        base = None if len(model.path_sketches) else torch.cat([t.flatten() for t in sampler.tokens_by_source(index).values()])
-        steps = cfg.steps - sum(share.values())
-        _, phase, _ = grow.grow_path(model, list(range(model.cfg.n_layer)), data.encode([texts[i] for i in todo.grow]),
-                                     dataclasses.replace(cfg, steps=steps), tcfg, base)
-        curve += phase["train"]
-        grown_path = model.n_paths - 1
-        owners.append([domain])
-    gaps = [g for g in todo.assignment.gap if math.isfinite(g)]
-    return {"grown_path": grown_path, "grow_records": len(todo.grow), "consolidated": consolidated,
-            "left_records": len(todo.left), "mean_gap_bits": sum(gaps) / len(gaps) if gaps else None,
-            "records_per_best_path": {str(p): todo.assignment.best.count(p) for p in sorted(set(todo.assignment.best))},
-            "path_domains": owners}, [row | {"step": i + 1} for i, row in enumerate(curve)]
 
 
 if __name__ == "__main__":
