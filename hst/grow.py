@@ -189,11 +189,10 @@ def learn(model: GPT, new: pa.Table, index: pa.Table, owners: list[list[str]], d
                               "steps": share[path]}
         owners[path] += [domain] if domain not in owners[path] else []
     grown_path = None
-    if todo.grow:
-        base = None if len(model.path_sketches) else torch.cat([t.flatten() for t in tokens_by_source(index).values()])
-        steps = cfg.steps - sum(share.values())
-        _, phase, _ = grow_path(model, list(range(model.cfg.n_layer)), encode([texts[i] for i in todo.grow]),
-                                dataclasses.replace(cfg, steps=steps), tcfg, base)
+    if todo.grow:  # the first path sketches path 0 from the index's text (grow reads it only then)
+        held_in = {} if len(model.path_sketches) else tokens_by_source(index)
+        _, phase, _ = grow(model, list(range(model.cfg.n_layer)), encode([texts[i] for i in todo.grow]), held_in,
+                           dataclasses.replace(cfg, steps=cfg.steps - sum(share.values())), tcfg)
         curve += phase["train"]
         grown_path = model.n_paths - 1
         owners.append([domain])
