@@ -1,6 +1,7 @@
 """Inference cost of growth paths: forward tokens/s and MFLOPs per token of the default model shape
 as paths are added — the mixture of every path (``grow.inference: mixture``, :func:`hst.model.mix_paths`)
-against the flat-cost selection (``select``, :mod:`hst.paths`) and the pretrained model (no path) —
+against the flat-cost selection (``select``, :mod:`hst.paths`), the selection mixed with path 0
+(``select_base``) and the pretrained model (no path) —
 and generation tokens/s with the key/value-cached :class:`hst.generate.Decoder` against re-running
 the whole context for every byte.
 
@@ -28,7 +29,7 @@ import torch
 from hst import data, paths
 from hst.config import ModelConfig
 from hst.generate import Decoder
-from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
+from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.params import load_section
 from hst.router import Gate
 from hst.train import eval_windows
@@ -103,8 +104,9 @@ def main() -> None:
     models = {p: model_with_paths(cfg, p, grow_sec.get("experts", 4), domains) for p in [1, *args.paths]}
     one_path_flops = models[1].flops_per_token()
     variants = [("pretrained", 1, 0)] + [(f"{kind}@{p}", p, mode) for p in args.paths
-                                         for kind, mode in (("select", SELECTED_PATHS), ("mixture", ALL_PATHS))
-                                         if kind == "select" or p <= args.mixture_up_to]
+                                         for kind, mode in (("select", SELECTED_PATHS), ("select_base", SELECTED_AND_BASE),
+                                                            ("mixture", ALL_PATHS))
+                                         if kind != "mixture" or p <= args.mixture_up_to]
     runs: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, p, mode in variants:
@@ -116,7 +118,8 @@ def main() -> None:
             passes[name] = models[p].passes(idx)
     prompt = idx[:8, :64]
     gen = {}
-    for name, p, mode in [("pretrained", 1, 0), (f"select@{args.paths[0]}", args.paths[0], SELECTED_PATHS)]:
+    for name, p, mode in [("pretrained", 1, 0), (f"select@{args.paths[0]}", args.paths[0], SELECTED_PATHS),
+                          (f"select_base@{args.paths[0]}", args.paths[0], SELECTED_AND_BASE)]:
         with models[p].on_path(mode):
             gen[name] = {"kv_cache": generation_tokens_per_s(models[p], prompt, args.gen_bytes, True),
                          "rerun_context": generation_tokens_per_s(models[p], prompt, args.gen_bytes, False)}

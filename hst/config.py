@@ -199,8 +199,9 @@ class GrowConfig:
     #                       the held-in records) or "posterior" (the growth's experts form a path of their own, mixed
     #                       with the others by each path's likelihood of the context: no held-in text, no gate_* keys)
     inference: str = "mixture"  # with select posterior, how the grown model runs its paths: "mixture" (all of them,
-    #                             weighted by their posterior: P models per token) or "select" (one per segment, chosen
-    #                             by the paths' byte sketches: flat cost, hst/paths.py); stored in the checkpoint
+    #                             weighted by their posterior: P models per token), "select" (one per segment, chosen
+    #                             by the paths' byte sketches: flat cost, hst/paths.py) or "select_base" (that one
+    #                             mixed with path 0 by their posterior: at most one more pass); stored in the checkpoint
     decide: str = "novelty"  # with select posterior in mode grow: "novelty" (each record goes to the grown path whose
     #                         sketch explains it better than a sketch of the cycle's own records does; those paths
     #                         consolidate on theirs, the rest grow a path: hst.paths.assign) or "always" (every cycle
@@ -233,7 +234,8 @@ class GrowConfig:
         _require(self.lr > 0, "lr: expected > 0")
         _require(0 <= self.old_share < 1, "old_share: expected in [0, 1)")
         _require(self.select in ("gate", "posterior"), f"select: expected gate or posterior, got {self.select!r}")
-        _require(self.inference in ("mixture", "select"), f"inference: expected mixture or select, got {self.inference!r}")
+        _require(self.inference in ("mixture", "select", "select_base"),
+                 f"inference: expected mixture, select or select_base, got {self.inference!r}")
         _require(self.decide in ("novelty", "always"), f"decide: expected novelty or always, got {self.decide!r}")
         _require(self.min_records >= 1, "min_records: expected >= 1")
         _require(self.select == "gate" or self.old_share == 0,

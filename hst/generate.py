@@ -3,8 +3,8 @@
 :class:`Decoder` gives next-byte logits one byte at a time with attention caches, running paths as
 ``GPT.forward`` does: the trunk (layer 0's attention, shared by every path) has one cache for all
 sequences; above it each sequence extends the cache of the path serving it (with the selection, a
-sequence that switches path at a decision position has the new path run over its context once), or,
-for the mixture, of every path.
+sequence that switches path at a decision position has the new path run over its context once), and
+of path 0 too when the selection is mixed with it, or, for the mixture, of every path.
 When a context reaches ``seq_len`` it restarts from its last ``seq_len // 2`` bytes, as a forward pass
 over that window would see them.
 
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hst import paths
 from hst.data import SEPARATOR
 from hst.experts import MoE
-from hst.model import ALL_PATHS, GPT, mix_paths
+from hst.model import ALL_PATHS, GPT
 from hst.router import KeyRouter
 from hst.train import eval_mode
 
@@ -33,8 +33,9 @@ class Decoder:
     ``start(prompt)`` takes a (B, L) prompt and returns the logits of its last position; ``step(tokens)``
     appends one byte per sequence and returns the next logits, (B, vocab) each. They equal the logits
     of ``model(context)`` at the context's last position, where context is everything since the last
-    restart (tested), for one path, the selection and the mixture alike (the mixture runs every path
-    per byte, each with its own cache, and returns its log-probabilities). A model with learned growth
+    restart (tested), for one path, the selection (alone or mixed with path 0) and the mixture alike
+    (a mixture runs each of its members per byte, each with its own cache, and returns its
+    log-probabilities). A model with learned growth
     gates has no cache: it re-runs its last ``seq_len`` bytes for every byte.
     """
 
@@ -59,18 +60,20 @@ class Decoder:
         self.groups: dict[int, tuple[torch.Tensor, list[dict]]] = {}  # path -> (rows, caches above the trunk)
         rows = torch.arange(B, device=prompt.device)
         if self.mode == "mixture":
-            out = torch.stack([self._open(p, rows) for p in range(model.n_paths)])  # (P, B, T, V)
-            logp, _ = mix_paths(out, prompt)
-            self.seen = out[:, :, :-1].log_softmax(-1).gather(-1, prompt[None, :, 1:, None].expand(
-                len(out), B, -1, 1))[..., 0].sum(-1)  # (P, B) each path's log-likelihood of the context
-            self.last = out[:, :, -1].log_softmax(-1)  # (P, B, V)
-            return logp[:, -1]
+            return self._mix_start(torch.stack([self._open(p, rows) for p in range(model.n_paths)]), prompt)
         if self.mode == "one":
             self.serving = prompt.new_full((B,), max(model.path or 0, 0))
         else:
             scores = model.path_scores(prompt)
             self.scores = scores[:, -1]  # (B, P) sketch log-likelihood so far
             self.serving = paths.segment_paths(scores)[:, -1]
+        if self.mode == "select_base":  # path 0 for every sequence, the selected path beside it
+            self.base: list[dict] = [{} for _ in range(model.cfg.n_layer - 1)]
+            base = model.from_trunk(self.h0, False, 0, self.base)
+            selected = model.select_paths(prompt, self.h0, base)[0]  # (B, t, V) the selection over the prompt
+            for p in self.serving[self.serving != 0].unique().tolist():
+                self._open(p, (self.serving == p).nonzero()[:, 0])
+            return self._mix_start(torch.stack([selected, base[0]]), prompt)
         logits = self.h0.new_empty(B, model.cfg.vocab_size, dtype=torch.float32)
         for p in self.serving.unique().tolist():
             mine = (self.serving == p).nonzero()[:, 0]
@@ -91,16 +94,15 @@ class Decoder:
         h = model.trunk(tokens[:, None], self.trunk_cache)  # (B, 1, d)
         self.h0 = torch.cat([self.h0, h], 1)
         if self.mode == "mixture":
-            self.seen = self.seen + self.last.gather(-1, tokens[None, :, None].expand(len(self.last), -1, 1))[..., 0]
-            out = torch.stack([model.from_trunk(h, False, p, caches)[0][:, -1] for p, (_, caches) in self.groups.items()])
-            self.last = out.log_softmax(-1)
-            return (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
+            return self._mix_step(tokens, torch.stack([model.from_trunk(h, False, p, caches)[0][:, -1]
+                                                       for p, (_, caches) in self.groups.items()]))
         serving = self.serving
-        if self.mode == "select":
+        if self.mode != "one":
             if position >= 2:
                 self.scores = self.scores + model.path_scores(self.tokens[:, -3:])[:, -1]
             if position in paths.DECISIONS:
                 serving = self.scores.argmax(-1)
+        base = model.from_trunk(h, False, 0, self.base)[0][:, -1] if self.mode == "select_base" else None
         logits = h.new_empty(len(tokens), model.cfg.vocab_size, dtype=torch.float32)
         for p, (rows, caches) in list(self.groups.items()):
             keep = serving[rows] == p
@@ -112,10 +114,28 @@ class Decoder:
             else:
                 del self.groups[p]
         for p in serving[serving != self.serving].unique().tolist():
+            if p == 0 and base is not None:
+                continue
             moved = ((serving == p) & (serving != self.serving)).nonzero()[:, 0]
             logits[moved] = self._open(p, moved)[:, -1]
         self.serving = serving
-        return logits
+        if base is None:
+            return logits
+        logits[serving == 0] = base[serving == 0]
+        return self._mix_step(tokens, torch.stack([logits, base]))
+
+    def _mix_start(self, out: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """(M, B, t, V) the logits of a mixture's M members over the prompt -> the mixture's last log-probabilities."""
+        self.seen = out[:, :, :-1].log_softmax(-1).gather(-1, prompt[None, :, 1:, None].expand(
+            len(out), len(prompt), -1, 1))[..., 0].sum(-1)  # (M, B) each member's log-likelihood of the context
+        self.last = out[:, :, -1].log_softmax(-1)  # (M, B, V)
+        return (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
+
+    def _mix_step(self, tokens: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(B,) the byte just appended, (M, B, V) the members' logits after it -> the mixture's log-probabilities."""
+        self.seen = self.seen + self.last.gather(-1, tokens[None, :, None].expand(len(self.last), -1, 1))[..., 0]
+        self.last = out.log_softmax(-1)
+        return (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
 
     def _open(self, path: int, rows: torch.Tensor) -> torch.Tensor:
         """Run ``path`` over the whole context of ``rows``, which join its group; their (n, t, V) logits."""

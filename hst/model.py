@@ -8,7 +8,9 @@ given, and the routing of every token at every layer for the Smart Sampler and t
 A model grown with path gates (``grow.select: posterior``) holds several *paths*: the base experts
 alone (path 0) and, per growth, the base experts plus that growth's experts. ``forward`` then runs
 every path and mixes their next-byte distributions by each path's posterior given the context
-(:func:`mix_paths`); ``on_path`` runs one path alone (growth trains its path this way).
+(:func:`mix_paths`), or, at flat cost, runs the path :mod:`hst.paths` selects per segment — alone or
+mixed with path 0 by the same posterior (``GPT.inference``); ``on_path`` runs one path alone (growth
+trains its path this way).
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def mix_paths(logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, to
     return (weights[..., None] + logp).logsumexp(0), weights.exp()
 
 
+def most_weighted(routings: list[list[Routing | None]], best: torch.Tensor) -> list[Routing | None]:
+    """Per layer, each token's routing from the run weighted most for it: ``routings`` one per run
+    (fields flattened to B·T tokens), ``best`` (B, T) the run index per token."""
+    best, token = best.reshape(-1), torch.arange(best.numel(), device=best.device)
+    return [None if layer[0] is None else Routing(*(torch.stack(f)[best, token] for f in zip(*layer)))
+            for layer in zip(*routings)]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, n_experts: int):
         super().__init__()
@@ -115,9 +125,13 @@ class ModelOutput(NamedTuple):
 
 # The buffers a model stores once it has paths (``GPT.add_path_sketch``).
 PATH_BUFFERS = ("path_sketches", "path_select")
-# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`mix_paths`), or
-# selects one per segment (:mod:`hst.paths`), whatever ``GPT.inference`` says.
-ALL_PATHS, SELECTED_PATHS = -1, -2
+# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`mix_paths`), selects
+# one per segment (:mod:`hst.paths`), or mixes the selected one with path 0 by their posterior, whatever
+# ``GPT.inference`` says.
+ALL_PATHS, SELECTED_PATHS, SELECTED_AND_BASE = -1, -2, -3
+# How a model of several paths runs them, by ``GPT.path`` value; ``GPT.inference`` stores its index.
+PATH_MODES = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", SELECTED_AND_BASE: "select_base"}
+INFERENCE = tuple(PATH_MODES.values())
 
 
 class GPT(nn.Module):
@@ -132,11 +146,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # The path ``forward`` runs (``on_path``): None does what ``inference`` says; see ALL_PATHS too.
         self.path: int | None = None
-        # Path sketches (hst.paths.fit_sketch), one per path, and whether ``forward`` selects paths by
-        # them (else it mixes all). Empty, and not in the state dict, until a path is added
-        # (``add_path_sketch``): a model without paths stores exactly what it did before paths existed.
+        # Path sketches (hst.paths.fit_sketch), one per path, and how ``forward`` runs the paths (an
+        # index into INFERENCE; checkpoints from before select_base stored a bool, which loads as 0 / 1).
+        # Empty, and not in the state dict, until a path is added (``add_path_sketch``): a model without
+        # paths stores exactly what it did before paths existed.
         self.register_buffer("path_sketches", torch.zeros(0, paths.SKETCH_CONTEXTS, cfg.vocab_size), persistent=False)
-        self.register_buffer("path_select", torch.tensor(False), persistent=False)
+        self.register_buffer("path_select", torch.tensor(0), persistent=False)
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -171,7 +186,7 @@ class GPT(nn.Module):
     def on_path(self, path: int):
         """Run (and train) path ``path`` alone inside the block — 0 is the model before any path growth —
         or every path mixed by their posterior (:data:`ALL_PATHS`), or one selected per segment
-        (:data:`SELECTED_PATHS`)."""
+        (:data:`SELECTED_PATHS`), or that one mixed with path 0 (:data:`SELECTED_AND_BASE`)."""
         previous, self.path = self.path, path
         try:
             yield self
@@ -186,23 +201,23 @@ class GPT(nn.Module):
 
     @property
     def path_mode(self) -> str:
-        """What ``forward`` runs now: "one" path (``on_path(p)``, or a model without paths), the
-        "mixture" of all or the "select"-ion of one per segment (``on_path(ALL_PATHS | SELECTED_PATHS)``,
-        else ``inference``)."""
-        if self.n_paths == 1 or self.path not in (None, ALL_PATHS, SELECTED_PATHS):
+        """What ``forward`` runs now: "one" path (``on_path(p)``, or a model without paths), or one of
+        :data:`INFERENCE` (``on_path`` with a :data:`PATH_MODES` value, else ``inference``)."""
+        if self.n_paths == 1 or (self.path is not None and self.path not in PATH_MODES):
             return "one"
-        return {ALL_PATHS: "mixture", SELECTED_PATHS: "select"}.get(self.path, self.inference)
+        return PATH_MODES.get(self.path, self.inference)
 
     @property
     def inference(self) -> str:
-        """How ``forward`` runs a model of several paths: "select" (one per segment, hst.paths) or "mixture" (all)."""
-        return "select" if bool(self.path_select) else "mixture"
+        """How ``forward`` runs a model of several paths: "mixture" (all), "select" (one per segment,
+        hst.paths) or "select_base" (that one mixed with path 0 by their posterior)."""
+        return INFERENCE[int(self.path_select)]
 
     @inference.setter
     def inference(self, mode: str) -> None:
-        if mode not in ("select", "mixture"):
-            raise ValueError(f"inference: expected 'select' or 'mixture', got {mode!r}")
-        self.path_select.fill_(mode == "select")
+        if mode not in INFERENCE:
+            raise ValueError(f"inference: expected one of {', '.join(INFERENCE)}, got {mode!r}")
+        self.path_select.fill_(INFERENCE.index(mode))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "path_sketches" in state_dict:  # sketched paths: their number comes with the checkpoint
@@ -232,13 +247,14 @@ class GPT(nn.Module):
 
     def passes(self, idx: torch.Tensor) -> float:
         """Model passes per token ``forward`` spends on (B, T) ``idx``: 1 on one path, P for the mixture,
-        what the chosen segments cost for the selection (:func:`hst.paths.relative_cost`)."""
+        what the chosen segments cost for the selection (:func:`hst.paths.relative_cost`), alone or
+        beside path 0."""
         mode = self.path_mode
         if mode == "one":
             return 1.0
         if mode == "mixture":
             return float(self.n_paths)
-        return paths.relative_cost(paths.segment_paths(self.path_scores(idx)), idx.shape[1])
+        return paths.relative_cost(paths.segment_paths(self.path_scores(idx)), idx.shape[1], mode == "select_base")
 
     def moe(self, layer: int) -> MoE:
         ffn = self.blocks[layer].ffn
@@ -263,16 +279,19 @@ class GPT(nn.Module):
             chosen = idx.new_full((B, T), path)
         elif update_keys:
             raise ValueError("update_keys: keys move on one path (on_path), not on a choice or mixture of paths")
-        elif mode == "select":
-            logits, routing, chosen = self._select(idx, h0)
-        else:
+        elif mode == "mixture":
             runs = [self.from_trunk(h0, False, p) for p in range(self.n_paths)]
             logits, weights = mix_paths(torch.stack([logits for logits, _ in runs]), idx)
-            # Each token's routing is that of the path weighted most for it.
             chosen = weights.argmax(0)
-            best, token = chosen.reshape(-1), torch.arange(idx.numel(), device=idx.device)
-            routing = [None if layer[0] is None else Routing(*(torch.stack(f)[best, token] for f in zip(*layer)))
-                       for layer in zip(*(r for _, r in runs))]
+            routing = most_weighted([r for _, r in runs], chosen)
+        else:
+            base = self.from_trunk(h0, False, 0) if mode == "select_base" else None
+            logits, routing, chosen = self.select_paths(idx, h0, base)
+            if base is not None:  # the selection and path 0, mixed like the mixture's paths
+                logits, weights = mix_paths(torch.stack([logits, base[0]]), idx)
+                on_base = weights[1] > weights[0]
+                chosen = chosen.masked_fill(on_base, 0)
+                routing = most_weighted([routing, base[1]], on_base.long())
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
@@ -301,15 +320,23 @@ class GPT(nn.Module):
                              "one path (GPT.on_path) or mix them all (GPT.on_path(ALL_PATHS))")
         return paths.sketch_scores(idx, self.path_sketches)
 
-    def _select(self, idx: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, list[Routing | None], torch.Tensor]:
+    def select_paths(self, idx: torch.Tensor, h0: torch.Tensor, base: tuple[torch.Tensor, list[Routing | None]] | None = None
+                     ) -> tuple[torch.Tensor, list[Routing | None], torch.Tensor]:
         """Each sequence runs the paths :mod:`hst.paths` chooses for its segments (a bounded number,
-        whatever the number of paths); each segment's logits and routing come from its own path."""
+        whatever the number of paths); each segment's logits and routing come from its own path.
+        ``base``: path 0's logits and routing over the whole of ``h0``, already run, which serve its
+        segments (path 0 is then not run again)."""
         B, T, _ = h0.shape
         spans = paths.segments(T)
         serving = paths.segment_paths(self.path_scores(idx))  # (B, S)
         logits, routing = None, None
+        if base is not None:
+            logits = base[0].clone()
+            routing = [None if layer is None else [f.view(B, T, *f.shape[1:]).clone() for f in layer] for layer in base[1]]
         by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for (p, length), rows in paths.runs(serving, T).items():
+            if p == 0 and base is not None:
+                continue
             by_length.setdefault(length, []).append((p, rows.to(h0.device)))
         for length, runs in by_length.items():  # one call per length: each row with its own path
             rows = torch.cat([r for _, r in runs])

@@ -147,6 +147,9 @@ def runs(paths: torch.Tensor, T: int) -> dict[tuple[int, int], torch.Tensor]:
     return {key: torch.tensor(rows) for key, rows in sorted(out.items())}
 
 
-def relative_cost(paths: torch.Tensor, T: int) -> float:
-    """Model passes per token that :func:`runs` spends on these (B, S) segment paths (1.0: one path)."""
-    return sum(length * len(rows) for (_, length), rows in runs(paths, T).items()) / (paths.shape[0] * T)
+def relative_cost(paths: torch.Tensor, T: int, base: bool = False) -> float:
+    """Model passes per token that :func:`runs` spends on these (B, S) segment paths (1.0: one path).
+    ``base``: path 0 runs over every position anyway (the selection mixed with it), so it serves its
+    segments at no extra cost."""
+    spent = sum(length * len(rows) for (p, length), rows in runs(paths, T).items() if not (base and p == 0))
+    return spent / (paths.shape[0] * T) + base

@@ -56,6 +56,8 @@ METHODS = {
     "HST, replay-free": ("hst-paths-replay-free", "grow.steps", ["cycle.replay=generated"], (1,)),
     # The same paths run one per segment (hst/paths.py): flat inference cost instead of one model per path.
     "HST, paths selected": ("hst-paths-select", "grow.steps", ["grow.inference=select"], (1,)),
+    # ... and mixed with path 0 by their posterior: flat too, at most one pass more (issue 32).
+    "HST, paths selected + path 0": ("hst-paths-select-base", "grow.steps", ["grow.inference=select_base"], (1,)),
     "HST, gates, budget 1.5 %": ("hst-budget1.5", "grow.steps", [*GATES], (1,)),  # the default before paths
     "HST, gates, budget 2 %": ("hst-budget2", "grow.steps", [*GATES, "grow.forgetting_budget=0.02"], (1,)),
     "HST, gates, budget 1 %": ("hst-budget1", "grow.steps", [*GATES, "grow.forgetting_budget=0.01"], (1,)),

@@ -6,7 +6,8 @@ mixture of every path and each single path, and on sequences that change domain 
 Per domain: the BPB of every path alone (the best one is the oracle a perfect per-domain choice
 would reach), of the mixture (``grow.inference: mixture``, P models per token), and of the
 selection (``select``, :mod:`hst.paths`) with the model passes it spent, and of the selection
-mixed with path 0 by their posterior (one more pass per token, still flat in the number of paths). Switches: windows whose
+mixed with path 0 by their posterior (``select_base``: at most one more pass per token, still flat in
+the number of paths). Switches: windows whose
 first half is one domain's validation text and second half another's (every ordered pair), the
 same three ways; the best single path there is the better of the two domains' best paths.
 """
@@ -23,33 +24,23 @@ import torch.nn.functional as F
 
 from hst import checkpoint, data, paths
 from hst.io import write_json
-from hst.model import ALL_PATHS, SELECTED_PATHS, mix_paths
+from hst.model import ALL_PATHS, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.train import eval_mode, eval_windows
 
 LN2 = math.log(2)
 
 
-# The selection mixed with path 0 by their posterior (hst.model.mix_paths): at most 1 + the selection's
-# passes per token whatever the number of paths, and a window the sketches misroute keeps path 0.
+# The name the results carry for grow.inference: select_base (kept from before it was built in GPT.forward).
 WITH_PATH_0 = "select + path 0"
 
 
 @torch.no_grad()
-def bpb(model, windows: torch.Tensor, mode: int | str) -> float:
-    """Mean bits per byte of (W, T + 1) windows under ``GPT.on_path(mode)`` (or :data:`WITH_PATH_0`)."""
+def bpb(model, windows: torch.Tensor, mode: int) -> float:
+    """Mean bits per byte of (W, T + 1) windows under ``GPT.on_path(mode)``."""
     nll = []
-    with eval_mode(model):
-        for w in windows.split(16):
-            if mode == WITH_PATH_0:
-                logits = []
-                for path in (0, SELECTED_PATHS):
-                    with model.on_path(path):
-                        logits.append(model(w[:, :-1]).logits)
-                logp = mix_paths(torch.stack(logits), w[:, :-1])[0]
-                nll.append(F.nll_loss(logp.transpose(1, 2), w[:, 1:]))
-            else:
-                with model.on_path(mode):
-                    nll.append(F.cross_entropy(model(w[:, :-1]).logits.transpose(1, 2), w[:, 1:]))
+    with eval_mode(model), model.on_path(mode):
+        for w in windows.split(16):  # a mixture's logits are log-probabilities: cross-entropy takes both
+            nll.append(F.cross_entropy(model(w[:, :-1]).logits.transpose(1, 2), w[:, 1:]))
     return float(torch.stack(nll).mean()) / LN2
 
 
@@ -64,12 +55,14 @@ def main() -> None:
     T = model.cfg.seq_len
     domains = list(meta["learned_domains"])
     val = {d: eval_windows(data.load_tokens(args.prepared, d, "val"), T, args.windows) for d in domains}
-    modes = {"select": SELECTED_PATHS, WITH_PATH_0: WITH_PATH_0, "mixture": ALL_PATHS,
+    modes = {"select": SELECTED_PATHS, WITH_PATH_0: SELECTED_AND_BASE, "mixture": ALL_PATHS,
              **{f"path {p}": p for p in range(model.n_paths)}}
     rows = {}
     for d in domains:
         rows[d] = {name: bpb(model, val[d], mode) for name, mode in modes.items()}
-        rows[d]["select passes"] = paths.relative_cost(paths.segment_paths(model.path_scores(val[d][:, :-1])), T)
+        for name, mode in (("select", SELECTED_PATHS), (WITH_PATH_0, SELECTED_AND_BASE)):
+            with model.on_path(mode):
+                rows[d][f"{name} passes"] = model.passes(val[d][:, :-1])
         print(d, {k: round(v, 3) for k, v in rows[d].items()}, flush=True)
     best = {d: min(range(model.n_paths), key=lambda p: rows[d][f"path {p}"]) for d in domains}
     switches = {}
@@ -81,7 +74,8 @@ def main() -> None:
         switches[f"{a} -> {b}"] = r
         print(a, "->", b, {k: round(v, 3) for k, v in r.items()}, flush=True)
     mean = lambda table, key: sum(r[key] for r in table.values()) / len(table)  # noqa: E731
-    summary = {"domains": {k: mean(rows, k) for k in ("select", WITH_PATH_0, "mixture", "select passes")}
+    summary = {"domains": {k: mean(rows, k) for k in ("select", WITH_PATH_0, "mixture", "select passes",
+                                                      f"{WITH_PATH_0} passes")}
                | {"best path per domain": sum(rows[d][f"path {best[d]}"] for d in domains) / len(domains)},
                "switches": {k: mean(switches, k) for k in ("select", WITH_PATH_0, "mixture", "best single path")}}
     print(json.dumps(summary, indent=1))

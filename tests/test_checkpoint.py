@@ -99,6 +99,11 @@ def test_paths_round_trip_and_a_format_3_checkpoint_loads_with_learned_gates(tin
     idx = torch.randint(0, 256, (2, 32))  # segments of 8 and 24 tokens: path 0, then the chosen one
     model.eval(), loaded.eval()
     assert torch.equal(model(idx).logits, loaded(idx).logits)
+    # Before select_base a checkpoint stored the mode as a bool: True is still select.
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    state["state_dict"]["path_select"] = torch.tensor(True)
+    torch.save(state, tmp_path / "bool.pt")
+    assert checkpoint.load(tmp_path / "bool.pt")[0].inference == "select"
     # Format 3 had no gate_path: every gate it stored is a learned one.
     state = torch.load(tmp_path / "m.pt", weights_only=True)
     state["format_version"] = 3

@@ -7,7 +7,7 @@ import torch
 from hst import data, grow, paths
 from hst.config import GrowConfig, TrainConfig
 from hst.generate import Decoder
-from hst.model import ALL_PATHS, GPT, SELECTED_PATHS
+from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS, mix_paths
 from hst.router import Gate
 from project import ROOT
 
@@ -75,7 +75,36 @@ def test_selection_gives_each_segment_its_own_paths_logits_and_runs_a_bounded_nu
             assert torch.allclose(out.logits[b, start:end], ref, atol=1e-5), (b, start, p)
 
 
-@pytest.mark.parametrize("mode", [0, 2, ALL_PATHS, SELECTED_PATHS])
+def test_the_selection_mixed_with_path_0_runs_path_0_once_beside_a_bounded_number_of_paths(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, seq_len=128)
+    model = model_with_paths(cfg, 5)
+    idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([ENGLISH[:40], NUMBERS[:88]])]).long()
+    with torch.no_grad():
+        with model.on_path(SELECTED_PATHS):
+            selected = model(idx)
+        with model.on_path(0):
+            base = model(idx).logits
+        runs = []
+        original = model.from_trunk
+        model.from_trunk = lambda h0, _, path, *a: runs.append((h0.shape[:2], path)) or original(h0, _, path, *a)
+        with model.on_path(SELECTED_AND_BASE):
+            out = model(idx)
+            passes = model.passes(idx)
+        model.from_trunk = original
+    mixed, weights = mix_paths(torch.stack([selected.logits, base]), idx)
+    assert torch.allclose(out.logits, mixed, atol=1e-5)
+    # Path 0 runs once over every position; a sequence's other paths only over their segments' prefix.
+    assert runs[0] == ((3, 128), 0)
+    assert all(not torch.is_tensor(p) or (p != 0).all() for _, p in runs[1:])
+    spent = sum(b * t for (b, t), _ in runs)
+    assert spent == pytest.approx(passes * 3 * 128) and 1 < passes <= 2 + sum(paths.DECISIONS) / 128
+    # Each position reports the member weighted most: the selected path, or path 0.
+    assert torch.equal(out.path, torch.where(weights[1] > weights[0], 0, selected.path))
+    with pytest.raises(ValueError, match="inference: expected one of mixture, select, select_base"):
+        model.inference = "all"
+
+
+@pytest.mark.parametrize("mode", [0, 2, ALL_PATHS, SELECTED_PATHS, SELECTED_AND_BASE])
 def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, mode):
     cfg = dataclasses.replace(tiny_cfg, seq_len=128)
     model = model_with_paths(cfg, 4)
