@@ -9,7 +9,10 @@ script evaluates the branches as one model, on every domain's evaluation windows
   per token;
 - **top-1** (c-BTM's flat-cost sibling): one branch per segment, chosen with HST's own rule
   (:mod:`hst.paths`: byte-trigram sketches of each branch's training records, decisions at bytes
-  8 / 32 / 96) — what ``grow.inference: select`` does with HST's paths; ~1 dense model per token.
+  8 / 32 / 96) — what ``grow.inference: select`` does with HST's paths; ~1 dense model per token;
+- **top-1 + pretraining**: that branch mixed with the pretraining by their posterior — what
+  ``select_base`` does with HST's paths; the pretraining runs over every position and serves its
+  own segments, so at most one more dense model per token, flat in the number of branches.
 
 Branch p's sketch is fitted on its cycle's incoming records (``cycles/<c>/buffer``), the pretraining's
 on the pretraining index's records (``indexes/pretrain.parquet``), as HST's grow stage does. Run it
@@ -48,9 +51,11 @@ def evaluate(models: list, sketches: torch.Tensor, windows: torch.Tensor) -> dic
     for s, (start, end) in enumerate(paths.segments(idx.shape[1])):
         chosen[:, start:end] = serving[:, s:s + 1]
     selected = logits.gather(0, chosen[None, ..., None].expand(1, *chosen.shape, logits.shape[-1]))[0]
-    return {"posterior": nll(mixture), "top1": nll(selected.log_softmax(-1)),
+    with_base, _ = mix_paths(torch.stack([selected, logits[0]]), idx)
+    return {"posterior": nll(mixture), "top1": nll(selected.log_softmax(-1)), "top1_base": nll(with_base),
             "alone": [nll(lg.log_softmax(-1)) for lg in logits],
-            "top1_passes_per_token": paths.relative_cost(serving, idx.shape[1])}
+            "top1_passes_per_token": paths.relative_cost(serving, idx.shape[1]),
+            "top1_base_passes_per_token": paths.relative_cost(serving, idx.shape[1], base=True)}
 
 
 def main() -> None:
@@ -71,11 +76,11 @@ def main() -> None:
     T = models[0].cfg.seq_len
     per_domain = {d: evaluate(models, sketches, eval_windows(data.load_tokens(args.prepared, d, "val"), T, args.windows))
                   for d in domains}
-    mean = {k: sum(r[k] for r in per_domain.values()) / len(domains) for k in ("posterior", "top1")}
-    passes = sum(r["top1_passes_per_token"] for r in per_domain.values()) / len(domains)
+    mean = {k: sum(r[k] for r in per_domain.values()) / len(domains) for k in ("posterior", "top1", "top1_base")}
+    passes = {k: sum(r[f"{k}_passes_per_token"] for r in per_domain.values()) / len(domains) for k in ("top1", "top1_base")}
     flops, params_one = models[0].flops_per_token() / 1e6, sum(p.numel() for p in models[0].parameters())
     result = {"models": ["pretrain", *cycles], "domains": domains, "per_domain": per_domain, "mean_bpb": mean,
-              "inference_mflops_per_token": {"posterior": flops * len(models), "top1": flops * passes},
+              "inference_mflops_per_token": {"posterior": flops * len(models), **{k: flops * v for k, v in passes.items()}},
               "parameters": params_one * len(models)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows import continual_learning as cl  # noqa: E402
 from hst.config import FlowConfig  # noqa: E402
-from project import dvc_env, tiny_project  # noqa: E402
+from project import ROOT, dvc_env, tiny_project  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -357,3 +357,20 @@ def test_served_traffic_becomes_a_cycle_whose_champion_the_running_server_then_s
         assert body["predictions"][0]["model"] == new
     finally:
         serving.stop_server(proc)
+
+
+def test_the_flow_runs_every_dvc_stage_in_an_order_the_dvc_graph_allows():
+    # The stage order lives in two places: dvc.yaml's dependencies and the flow's START / CYCLE_STAGES.
+    from dvc.repo import Repo
+    cycles = list(yaml.safe_load((ROOT / "params.yaml").read_text())["cycles"])
+
+    def position(stage) -> tuple[int, int]:
+        group, _, item = stage.name.partition("@")
+        if group in cl.START:
+            return 0, cl.START.index(group)
+        return 1 + cycles.index(item), cl.CYCLE_STAGES.index(group)
+
+    graph = Repo(str(ROOT)).index.graph  # an edge runs from a stage to one it depends on
+    assert {s.name.partition("@")[0] for s in graph.nodes} == set(cl.START) | set(cl.CYCLE_STAGES)
+    late = [(a.name, b.name) for a, b in graph.edges if position(b) >= position(a)]
+    assert not late, f"the flow runs these stages before what they depend on: {late}"
