@@ -198,10 +198,10 @@ class GrowConfig:
     select: str = "posterior"  # how a token reaches the new experts: "gate" (a learned gate per layer, calibrated against
     #                       the held-in records) or "posterior" (the growth's experts form a path of their own, mixed
     #                       with the others by each path's likelihood of the context: no held-in text, no gate_* keys)
-    inference: str = "mixture"  # with select posterior, how the grown model runs its paths: "mixture" (all of them,
-    #                             weighted by their posterior: P models per token), "select" (one per segment, chosen
-    #                             by the paths' byte sketches: flat cost, hst/paths.py) or "select_base" (that one
-    #                             mixed with path 0 by their posterior: at most one more pass); stored in the checkpoint
+    inference: str = "select_base"  # with select posterior, how the grown model runs its paths: "select_base" (one
+    #                             per segment, chosen by the paths' byte sketches (hst/paths.py), mixed with path 0 by
+    #                             their posterior: flat in the number of paths), "select" (that one alone) or "mixture"
+    #                             (all of them, weighted by their posterior: P models per token); stored in the checkpoint
     decide: str = "novelty"  # with select posterior in mode grow: "novelty" (each record goes to the grown path whose
     #                         sketch explains it better than a sketch of the cycle's own records does; those paths
     #                         consolidate on theirs, the rest grow a path: hst.paths.assign) or "always" (every cycle

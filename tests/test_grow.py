@@ -236,7 +236,7 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, cfg, TCFG)
     assert added == [(0, 4), (0, 5), (1, 4), (1, 5)] and model.n_paths == 2 and len(curves["train"]) == 8
     assert [s["path"] for s in stats] == [1, 1]
-    assert len(model.path_sketches) == 2 and model.inference == "mixture"
+    assert len(model.path_sketches) == 2 and model.inference == "select_base"
     assert_only_appended(before, model.state_dict())
     assert model.moe(0).router.gate_path.tolist() == [1] and model.moe(0).router.expert_gate.tolist()[-2:] == [0, 0]
     with model.on_path(0):
