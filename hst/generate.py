@@ -67,13 +67,8 @@ class Decoder:
             scores = model.path_scores(prompt)
             self.scores = scores[:, -1]  # (B, P) sketch log-likelihood so far
             self.serving = paths.segment_paths(scores)[:, -1]
-        if self.mode == "select_base":  # path 0 for every sequence, the selected path beside it
-            self.base: list[dict] = [{} for _ in range(model.cfg.n_layer - 1)]
-            base = model.from_trunk(self.h0, False, 0, self.base)
-            selected = model.select_paths(prompt, self.h0, base)[0]  # (B, t, V) the selection over the prompt
-            for p in self.serving[self.serving != 0].unique().tolist():
-                self._open(p, (self.serving == p).nonzero()[:, 0])
-            return self._mix_start(torch.stack([selected, base[0]]), prompt)
+        if self.mode == "select_base":
+            return self._start_beside_path_0(prompt)
         logits = self.h0.new_empty(B, model.cfg.vocab_size, dtype=torch.float32)
         for p in self.serving.unique().tolist():
             mine = (self.serving == p).nonzero()[:, 0]
@@ -102,27 +97,74 @@ class Decoder:
                 self.scores = self.scores + model.path_scores(self.tokens[:, -3:])[:, -1]
             if position in paths.DECISIONS:
                 serving = self.scores.argmax(-1)
-        base = model.from_trunk(h, False, 0, self.base)[0][:, -1] if self.mode == "select_base" else None
+        beside = self.mode == "select_base"
+        if beside:  # the members' log-likelihood of bytes 1..position; path 0 may stop here
+            self.seen = self.seen + self.last.gather(-1, tokens[None, :, None].expand(2, -1, 1))[..., 0]
+            if position in paths.DECISIONS:
+                self._prune()
+            base = h.new_zeros(len(tokens), model.cfg.vocab_size, dtype=torch.float32)
+            if len(self.base_rows):
+                base[self.base_rows] = model.from_trunk(h[self.base_rows], False, 0, self.base)[0][:, -1]
+        # Which sequences the selection runs in a group of their own path (with path 0 beside them,
+        # those whose selected path is path 0 read its logits, until it is pruned).
+        need = (serving != 0) | ~self.alive if beside else torch.ones_like(serving, dtype=torch.bool)
         logits = h.new_empty(len(tokens), model.cfg.vocab_size, dtype=torch.float32)
+        grouped = torch.zeros_like(need)
         for p, (rows, caches) in list(self.groups.items()):
-            keep = serving[rows] == p
+            keep = (serving[rows] == p) & need[rows]
             if not keep.all():
                 self.groups[p] = (rows[keep], [{name: t[keep] for name, t in c.items()} for c in caches])
             if keep.any():
                 rows, caches = self.groups[p]
                 logits[rows] = model.from_trunk(h[rows], False, p, caches)[0][:, -1]
+                grouped[rows] = True
             else:
                 del self.groups[p]
-        for p in serving[serving != self.serving].unique().tolist():
-            if p == 0 and base is not None:
-                continue
-            moved = ((serving == p) & (serving != self.serving)).nonzero()[:, 0]
-            logits[moved] = self._open(p, moved)[:, -1]
+        for p in serving[need & ~grouped].unique().tolist():  # a new path: run over the whole context once
+            mine = (need & ~grouped & (serving == p)).nonzero()[:, 0]
+            logits[mine] = self._open(p, mine)[:, -1]
         self.serving = serving
-        if base is None:
+        if not beside:
             return logits
-        logits[serving == 0] = base[serving == 0]
-        return self._mix_step(tokens, torch.stack([logits, base]))
+        logits[~need] = base[~need]
+        return self._beside_path_0(logits, base)
+
+    def _start_beside_path_0(self, prompt: torch.Tensor) -> torch.Tensor:
+        """``start`` for the selection mixed with path 0 (``GPT.forward`` with ``select_base``): path 0
+        over the prompt with its cache, the selection's logits over it, and where path 0 was pruned."""
+        model = self.model
+        self.base: list[dict] = [{} for _ in range(model.cfg.n_layer - 1)]
+        base = model.from_trunk(self.h0, False, 0, self.base)[0]
+        selected = model.select_paths(prompt, self.h0)[0]  # (B, t, V) the selection over the prompt
+        logp = torch.stack([selected, base]).log_softmax(-1)  # (2, B, t, V)
+        seen = logp[:, :, :-1].gather(-1, prompt[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
+        past = torch.cat([seen.new_zeros(2, len(prompt), 1), seen.cumsum(-1)], -1)  # (2, B, t): bytes 1..i
+        self.alive = torch.ones(len(prompt), dtype=torch.bool, device=prompt.device)
+        self.base_rows = torch.arange(len(prompt), device=prompt.device)
+        for d in (d for d in paths.DECISIONS if d < prompt.shape[1]):
+            self.seen = past[:, :, d]
+            self._prune()
+        self.seen, self.last = past[:, :, -1], logp[:, :, -1]
+        need = (self.serving != 0) | ~self.alive
+        for p in self.serving[need].unique().tolist():
+            self._open(p, (need & (self.serving == p)).nonzero()[:, 0])
+        return torch.where(self.alive[:, None], (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0),
+                           self.last[0])
+
+    def _prune(self) -> None:
+        """At a decision position: path 0 stops for the sequences where its posterior weight beside the
+        selection fell below :data:`hst.paths.PRUNE` (as ``GPT.select_paths`` decides)."""
+        self.alive = self.alive & ((self.seen[1] - self.seen[0]).sigmoid() >= paths.PRUNE)
+        keep = self.alive[self.base_rows]
+        if not keep.all():
+            self.base_rows = self.base_rows[keep]
+            self.base = [{name: t[keep] for name, t in c.items()} for c in self.base]
+
+    def _beside_path_0(self, selected: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """(B, V) the selection's and path 0's logits -> their posterior mixture, or the selection alone where pruned."""
+        self.last = torch.stack([selected, base]).log_softmax(-1)
+        mixed = (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
+        return torch.where(self.alive[:, None], mixed, self.last[0])
 
     def _mix_start(self, out: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """(M, B, t, V) the logits of a mixture's M members over the prompt -> the mixture's last log-probabilities."""

@@ -17,7 +17,8 @@ experts keep what they learned, fewer old tokens reach them.
 
 With ``GrowConfig.select: posterior`` a growth adds a *path* instead (:func:`grow_path`): its experts
 are eligible only when the model runs that path, which trains alone on the novel records; the model
-mixes its paths by their posterior given the context (:func:`hst.model.mix_paths`). No held-in text
+serves its paths as ``GrowConfig.inference`` says (by default the path its sketches select, mixed with
+path 0 by their posterior: :mod:`hst.paths`, :func:`hst.model.mix_paths`). No held-in text
 is read and nothing needs calibrating. A path consolidates (:func:`consolidate_path`) only on
 records its sketch explains (:func:`hst.paths.assign`): a repeat of its domain trains it further,
 every other path computes exactly what it did.

@@ -121,6 +121,7 @@ class ModelOutput(NamedTuple):
     loss: torch.Tensor | None  # mean cross-entropy in nats when targets are given
     routing: list[Routing | None]  # per layer, tokens flattened to B·T; None for the dense FFN
     path: torch.Tensor  # (B, T) the path whose logits each position got (the most weighted one in the mixture)
+    passes: float = 1.0  # model passes per token spent: 1 on one path, P for the mixture, measured for a selection
 
 
 # The buffers a model stores once it has paths (``GPT.add_path_sketch``).
@@ -247,14 +248,15 @@ class GPT(nn.Module):
 
     def passes(self, idx: torch.Tensor) -> float:
         """Model passes per token ``forward`` spends on (B, T) ``idx``: 1 on one path, P for the mixture,
-        what the chosen segments cost for the selection (:func:`hst.paths.relative_cost`), alone or
-        beside path 0."""
+        what the chosen segments (and path 0 beside them, until pruned) cost for a selection — counted
+        by running it."""
         mode = self.path_mode
         if mode == "one":
             return 1.0
         if mode == "mixture":
             return float(self.n_paths)
-        return paths.relative_cost(paths.segment_paths(self.path_scores(idx)), idx.shape[1], mode == "select_base")
+        with torch.no_grad():
+            return self(idx).passes
 
     def moe(self, layer: int) -> MoE:
         ffn = self.blocks[layer].ffn
@@ -273,6 +275,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}")
         h0 = self.trunk(idx)
         mode = self.path_mode
+        passes = 1.0
         if mode == "one":
             path = max(self.path or 0, 0)
             logits, routing = self.from_trunk(h0, update_keys, path)
@@ -284,18 +287,13 @@ class GPT(nn.Module):
             logits, weights = mix_paths(torch.stack([logits for logits, _ in runs]), idx)
             chosen = weights.argmax(0)
             routing = most_weighted([r for _, r in runs], chosen)
+            passes = float(self.n_paths)
         else:
-            base = self.from_trunk(h0, False, 0) if mode == "select_base" else None
-            logits, routing, chosen = self.select_paths(idx, h0, base)
-            if base is not None:  # the selection and path 0, mixed like the mixture's paths
-                logits, weights = mix_paths(torch.stack([logits, base[0]]), idx)
-                on_base = weights[1] > weights[0]
-                chosen = chosen.masked_fill(on_base, 0)
-                routing = most_weighted([routing, base[1]], on_base.long())
+            logits, routing, chosen, passes = self.select_paths(idx, h0, base=mode == "select_base")
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
-        return ModelOutput(logits, loss, routing, chosen)
+        return ModelOutput(logits, loss, routing, chosen, passes)
 
     def trunk(self, idx: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, d) the residual stream after layer 0's attention: every path's."""
@@ -320,39 +318,88 @@ class GPT(nn.Module):
                              "one path (GPT.on_path) or mix them all (GPT.on_path(ALL_PATHS))")
         return paths.sketch_scores(idx, self.path_sketches)
 
-    def select_paths(self, idx: torch.Tensor, h0: torch.Tensor, base: tuple[torch.Tensor, list[Routing | None]] | None = None
-                     ) -> tuple[torch.Tensor, list[Routing | None], torch.Tensor]:
+    def select_paths(self, idx: torch.Tensor, h0: torch.Tensor, base: bool = False
+                     ) -> tuple[torch.Tensor, list[Routing | None], torch.Tensor, float]:
         """Each sequence runs the paths :mod:`hst.paths` chooses for its segments (a bounded number,
         whatever the number of paths); each segment's logits and routing come from its own path.
-        ``base``: path 0's logits and routing over the whole of ``h0``, already run, which serve its
-        segments (path 0 is then not run again)."""
+
+        ``base``: path 0 also runs beside the selection, segment by segment with a cache, and the two
+        are mixed by their posterior (:func:`mix_paths`) until path 0's weight falls below
+        :data:`hst.paths.PRUNE` at a decision position; from there on the selection serves alone and
+        path 0 runs only for the segments the selection itself gives it. Returns logits
+        (log-probabilities when mixed), routing, the path each position got (the most weighted one)
+        and the model passes per token spent."""
         B, T, _ = h0.shape
         spans = paths.segments(T)
         serving = paths.segment_paths(self.path_scores(idx))  # (B, S)
-        logits, routing = None, None
-        if base is not None:
-            logits = base[0].clone()
-            routing = [None if layer is None else [f.view(B, T, *f.shape[1:]).clone() for f in layer] for layer in base[1]]
+        selected, spent = _Stitched(B, T), 0
         by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for (p, length), rows in paths.runs(serving, T).items():
-            if p == 0 and base is not None:
-                continue
-            by_length.setdefault(length, []).append((p, rows.to(h0.device)))
+            if not (base and p == 0):  # with base, path 0's segments come from its own run below
+                by_length.setdefault(length, []).append((p, rows.to(h0.device)))
         for length, runs in by_length.items():  # one call per length: each row with its own path
             rows = torch.cat([r for _, r in runs])
             path = torch.cat([r.new_full((len(r),), p) for p, r in runs])
             out, r = self.from_trunk(h0[rows, :length], False, path)
-            if logits is None:
-                logits = out.new_empty(B, T, out.shape[-1])
-                routing = [None if layer is None else [f.new_empty(B, T, *f.shape[1:]) for f in layer] for layer in r]
+            spent += len(rows) * length
             for s, (start, end) in enumerate(spans):
                 pick = serving[rows, s] == path  # the rows whose segment s this run's path serves
-                if end > length or not pick.any():
-                    continue
-                logits[rows[pick], start:end] = out[pick, start:end]
-                for full, layer in zip(routing, r):
-                    for f_full, f in zip(full or (), layer or ()):
-                        f_full[rows[pick], start:end] = f.view(len(rows), length, *f.shape[1:])[pick, start:end]
-        routing = [None if layer is None else Routing(*(f.flatten(0, 1) for f in layer)) for layer in routing]
+                if end <= length and pick.any():
+                    selected.put(rows[pick], start, end, out, r, pick)
         chosen = torch.cat([serving[:, s:s + 1].expand(B, end - start) for s, (start, end) in enumerate(spans)], 1)
-        return logits, routing, chosen.to(h0.device)
+        chosen = chosen.to(h0.device)
+        if not base:
+            return selected.logits, selected.routing(), chosen, spent / (B * T)
+        path0, caches = _Stitched(B, T), [{} for _ in self.blocks[1:]]
+        rows = torch.arange(B, device=h0.device)
+        pruned_at = torch.full((B,), T, device=h0.device)  # where path 0 stops counting for each sequence
+        for s, (start, end) in enumerate(spans):
+            need = (pruned_at == T) | (serving[:, s:] == 0).any(1).to(h0.device)
+            keep = need[rows]
+            if not keep.all():
+                rows, caches = rows[keep], [{name: t[keep] for name, t in c.items()} for c in caches]
+            if not len(rows):
+                break
+            out, r = self.from_trunk(h0[rows, start:end], False, 0, caches)
+            spent += len(rows) * (end - start)
+            path0.put(rows, start, end, out, r, None, offset=start)
+            own = (serving[rows, s] == 0).to(h0.device)  # the selection's own path-0 segments
+            selected.put(rows[own], start, end, out, r, own, offset=start)
+            if end < T:  # a decision position: each sequence's posterior weight of path 0 given bytes 1..end
+                seen = [x.logits[:, :end].log_softmax(-1).gather(-1, idx[:, 1:end + 1, None])[..., 0].sum(1)
+                        for x in (path0, selected)]
+                weak = (pruned_at == T) & ((seen[0] - seen[1]).sigmoid() < paths.PRUNE)
+                pruned_at[weak] = end
+        logits, weights = mix_paths(torch.stack([selected.logits, path0.logits]), idx)
+        alone = torch.arange(T, device=h0.device)[None] >= pruned_at[:, None]  # (B, T)
+        logits = torch.where(alone[..., None], selected.logits.log_softmax(-1), logits)
+        on_base = (weights[1] > weights[0]) & ~alone
+        routing = most_weighted([selected.routing(), path0.routing()], on_base.long())
+        return logits, routing, chosen.masked_fill(on_base, 0), spent / (B * T)
+
+
+class _Stitched:
+    """(B, T) positions' logits and per-layer routing, filled segment by segment from runs of paths."""
+
+    def __init__(self, B: int, T: int):
+        self.B, self.T = B, T
+        self.logits: torch.Tensor | None = None
+        self.fields: list[list[torch.Tensor] | None] | None = None
+
+    def put(self, rows: torch.Tensor, start: int, end: int, out: torch.Tensor, routing: list[Routing | None],
+            keep: torch.Tensor | None, offset: int = 0) -> None:
+        """Positions start..end of ``rows`` from a run's (n, t, V) ``out`` and its routing (fields flattened
+        to n·t), whose position 0 is ``offset``; ``keep``: which of the run's n rows ``rows`` are (all if None)."""
+        if self.logits is None:  # zeros: a position no run filled stays finite (it is never read as a prediction)
+            self.logits = out.new_zeros(self.B, self.T, out.shape[-1])
+            self.fields = [None if layer is None else [f.new_zeros(self.B, self.T, *f.shape[1:]) for f in layer]
+                           for layer in routing]
+        n, t = out.shape[:2]
+        pick = slice(None) if keep is None else keep
+        self.logits[rows, start:end] = out[pick, start - offset:end - offset]
+        for full, layer in zip(self.fields, routing):
+            for f_full, f in zip(full or (), layer or ()):
+                f_full[rows, start:end] = f.view(n, t, *f.shape[1:])[pick, start - offset:end - offset]
+
+    def routing(self) -> list[Routing | None]:
+        return [None if layer is None else Routing(*(f.flatten(0, 1) for f in layer)) for layer in self.fields]

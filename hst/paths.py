@@ -2,10 +2,14 @@
 
 A model grown with paths holds P of them: path 0 is the base experts alone, path p >= 1 adds growth
 p's experts at every layer (:class:`hst.router.KeyRouter`'s path gates). Running one path costs one
-model, whatever P is; ``GPT.forward`` by default runs all P and mixes them by their posterior
-(:func:`hst.model.mix_paths`), which costs P models.
+model, whatever P is; running all P mixed by their posterior (:func:`hst.model.mix_paths`,
+``GPT.inference = "mixture"``) costs P models.
 
-The flat-cost alternative (``GPT.inference = "select"``) runs one path per segment of a sequence. A
+At flat cost (``GPT.inference = "select"``) a sequence runs one path per segment; by default
+(``"select_base"``) path 0 runs beside it over every position and the two are mixed by their
+posterior, so a misrouted segment falls back on the pretrained model; path 0 stops at a decision
+position once its posterior weight is below :data:`PRUNE` (:func:`relative_cost` with ``pruned_at``:
+at most one pass more, path 0's own segments free). A
 path is chosen by its **sketch**: a byte trigram model of the records the path was trained on (the
 pretraining domains' for path 0), hashed to :data:`SKETCH_CONTEXTS` contexts, fitted when the path
 is added from that path's records alone (no other path's text). A sequence's path at position t is
@@ -34,6 +38,10 @@ import torch
 # Positions at which a sequence (re)chooses its path; before the first, path 0 serves it. An early
 # choice sees few bytes, later ones correct it (docs/decisions.md).
 DECISIONS = (8, 32, 96)
+# With the selection mixed with path 0 (``GPT.inference = "select_base"``), path 0 stops at a decision
+# position once its posterior weight is below this: the selected path explains the context by ~10 bits
+# more, and path 0's pass is the cost (docs/decisions.md: 1e-4 to 1e-2 give the same BPB).
+PRUNE = 1e-3
 # Hashed trigram contexts of a sketch: (contexts, 256) log-probabilities, 1 MiB per path in fp32.
 SKETCH_CONTEXTS = 1024
 # Add-alpha smoothing of a sketch's counts.
@@ -147,9 +155,14 @@ def runs(paths: torch.Tensor, T: int) -> dict[tuple[int, int], torch.Tensor]:
     return {key: torch.tensor(rows) for key, rows in sorted(out.items())}
 
 
-def relative_cost(paths: torch.Tensor, T: int, base: bool = False) -> float:
+def relative_cost(paths: torch.Tensor, T: int, pruned_at: torch.Tensor | None = None) -> float:
     """Model passes per token that :func:`runs` spends on these (B, S) segment paths (1.0: one path).
-    ``base``: path 0 runs over every position anyway (the selection mixed with it), so it serves its
-    segments at no extra cost."""
-    spent = sum(length * len(rows) for (p, length), rows in runs(paths, T).items() if not (base and p == 0))
-    return spent / (paths.shape[0] * T) + base
+    ``pruned_at``: with path 0 beside the selection (``select_base``), the (B,) position where path 0
+    stops for each sequence (T: never); it runs until then, or to the end of the last segment the
+    selection gives it, and serves those segments itself."""
+    spent = sum(length * len(rows) for (p, length), rows in runs(paths, T).items() if pruned_at is None or p != 0)
+    if pruned_at is not None:
+        ends = [end for _, end in segments(T)]
+        spent += sum(max([int(stop)] + [end for end, p in zip(ends, row) if p == 0])
+                     for stop, row in zip(pruned_at.tolist(), paths.tolist()))
+    return spent / (paths.shape[0] * T)

@@ -10,9 +10,9 @@ script evaluates the branches as one model, on every domain's evaluation windows
 - **top-1** (c-BTM's flat-cost sibling): one branch per segment, chosen with HST's own rule
   (:mod:`hst.paths`: byte-trigram sketches of each branch's training records, decisions at bytes
   8 / 32 / 96) — what ``grow.inference: select`` does with HST's paths; ~1 dense model per token;
-- **top-1 + pretraining**: that branch mixed with the pretraining by their posterior — what
-  ``select_base`` does with HST's paths; the pretraining runs over every position and serves its
-  own segments, so at most one more dense model per token, flat in the number of branches.
+- **top-1 + pretraining**: that branch mixed with the pretraining by their posterior, the pretraining
+  dropped at a decision position once its weight is below ``hst.paths.PRUNE`` — what ``select_base``
+  does with HST's paths; at most one more dense model per token, flat in the number of branches.
 
 Branch p's sketch is fitted on its cycle's incoming records (``cycles/<c>/buffer``), the pretraining's
 on the pretraining index's records (``indexes/pretrain.parquet``), as HST's grow stage does. Run it
@@ -51,11 +51,16 @@ def evaluate(models: list, sketches: torch.Tensor, windows: torch.Tensor) -> dic
     for s, (start, end) in enumerate(paths.segments(idx.shape[1])):
         chosen[:, start:end] = serving[:, s:s + 1]
     selected = logits.gather(0, chosen[None, ..., None].expand(1, *chosen.shape, logits.shape[-1]))[0]
-    with_base, _ = mix_paths(torch.stack([selected, logits[0]]), idx)
+    with_base, weights = mix_paths(torch.stack([selected, logits[0]]), idx)
+    pruned_at = torch.full((len(idx),), idx.shape[1])
+    for d in paths.DECISIONS:  # as GPT.select_paths decides, from the weights given bytes 1..d
+        pruned_at[(pruned_at == idx.shape[1]) & (weights[1, :, d] < paths.PRUNE)] = d
+    alone = torch.arange(idx.shape[1])[None] >= pruned_at[:, None]
+    with_base = torch.where(alone[..., None], selected.log_softmax(-1), with_base)
     return {"posterior": nll(mixture), "top1": nll(selected.log_softmax(-1)), "top1_base": nll(with_base),
             "alone": [nll(lg.log_softmax(-1)) for lg in logits],
             "top1_passes_per_token": paths.relative_cost(serving, idx.shape[1]),
-            "top1_base_passes_per_token": paths.relative_cost(serving, idx.shape[1], base=True)}
+            "top1_base_passes_per_token": paths.relative_cost(serving, idx.shape[1], pruned_at)}
 
 
 def main() -> None:

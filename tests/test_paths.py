@@ -45,6 +45,10 @@ def test_a_sequence_costs_a_bounded_number_of_passes_whatever_the_number_of_path
     assert paths.relative_cost(kept, T) == pytest.approx(1 + 8 / T)
     worst = torch.tensor([[0, 5, 9, 40]])  # a new path at every decision
     assert paths.relative_cost(worst, T) == pytest.approx(1 + sum(paths.DECISIONS) / T)
+    # Path 0 beside the selection: until it is pruned, or to the end of the last segment it serves.
+    assert paths.relative_cost(kept, T, pruned_at=torch.tensor([32])) == pytest.approx(1 + 32 / T)
+    assert paths.relative_cost(torch.tensor([[0, 3, 0, 3]]), T, pruned_at=torch.tensor([8])) == pytest.approx(1 + 96 / T)
+    assert paths.relative_cost(torch.tensor([[0, 0, 0, 0]]), T, pruned_at=torch.tensor([T])) == 1
     runs = paths.runs(torch.tensor([[0, 2, 0, 2], [0, 0, 0, 0]]), T)
     assert {k: v.tolist() for k, v in runs.items()} == {(0, 96): [0], (0, 256): [1], (2, 256): [0]}
 
@@ -75,10 +79,13 @@ def test_selection_gives_each_segment_its_own_paths_logits_and_runs_a_bounded_nu
             assert torch.allclose(out.logits[b, start:end], ref, atol=1e-5), (b, start, p)
 
 
-def test_the_selection_mixed_with_path_0_runs_path_0_once_beside_a_bounded_number_of_paths(tiny_cfg):
+@pytest.mark.parametrize("prune", [0.0, 0.5])
+def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny_cfg, monkeypatch, prune):
+    # prune 0.5: path 0 stops at a decision wherever the selection explains the context better.
+    monkeypatch.setattr(paths, "PRUNE", prune)
     cfg = dataclasses.replace(tiny_cfg, seq_len=128)
     model = model_with_paths(cfg, 5)
-    idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([ENGLISH[:40], NUMBERS[:88]])]).long()
+    idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([ENGLISH[:40], NUMBERS[:88]]), NUMBERS[7:135]]).long()
     with torch.no_grad():
         with model.on_path(SELECTED_PATHS):
             selected = model(idx)
@@ -89,23 +96,40 @@ def test_the_selection_mixed_with_path_0_runs_path_0_once_beside_a_bounded_numbe
         model.from_trunk = lambda h0, _, path, *a: runs.append((h0.shape[:2], path)) or original(h0, _, path, *a)
         with model.on_path(SELECTED_AND_BASE):
             out = model(idx)
-            passes = model.passes(idx)
         model.from_trunk = original
     mixed, weights = mix_paths(torch.stack([selected.logits, base]), idx)
-    assert torch.allclose(out.logits, mixed, atol=1e-5)
-    # Path 0 runs once over every position; a sequence's other paths only over their segments' prefix.
-    assert runs[0] == ((3, 128), 0)
-    assert all(not torch.is_tensor(p) or (p != 0).all() for _, p in runs[1:])
+    # Path 0 stops at the first decision where its posterior weight is below PRUNE (and the selection
+    # does not serve it later); from there the selection serves alone.
+    logp = torch.stack([selected.logits, base]).log_softmax(-1)
+    past = torch.cat([torch.zeros(2, 4, 1), logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
+                      .cumsum(-1)], -1)
+    pruned_at = torch.full((4,), 128)
+    for d in paths.DECISIONS:  # every one is inside the sequence
+        weak = (pruned_at == 128) & ((past[1, :, d] - past[0, :, d]).sigmoid() < prune)
+        pruned_at[weak] = d
+    alone = torch.arange(128)[None] >= pruned_at[:, None]
+    assert (pruned_at < 128).any() == (prune > 0)
+    assert torch.allclose(out.logits, torch.where(alone[..., None], logp[0], mixed), atol=1e-5)
+    # Path 0 runs segment by segment, for no more sequences than need it; the other runs are the selection's.
+    zero = [(shape, p) for shape, p in runs if not torch.is_tensor(p)]
+    assert [t for (_, t), _ in zero] == [e - s for s, e in paths.segments(128)][:len(zero)] and zero[0][0][0] == 4
+    assert all((p != 0).all() for _, p in runs if torch.is_tensor(p))
     spent = sum(b * t for (b, t), _ in runs)
-    assert spent == pytest.approx(passes * 3 * 128) and 1 < passes <= 2 + sum(paths.DECISIONS) / 128
-    # Each position reports the member weighted most: the selected path, or path 0.
-    assert torch.equal(out.path, torch.where(weights[1] > weights[0], 0, selected.path))
+    assert out.passes == pytest.approx(spent / (4 * 128)) and out.passes <= 2 + sum(paths.DECISIONS) / 128
+    serving = paths.segment_paths(model.path_scores(idx))
+    assert out.passes == pytest.approx(paths.relative_cost(serving, 128, pruned_at))
+    if prune:
+        assert sum(b * t for (b, t), _ in zero) < 4 * 128
+    # Each position reports the member weighted most: the selected path, or path 0 (never once pruned).
+    assert torch.equal(out.path, torch.where((weights[1] > weights[0]) & ~alone, 0, selected.path))
     with pytest.raises(ValueError, match="inference: expected one of mixture, select, select_base"):
         model.inference = "all"
 
 
-@pytest.mark.parametrize("mode", [0, 2, ALL_PATHS, SELECTED_PATHS, SELECTED_AND_BASE])
-def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, mode):
+@pytest.mark.parametrize("mode, prune", [(0, 0), (2, 0), (ALL_PATHS, 0), (SELECTED_PATHS, 0), (SELECTED_AND_BASE, 0),
+                                         (SELECTED_AND_BASE, 0.5)])
+def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, monkeypatch, mode, prune):
+    monkeypatch.setattr(paths, "PRUNE", prune)
     cfg = dataclasses.replace(tiny_cfg, seq_len=128)
     model = model_with_paths(cfg, 4)
     idx = torch.stack([ENGLISH[:128], NUMBERS[:128]]).long()
