@@ -64,6 +64,9 @@ def parallel_cycle(tmp_path_factory):
     params["cycles"] = {"c1": {"domain": "kjv", "prev": "pretrain"}}
     params["cycle"]["consolidation"] = "parallel"
     params["gate"]["min_routing_stability"] = 1.0  # growth always moves some routing
+    # Every path mixed: the grown path then wins most old-domain tokens' routing too (stability < 90 %,
+    # an alarm, which the flow must surface); the default's path 0 keeps most of it (97 % here).
+    params["grow"]["inference"] = "mixture"
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     uri = f"sqlite:///{tmp}/mlflow.db"
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
