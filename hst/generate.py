@@ -148,8 +148,7 @@ class Decoder:
         need = (self.serving != 0) | ~self.alive
         for p in self.serving[need].unique().tolist():
             self._open(p, (need & (self.serving == p)).nonzero()[:, 0])
-        return torch.where(self.alive[:, None], (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0),
-                           self.last[0])
+        return torch.where(self.alive[:, None], self._mixed(), self.last[0])
 
     def _prune(self) -> None:
         """At a decision position: path 0 stops for the sequences where its posterior weight beside the
@@ -163,20 +162,23 @@ class Decoder:
     def _beside_path_0(self, selected: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """(B, V) the selection's and path 0's logits -> their posterior mixture, or the selection alone where pruned."""
         self.last = torch.stack([selected, base]).log_softmax(-1)
-        mixed = (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
-        return torch.where(self.alive[:, None], mixed, self.last[0])
+        return torch.where(self.alive[:, None], self._mixed(), self.last[0])
 
     def _mix_start(self, out: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """(M, B, t, V) the logits of a mixture's M members over the prompt -> the mixture's last log-probabilities."""
         self.seen = out[:, :, :-1].log_softmax(-1).gather(-1, prompt[None, :, 1:, None].expand(
             len(out), len(prompt), -1, 1))[..., 0].sum(-1)  # (M, B) each member's log-likelihood of the context
         self.last = out[:, :, -1].log_softmax(-1)  # (M, B, V)
-        return (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
+        return self._mixed()
 
     def _mix_step(self, tokens: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """(B,) the byte just appended, (M, B, V) the members' logits after it -> the mixture's log-probabilities."""
         self.seen = self.seen + self.last.gather(-1, tokens[None, :, None].expand(len(self.last), -1, 1))[..., 0]
         self.last = out.log_softmax(-1)
+        return self._mixed()
+
+    def _mixed(self) -> torch.Tensor:
+        """(B, V) the members' next-byte log-probabilities (``last``) mixed by their posterior given the context (``seen``)."""
         return (self.seen.log_softmax(0)[..., None] + self.last).logsumexp(0)
 
     def _open(self, path: int, rows: torch.Tensor) -> torch.Tensor:
