@@ -1,5 +1,5 @@
 """Inference cost of growth paths: forward tokens/s and MFLOPs per token of the default model shape
-as paths are added — the mixture of every path (``grow.inference: mixture``, :func:`hst.model.mix_paths`)
+as paths are added — the mixture of every path (``grow.inference: mixture``, :func:`hst.paths.mix_paths`)
 against the flat-cost selection (``select``, :mod:`hst.paths`), the selection mixed with path 0
 (``select_base``) and the pretrained model (no path) —
 and generation tokens/s with the key/value-cached :class:`hst.generate.Decoder` against re-running
@@ -9,7 +9,7 @@ Each path has ``grow.experts`` (untrained) experts per layer and a sketch fitted
 records of one of the prepared domains (path p on domain p mod 6, a different sample of it each
 time), so many paths share a domain as a long history of drops would; the batch is validation
 windows of every domain. The selection's FLOPs are one path's times the model passes its chosen
-segments cost (``GPT.passes``, measured on the batch). Variants run round-robin so
+segments cost (``ModelOutput.passes``, measured on the batch). Variants run round-robin so
 drifts in machine load hit all of them alike; medians of the rounds are reported. Needs the prepared
 corpus (``dvc repro prepare``). Writes a JSON (``--out``) and prints Markdown tables.
 
@@ -31,7 +31,6 @@ from hst.config import ModelConfig
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.params import load_section
-from hst.router import Gate
 from hst.train import eval_windows
 
 PREPARED = "data/prepared"
@@ -49,9 +48,8 @@ def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list
     for path in range(1, n_paths):
         for layer in range(cfg.n_layer):
             router = model.moe(layer).router
-            index = router.add_gate(Gate.linear(torch.zeros(cfg.d_model), 0.0, 0.0), path)
             for e in range(experts):
-                model.add_expert(layer, router.keys[e % cfg.n_experts] + 0.01 * torch.randn(cfg.d_model), gate=index)
+                model.add_expert(layer, router.keys[e % cfg.n_experts] + 0.01 * torch.randn(cfg.d_model), path=path)
         domain = domains[path % len(domains)]
         model.add_path_sketch(paths.fit_sketch(data.encode(data.sample_records(records[domain], 200, str(path)))))
     return model
@@ -114,8 +112,8 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in runs.items()}
     passes = {}
     for name, p, mode in variants:
-        with models[p].on_path(mode):
-            passes[name] = models[p].passes(idx)
+        with models[p].on_path(mode), torch.no_grad():
+            passes[name] = models[p](idx).passes
     prompt = idx[:8, :64]
     gen = {}
     for name, p, mode in [("pretrained", 1, 0), (f"select@{args.paths[0]}", args.paths[0], SELECTED_PATHS),

@@ -18,9 +18,10 @@ from hst.io import atomic_path
 from hst.model import GPT
 from hst.router import Gate, KeyRouter
 
-FORMAT_VERSION = 4  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
-#                    4: a gate may belong to a path (gate_path; format 3 files load with learned gates only), and a
-#                    model with paths stores one sketch per path and its inference mode (path_sketches, path_select)
+FORMAT_VERSION = 5  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
+#                    4: a gate may belong to a path (gate_path), and a model with paths stores one sketch per path
+#                    and its inference mode (path_sketches, path_select); 5: each expert names its path
+#                    (expert_path) and every gate is a learned one. Formats 2 to 4 load, converted.
 
 
 class CheckpointError(HSTError):
@@ -64,8 +65,8 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
             raise CheckpointError(f"{path}: refused: holds objects other than tensors and plain values "
                                   f"(loading it could run code: {reason})") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or state.get("format_version") not in (2, 3, FORMAT_VERSION):
-        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2, 3)")
+    if not isinstance(state, dict) or state.get("format_version") not in (2, 3, 4, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2 to 4)")
     missing = [k for k in ("config", "n_experts", "state_dict", "meta") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
@@ -89,10 +90,15 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
     if bad:
         raise CheckpointError(f"{path}: non-finite weights ({bad}); a diverged model is never used")
     model = GPT(cfg, counts)
+    version, state_dict = state["format_version"], state["state_dict"]
+    for key, value in state_dict.items() if isinstance(state_dict, dict) else ():
+        if key.endswith(("expert_gate", "expert_path", "gate_path")) and getattr(value, "is_floating_point", bool)():
+            raise CheckpointError(f"{path}: {key} must hold integers, got {value.dtype}")
     try:
-        model.load_state_dict(state["state_dict"] if state["format_version"] >= 3
-                              else _from_format_2(state["state_dict"]))
-    except (RuntimeError, TypeError, AttributeError) as e:
+        if version < FORMAT_VERSION:
+            state_dict = _from_format_4(state_dict if version >= 3 else _from_format_2(state_dict))
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError, IndexError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
     _check_gates(path, model)
@@ -104,10 +110,9 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
 
 
 def _check_gates(path: Path, model: GPT) -> None:
-    """Every key router's growth gates must fit together: integer gate numbers, one per expert, each
-    -1 (no gate) or an existing gate; per gate one path (-1: learned, else 1..) and as many rows in
-    every gate field; the paths numbered 1..P-1 without a gap. A file edited by hand fails here, in
-    one line, instead of routing tokens through experts that do not exist."""
+    """Every key router's growth gates and paths must fit together: a gate and a path number per expert; a gate -1 (none) or an existing one, as many rows in every gate field; a path
+    >= 0, the paths numbered 1..P-1 without a gap. A file edited by hand fails here, in one line,
+    instead of routing tokens through experts that do not exist."""
     seen_paths: set[int] = set()
     for layer, block in enumerate(model.blocks):
         router = getattr(block.ffn, "router", None)
@@ -115,20 +120,39 @@ def _check_gates(path: Path, model: GPT) -> None:
             continue
         where = f"{path}: layer {layer}"
         G = len(router.gate_b)
-        for name in ("expert_gate", "gate_path"):
-            if getattr(router, name).dtype != torch.long:
-                raise CheckpointError(f"{where}: {name} must hold integers, got {getattr(router, name).dtype}")
         if len(router.expert_gate) != router.n_experts or not (
                 (router.expert_gate >= -1) & (router.expert_gate < G)).all():
             raise CheckpointError(f"{where}: expert_gate must give each of {router.n_experts} experts -1 or a gate "
                                   f"0..{G - 1}")
-        if any(len(getattr(router, f"gate_{f}")) != G for f in Gate._fields) or len(router.gate_path) != G:
+        if any(len(getattr(router, f"gate_{f}")) != G for f in Gate._fields):
             raise CheckpointError(f"{where}: growth gate fields disagree on the number of gates ({G} biases)")
-        if ((router.gate_path == 0) | (router.gate_path < -1)).any():
-            raise CheckpointError(f"{where}: gate_path must be -1 (learned gate) or a path >= 1")
-        seen_paths |= set(router.gate_path[router.gate_path > 0].tolist())
+        if len(router.expert_path) != router.n_experts or (router.expert_path < 0).any():
+            raise CheckpointError(f"{where}: expert_path must give each of {router.n_experts} experts a path >= 0")
+        seen_paths |= set(router.expert_path[router.expert_path > 0].tolist())
     if seen_paths and seen_paths != set(range(1, max(seen_paths) + 1)):
         raise CheckpointError(f"{path}: paths {sorted(seen_paths)} are not numbered 1..{max(seen_paths)}")
+
+
+def _from_format_4(state_dict: dict) -> dict:
+    """Formats 3 and 4 put a path's experts behind a placeholder gate of that path (``gate_path`` >= 1;
+    -1, or no ``gate_path`` at all in format 3: a learned gate): each expert's path becomes
+    ``expert_path`` and only the learned gates stay, renumbered."""
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith("router.expert_gate")]:
+        prefix = key[:-len("expert_gate")]
+        expert_gate = out[key]
+        gate_path = out.pop(prefix + "gate_path", torch.full((len(out[prefix + "gate_b"]),), -1, dtype=torch.long))
+        gated = expert_gate >= 0
+        expert_path = torch.zeros_like(expert_gate)
+        expert_path[gated] = gate_path[expert_gate[gated]].clamp_min(0)
+        learned = gate_path < 0
+        # old gate -> new gate (-1: gone); its last entry, read by expert_gate -1, keeps "no gate"
+        renumber = torch.cat([torch.where(learned, learned.long().cumsum(0) - 1, -1), expert_gate.new_tensor([-1])])
+        out[key] = renumber[expert_gate]
+        out[prefix + "expert_path"] = expert_path
+        for name in Gate._fields:
+            out[prefix + f"gate_{name}"] = out[prefix + f"gate_{name}"][learned]
+    return out
 
 
 def _from_format_2(state_dict: dict) -> dict:

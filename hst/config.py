@@ -40,8 +40,7 @@ class ModelConfig:
     n_experts: int = 8  # experts per layer at initialisation (MoE variants)
     top_k: int = 2  # experts each token runs through; the dense FFN gets top_k * expert_hidden
     routing: str = "top_k"  # learned router: "top_k", or "top_any" (seed 000: every expert, weighted by the softmax)
-    router_floor: float = 0.0  # learned router: a slot whose softmax probability is below this runs no expert
-    #                            (a token keeps its best one); with top_any, compute falls as routing sharpens
+    router_floor: float = 0.0  # learned router: a slot below this softmax probability runs no expert (a token keeps its best)
     expert_hidden: int = 256  # hidden width of one ReLU² expert
     router_temperature: float = 0.1  # softmax(top-k similarity / temperature) gives expert weights
     key_momentum: float = 0.99  # EMA momentum of keys toward their tokens' mean hidden state
@@ -59,8 +58,7 @@ class ModelConfig:
                  f"n_head: expected a divisor of d_model={self.d_model}, got {self.n_head}")
         _require((self.d_model // self.n_head) % 2 == 0, "d_model / n_head: expected even (RoPE)")
         _require(self.n_experts >= 1, "n_experts: expected >= 1")
-        _require(1 <= self.top_k <= self.n_experts,
-                 f"top_k: expected 1..n_experts={self.n_experts}, got {self.top_k}")
+        _require(1 <= self.top_k <= self.n_experts, f"top_k: expected 1..n_experts={self.n_experts}, got {self.top_k}")
         _require(self.routing in ROUTING_MODES, f"routing: expected one of {ROUTING_MODES}, got {self.routing!r}")
         _require(self.routing == "top_k" or self.ffn == "learned",
                  f"routing: top_any needs the learned router (ffn: learned), got ffn {self.ffn!r}")
@@ -95,8 +93,7 @@ class PrepareConfig:
                      f"domains: name {name!r} must be letters, digits, '-' or '_'")
         _require(0 < self.val_fraction < 1, "val_fraction: expected in (0, 1)")
         _require(0 < self.test_fraction < 1, "test_fraction: expected in (0, 1)")
-        _require(self.val_fraction + self.test_fraction < 1,
-                 "val_fraction + test_fraction: expected < 1")
+        _require(self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction: expected < 1")
         _require(1 <= self.min_record_bytes <= self.max_record_bytes,
                  "min_record_bytes: expected 1 <= min_record_bytes <= max_record_bytes")
 
@@ -138,13 +135,11 @@ class TrainConfig:
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio: expected in [0, 1]")
         _require(0 <= self.warmup_steps <= self.steps, "warmup_steps: expected in [0, steps]")
         _require(self.weight_decay >= 0, "weight_decay: expected >= 0")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                 "betas: expected two values in [0, 1)")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas: expected two values in [0, 1)")
         _require(self.grad_clip >= 0, "grad_clip: expected >= 0")
         _require(self.eval_every >= 1, "eval_every: expected >= 1")
         _require(self.eval_windows >= 1, "eval_windows: expected >= 1")
-        _require(self.precision in ("auto", "bf16", "fp32"),
-                 f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
+        _require(self.precision in ("auto", "bf16", "fp32"), f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
         _require(self.device in ("auto", "cpu", "cuda"), f"device: expected auto, cpu or cuda, got {self.device!r}")
         _require(self.topology_every >= 0, "topology_every: expected >= 0")
         _require(0 <= self.topology_prune < 1, "topology_prune: expected in [0, 1)")
@@ -195,17 +190,14 @@ class GrowConfig:
     batch_records: int = 16  # records per novelty batch, in collection order
     min_batches: int = 3  # M: growth triggers after M consecutive batches above novel_share
     novel_share: float = 0.5  # p: share of novel records in a batch
-    select: str = "posterior"  # how a token reaches the new experts: "gate" (a learned gate per layer, calibrated against
-    #                       the held-in records) or "posterior" (the growth's experts form a path of their own, mixed
-    #                       with the others by each path's likelihood of the context: no held-in text, no gate_* keys)
-    inference: str = "select_base"  # with select posterior, how the grown model runs its paths: "select_base" (one
-    #                             per segment, chosen by the paths' byte sketches (hst/paths.py), mixed with path 0 by
-    #                             their posterior: flat in the number of paths), "select" (that one alone) or "mixture"
-    #                             (all of them, weighted by their posterior: P models per token); stored in the checkpoint
-    decide: str = "novelty"  # with select posterior in mode grow: "novelty" (each record goes to the grown path whose
-    #                         sketch explains it better than a sketch of the cycle's own records does; those paths
-    #                         consolidate on theirs, the rest grow a path: hst.paths.assign) or "always" (every cycle
-    #                         grows a path from all its records, the default before 2026-12-07)
+    select: str = "posterior"  # how a token reaches the new experts: "posterior" (they form a path of their own,
+    #                            hst/grow.py; no gate_* key is read) or "gate" (a learned gate per layer, hst/gates.py)
+    inference: str = "select_base"  # how a model of paths runs them (stored in its checkpoint): "select_base" (one per
+    #                                 segment chosen by the paths' byte sketches, hst/paths.py, mixed with path 0 by their
+    #                                 posterior), "select" (that one alone) or "mixture" (all: P models per token)
+    decide: str = "novelty"  # with select posterior in mode grow: "novelty" (a path whose sketch explains records
+    #                          better than the cycle's own sketch consolidates on them, the rest grow a path:
+    #                          hst.paths.assign) or "always" (every cycle grows a path from all its records)
     min_records: int = 32  # a known path consolidates on at least this many of the cycle's records (fewer join the
     #                        novel ones), and a path grows from at least this many (fewer are left unlearned)
     gate_fpr: float = 0.1  # share of each learned domain's tokens a new expert's gate may let through (its bias), at most
@@ -215,8 +207,7 @@ class GrowConfig:
     init: str = "copy_nearest"  # weights of a new expert: "copy_nearest" or "random"
     steps: int = 160  # optimizer steps training only the new experts on the novel records
     lr: float = 3e-3  # their peak learning rate: isolated behind gates, they take a higher one than shared experts
-    old_share: float = 0.0  # share of the training records drawn from the index's old ones (stored or generated):
-    #                         with any, the experts grown in earlier cycles train too (each only where its gate opens)
+    old_share: float = 0.0  # select gate: share of training records from the index's old ones (earlier experts train on them)
     forgetting_budget: float = 0.015  # after training, the new gates' false-positive rate halves (at most 4 times) until
     #                                  no learned domain's index records lost more than this (relative BPB); 0 = never
 
@@ -284,10 +275,8 @@ class FlowConfig:
         _require(self.interval_seconds >= 1, "interval_seconds: expected >= 1")
         _require(self.min_inbox_bytes >= 1, "min_inbox_bytes: expected >= 1")
         _require(self.inbox_interval_seconds >= 1, "inbox_interval_seconds: expected >= 1")
-        _require(self.task_runner in ("local", "dask"),
-                 f"task_runner: expected local or dask, got {self.task_runner!r}")
+        _require(self.task_runner in ("local", "dask"), f"task_runner: expected local or dask, got {self.task_runner!r}")
         _require(self.dask_workers >= 1, "dask_workers: expected >= 1")
-
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 
 from hst import metrics
 from hst.model import GPT
-from hst.train import Evaluation, eval_windows, evaluate
+from hst.train import Evaluation, evaluate
 
 
 def forgetting_label(f: float) -> str:
@@ -23,12 +23,12 @@ def evaluate_domains(model: GPT, val: dict[str, torch.Tensor], n_windows: int) -
     return {d: evaluate(model, t, n_windows) for d, t in val.items()}
 
 
-def inference_cost(model: GPT, val: dict[str, torch.Tensor], n_windows: int) -> dict:
-    """What ``model`` spends per token on the evaluation windows of ``val``: its paths, how it runs
-    them, model passes per token (1 on one path, P for the mixture, measured for the selection) and
-    forward MFLOPs per token (one path's times the passes)."""
-    windows = torch.cat([eval_windows(t, model.cfg.seq_len, n_windows)[:, :-1] for t in val.values()])
-    passes = model.passes(windows)
+def inference_cost(model: GPT, evals: dict[str, Evaluation]) -> dict:
+    """What ``model`` spent per token on the windows of its evaluations ``evals``: its paths, how it
+    runs them, model passes per token (1 on one path, P for the mixture, counted for the selection)
+    and forward MFLOPs per token (one path's times the passes)."""
+    windows = sum(len(e.window_bpb) for e in evals.values())
+    passes = sum(e.passes * len(e.window_bpb) for e in evals.values()) / max(windows, 1)
     return {"paths": model.n_paths, "mode": model.inference if model.n_paths > 1 else "one path",
             "passes_per_token": passes, "mflops_per_token": model.flops_per_token() * passes / 1e6,
             "parameters": sum(p.numel() for p in model.parameters())}

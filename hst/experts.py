@@ -104,12 +104,12 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def add_expert(self, key: torch.Tensor, init: str = "copy_nearest",
-                   gate: int | None = None) -> int:
-        """Append an expert with ``key`` (behind the router's growth gate number ``gate``, see
-        :class:`KeyRouter`); return its index.
+                   gate: int | None = None, path: int = 0) -> int:
+        """Append an expert with ``key`` (behind the router's growth gate number ``gate``, or on
+        ``path`` >= 1, see :class:`KeyRouter`); return its index.
 
-        ``copy_nearest`` copies the weights of the expert whose key is most similar to ``key`` (behind
-        a path gate: of the ungated experts, the ones the path runs beside); ``random`` draws fresh
+        ``copy_nearest`` copies the weights of the expert whose key is most similar to ``key`` (on a
+        path: of path 0's experts, the ones the path runs beside); ``random`` draws fresh
         weights. Tokens whose top-k does not include the new expert — in particular every token whose
         gate is closed — keep exactly their previous routing, weights and output.
         """
@@ -117,8 +117,8 @@ class MoE(nn.Module):
             raise ValueError("add_expert needs the key router (model.ffn: key)")
         if init == "copy_nearest":
             sim = self.router.similarity(key[None])[0]
-            if gate is not None and self.router.gate_path[gate] >= 0:
-                sim = sim.masked_fill(self.router.expert_gate >= 0, float("-inf"))
+            if path:
+                sim = sim.masked_fill(self.router.expert_path > 0, float("-inf"))
             nearest = int(sim.argmax())
             expert = copy.deepcopy(self.experts[nearest])
         elif init == "random":
@@ -126,6 +126,6 @@ class MoE(nn.Module):
             expert.reset_parameters(self.cfg.init_std, self.cfg.n_layer)
         else:
             raise ValueError(f"add_expert: init must be 'copy_nearest' or 'random', got {init!r}")
-        self.router.add_key(key, gate)
+        self.router.add_key(key, gate, path)
         self.experts.append(expert)
         return len(self.experts) - 1

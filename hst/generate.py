@@ -44,7 +44,7 @@ class Decoder:
         self.mode = model.path_mode
         # A learned growth gate opens on the running mean of its scores over the whole context, which
         # one cached step cannot see: such a model re-runs its context (at most seq_len bytes) per byte.
-        if any((b.ffn.router.gate_path < 0).any() for b in model.blocks
+        if any(len(b.ffn.router.gate_b) for b in model.blocks
                if isinstance(b.ffn, MoE) and isinstance(b.ffn.router, KeyRouter)):
             self.mode = "rerun"
 

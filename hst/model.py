@@ -5,10 +5,10 @@ Attention is standard and dense (RoPE, QK-norm, causal ``scaled_dot_product_atte
 normalisation is parameter-free RMSNorm. ``forward`` returns logits, the loss when targets are
 given, and the routing of every token at every layer for the Smart Sampler and the metrics.
 
-A model grown with path gates (``grow.select: posterior``) holds several *paths*: the base experts
+A model grown by paths (``grow.select: posterior``) holds several *paths*: the base experts
 alone (path 0) and, per growth, the base experts plus that growth's experts. ``forward`` then runs
 every path and mixes their next-byte distributions by each path's posterior given the context
-(:func:`mix_paths`), or, at flat cost, runs the path :mod:`hst.paths` selects per segment — alone or
+(:func:`hst.paths.mix_paths`), or, at flat cost, runs the path :mod:`hst.paths` selects per segment — alone or
 mixed with path 0 by the same posterior (``GPT.inference``); ``on_path`` runs one path alone (growth
 trains its path this way).
 """
@@ -23,76 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hst import paths
+from hst.attention import Attention, norm, rope_tables
 from hst.config import ModelConfig
 from hst.experts import Expert, MoE
 from hst.router import KeyRouter, LearnedRouter, Routing
-
-
-def norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],))
-
-
-def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, hd); rotates pairs (x[..., :hd/2], x[..., hd/2:])."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """``cache``: this layer's keys and values of the positions before ``x`` (``"k"``, ``"v"``,
-        (B, H, t, hd)); they are extended by ``x``'s and ``x`` attends to all of them."""
-        B, T, C = x.shape
-        t = cache["k"].shape[2] if cache else 0
-        # (B, T, 3C) -> 3 × (B, H, T, hd)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(norm(q), cos[t:t + T], sin[t:t + T]), apply_rope(norm(k), cos[t:t + T], sin[t:t + T])
-        if cache is not None:
-            if t:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
-        # With a cache, query i sits at position t + i and sees every key up to it.
-        mask = None if t == 0 or T == 1 else torch.ones(T, t + T, dtype=torch.bool, device=x.device).tril(t)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t == 0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-def mix_paths(logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Bayesian mixture of P paths' next-token distributions for inputs ``idx`` (B, T), given
-    their logits (P, B, T, V); returns its log-probabilities (B, T, V) and the paths' weights (P, B, T).
-
-    At position t a path's weight is its prior (uniform) times the probability it gave the bytes seen
-    so far, ``idx[:, 1..t]``: no future byte, no label and no stored text decide it. Over any sequence
-    the mixture's total loss exceeds the best single path's by at most ln P nats (log2 P bits), so an
-    old domain's path, unchanged by later growth, bounds what the mixture can forget on its text.
-    """
-    logp = logits.float().log_softmax(-1)
-    P, B, T, _ = logp.shape
-    seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(P, B, T - 1, 1))[..., 0]  # (P, B, T-1)
-    past = torch.cat([seen.new_zeros(P, B, 1), seen.cumsum(-1)], -1)  # (P, B, T) log-likelihood of the context
-    weights = past.log_softmax(0)
-    return (weights[..., None] + logp).logsumexp(0), weights.exp()
-
-
-def most_weighted(routings: list[list[Routing | None]], best: torch.Tensor) -> list[Routing | None]:
-    """Per layer, each token's routing from the run weighted most for it: ``routings`` one per run
-    (fields flattened to B·T tokens), ``best`` (B, T) the run index per token."""
-    best, token = best.reshape(-1), torch.arange(best.numel(), device=best.device)
-    return [None if layer[0] is None else Routing(*(torch.stack(f)[best, token] for f in zip(*layer)))
-            for layer in zip(*routings)]
 
 
 class Block(nn.Module):
@@ -126,7 +60,7 @@ class ModelOutput(NamedTuple):
 
 # The buffers a model stores once it has paths (``GPT.add_path_sketch``).
 PATH_BUFFERS = ("path_sketches", "path_select")
-# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`mix_paths`), selects
+# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`hst.paths.mix_paths`), selects
 # one per segment (:mod:`hst.paths`), or mixes the selected one with path 0 by their posterior, whatever
 # ``GPT.inference`` says.
 ALL_PATHS, SELECTED_PATHS, SELECTED_AND_BASE = -1, -2, -3
@@ -179,7 +113,7 @@ class GPT(nn.Module):
 
     @property
     def n_paths(self) -> int:
-        """Paths ``forward`` mixes: 1 (the model itself) unless growth added path gates."""
+        """Paths ``forward`` mixes: 1 (the model itself) unless growth added paths."""
         return max((b.ffn.router.n_paths for b in self.blocks if isinstance(b.ffn, MoE)
                     and isinstance(b.ffn.router, KeyRouter)), default=1)
 
@@ -240,23 +174,10 @@ class GPT(nn.Module):
                 k = experts_per_token[layer] if experts_per_token else (n if c.routing == "top_any" else c.top_k)
                 total += 2 * d * n + k * 2 * 2 * d * c.expert_hidden  # router scores, k experts
                 if isinstance(block.ffn.router, KeyRouter):  # learned growth gates: linear term + hidden units
-                    learned = int((block.ffn.router.gate_path < 0).sum())
-                    total += 2 * d * learned * (1 + block.ffn.router.gate_u.shape[1])
+                    total += 2 * d * len(block.ffn.router.gate_b) * (1 + block.ffn.router.gate_u.shape[1])
             else:
                 total += 2 * 2 * d * c.dense_hidden
         return total * (self.n_paths if all_paths else 1)
-
-    def passes(self, idx: torch.Tensor) -> float:
-        """Model passes per token ``forward`` spends on (B, T) ``idx``: 1 on one path, P for the mixture,
-        what the chosen segments (and path 0 beside them, until pruned) cost for a selection — counted
-        by running it."""
-        mode = self.path_mode
-        if mode == "one":
-            return 1.0
-        if mode == "mixture":
-            return float(self.n_paths)
-        with torch.no_grad():
-            return self(idx).passes
 
     def moe(self, layer: int) -> MoE:
         ffn = self.blocks[layer].ffn
@@ -265,8 +186,8 @@ class GPT(nn.Module):
         return ffn
 
     def add_expert(self, layer: int, key: torch.Tensor, init: str = "copy_nearest",
-                   gate: int | None = None) -> int:
-        return self.moe(layer).add_expert(key, init, gate)
+                   gate: int | None = None, path: int = 0) -> int:
+        return self.moe(layer).add_expert(key, init, gate, path)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 update_keys: bool = False) -> ModelOutput:
@@ -284,9 +205,9 @@ class GPT(nn.Module):
             raise ValueError("update_keys: keys move on one path (on_path), not on a choice or mixture of paths")
         elif mode == "mixture":
             runs = [self.from_trunk(h0, False, p) for p in range(self.n_paths)]
-            logits, weights = mix_paths(torch.stack([logits for logits, _ in runs]), idx)
+            logits, weights = paths.mix_paths(torch.stack([logits for logits, _ in runs]), idx)
             chosen = weights.argmax(0)
-            routing = most_weighted([r for _, r in runs], chosen)
+            routing = paths.most_weighted([r for _, r in runs], chosen)
             passes = float(self.n_paths)
         else:
             logits, routing, chosen, passes = self.select_paths(idx, h0, base=mode == "select_base")
@@ -324,7 +245,7 @@ class GPT(nn.Module):
         whatever the number of paths); each segment's logits and routing come from its own path.
 
         ``base``: path 0 also runs beside the selection, segment by segment with a cache, and the two
-        are mixed by their posterior (:func:`mix_paths`) until path 0's weight falls below
+        are mixed by their posterior (:func:`hst.paths.mix_paths`) until path 0's weight falls below
         :data:`hst.paths.PRUNE` at a decision position; from there on the selection serves alone and
         path 0 runs only for the segments the selection itself gives it. Returns logits
         (log-probabilities when mixed), routing, the path each position got (the most weighted one)
@@ -332,7 +253,7 @@ class GPT(nn.Module):
         B, T, _ = h0.shape
         spans = paths.segments(T)
         serving = paths.segment_paths(self.path_scores(idx))  # (B, S)
-        selected, spent = _Stitched(B, T), 0
+        selected, spent = paths.Stitched(B, T), 0
         by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for (p, length), rows in paths.runs(serving, T).items():
             if not (base and p == 0):  # with base, path 0's segments come from its own run below
@@ -350,7 +271,7 @@ class GPT(nn.Module):
         chosen = chosen.to(h0.device)
         if not base:
             return selected.logits, selected.routing(), chosen, spent / (B * T)
-        path0, caches = _Stitched(B, T), [{} for _ in self.blocks[1:]]
+        path0, caches = paths.Stitched(B, T), [{} for _ in self.blocks[1:]]
         rows = torch.arange(B, device=h0.device)
         pruned_at = torch.full((B,), T, device=h0.device)  # where path 0 stops counting for each sequence
         for s, (start, end) in enumerate(spans):
@@ -370,36 +291,9 @@ class GPT(nn.Module):
                         for x in (path0, selected)]
                 weak = (pruned_at == T) & ((seen[0] - seen[1]).sigmoid() < paths.PRUNE)
                 pruned_at[weak] = end
-        logits, weights = mix_paths(torch.stack([selected.logits, path0.logits]), idx)
+        logits, weights = paths.mix_paths(torch.stack([selected.logits, path0.logits]), idx)
         alone = torch.arange(T, device=h0.device)[None] >= pruned_at[:, None]  # (B, T)
         logits = torch.where(alone[..., None], selected.logits.log_softmax(-1), logits)
         on_base = (weights[1] > weights[0]) & ~alone
-        routing = most_weighted([selected.routing(), path0.routing()], on_base.long())
+        routing = paths.most_weighted([selected.routing(), path0.routing()], on_base.long())
         return logits, routing, chosen.masked_fill(on_base, 0), spent / (B * T)
-
-
-class _Stitched:
-    """(B, T) positions' logits and per-layer routing, filled segment by segment from runs of paths."""
-
-    def __init__(self, B: int, T: int):
-        self.B, self.T = B, T
-        self.logits: torch.Tensor | None = None
-        self.fields: list[list[torch.Tensor] | None] | None = None
-
-    def put(self, rows: torch.Tensor, start: int, end: int, out: torch.Tensor, routing: list[Routing | None],
-            keep: torch.Tensor | None, offset: int = 0) -> None:
-        """Positions start..end of ``rows`` from a run's (n, t, V) ``out`` and its routing (fields flattened
-        to n·t), whose position 0 is ``offset``; ``keep``: which of the run's n rows ``rows`` are (all if None)."""
-        if self.logits is None:  # zeros: a position no run filled stays finite (it is never read as a prediction)
-            self.logits = out.new_zeros(self.B, self.T, out.shape[-1])
-            self.fields = [None if layer is None else [f.new_zeros(self.B, self.T, *f.shape[1:]) for f in layer]
-                           for layer in routing]
-        n, t = out.shape[:2]
-        pick = slice(None) if keep is None else keep
-        self.logits[rows, start:end] = out[pick, start - offset:end - offset]
-        for full, layer in zip(self.fields, routing):
-            for f_full, f in zip(full or (), layer or ()):
-                f_full[rows, start:end] = f.view(n, t, *f.shape[1:])[pick, start - offset:end - offset]
-
-    def routing(self) -> list[Routing | None]:
-        return [None if layer is None else Routing(*(f.flatten(0, 1) for f in layer)) for layer in self.fields]

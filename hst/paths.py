@@ -1,8 +1,8 @@
 """Paths, and choosing one per sequence at flat inference cost.
 
 A model grown with paths holds P of them: path 0 is the base experts alone, path p >= 1 adds growth
-p's experts at every layer (:class:`hst.router.KeyRouter`'s path gates). Running one path costs one
-model, whatever P is; running all P mixed by their posterior (:func:`hst.model.mix_paths`,
+p's experts at every layer (:class:`hst.router.KeyRouter`'s ``expert_path``). Running one path costs one
+model, whatever P is; running all P mixed by their posterior (:func:`mix_paths`,
 ``GPT.inference = "mixture"``) costs P models.
 
 At flat cost (``GPT.inference = "select"``) a sequence runs one path per segment; by default
@@ -34,6 +34,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from hst.router import Routing
 
 # Positions at which a sequence (re)chooses its path; before the first, path 0 serves it. An early
 # choice sees few bytes, later ones correct it (docs/decisions.md).
@@ -166,3 +168,55 @@ def relative_cost(paths: torch.Tensor, T: int, pruned_at: torch.Tensor | None = 
         spent += sum(max([int(stop)] + [end for end, p in zip(ends, row) if p == 0])
                      for stop, row in zip(pruned_at.tolist(), paths.tolist()))
     return spent / (paths.shape[0] * T)
+
+
+def mix_paths(logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Bayesian mixture of P paths' next-token distributions for inputs ``idx`` (B, T), given
+    their logits (P, B, T, V); returns its log-probabilities (B, T, V) and the paths' weights (P, B, T).
+
+    At position t a path's weight is its prior (uniform) times the probability it gave the bytes seen
+    so far, ``idx[:, 1..t]``: no future byte, no label and no stored text decide it. Over any sequence
+    the mixture's total loss exceeds the best single path's by at most ln P nats (log2 P bits), so an
+    old domain's path, unchanged by later growth, bounds what the mixture can forget on its text.
+    """
+    logp = logits.float().log_softmax(-1)
+    P, B, T, _ = logp.shape
+    seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(P, B, T - 1, 1))[..., 0]  # (P, B, T-1)
+    past = torch.cat([seen.new_zeros(P, B, 1), seen.cumsum(-1)], -1)  # (P, B, T) log-likelihood of the context
+    weights = past.log_softmax(0)
+    return (weights[..., None] + logp).logsumexp(0), weights.exp()
+
+
+def most_weighted(routings: list[list[Routing | None]], best: torch.Tensor) -> list[Routing | None]:
+    """Per layer, each token's routing from the run weighted most for it: ``routings`` one per run
+    (fields flattened to B·T tokens), ``best`` (B, T) the run index per token."""
+    best, token = best.reshape(-1), torch.arange(best.numel(), device=best.device)
+    return [None if layer[0] is None else Routing(*(torch.stack(f)[best, token] for f in zip(*layer)))
+            for layer in zip(*routings)]
+
+
+class Stitched:
+    """(B, T) positions' logits and per-layer routing, filled segment by segment from runs of paths."""
+
+    def __init__(self, B: int, T: int):
+        self.B, self.T = B, T
+        self.logits: torch.Tensor | None = None
+        self.fields: list[list[torch.Tensor] | None] | None = None
+
+    def put(self, rows: torch.Tensor, start: int, end: int, out: torch.Tensor, routing: list[Routing | None],
+            keep: torch.Tensor | None, offset: int = 0) -> None:
+        """Positions start..end of ``rows`` from a run's (n, t, V) ``out`` and its routing (fields flattened
+        to n·t), whose position 0 is ``offset``; ``keep``: which of the run's n rows ``rows`` are (all if None)."""
+        if self.logits is None:  # zeros: a position no run filled stays finite (it is never read as a prediction)
+            self.logits = out.new_zeros(self.B, self.T, out.shape[-1])
+            self.fields = [None if layer is None else [f.new_zeros(self.B, self.T, *f.shape[1:]) for f in layer]
+                           for layer in routing]
+        n, t = out.shape[:2]
+        pick = slice(None) if keep is None else keep
+        self.logits[rows, start:end] = out[pick, start - offset:end - offset]
+        for full, layer in zip(self.fields, routing):
+            for f_full, f in zip(full or (), layer or ()):
+                f_full[rows, start:end] = f.view(n, t, *f.shape[1:])[pick, start - offset:end - offset]
+
+    def routing(self) -> list[Routing | None]:
+        return [None if layer is None else Routing(*(f.flatten(0, 1) for f in layer)) for layer in self.fields]

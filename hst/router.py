@@ -1,4 +1,4 @@
-"""Routers: the HST KeyRouter (fixed keys, cosine top-k, growth gates) and a learned Linear router.
+"""Routers: the HST KeyRouter (fixed keys, cosine top-k, growth gates and paths) and a learned Linear router.
 
 Both map FFN inputs ``x`` of shape (B, T, d) — or (T, d), one sequence — to a :class:`Routing`
 over the B·T tokens. Routing is computed in fp32 even under autocast, so that routing decisions
@@ -114,10 +114,10 @@ class KeyRouter(nn.Module):
     always eligible, so a token whose gates are closed routes exactly as before growth. The experts
     grown together in one layer share one gate.
 
-    A gate can instead belong to a *path* (``gate_path[g] >= 1``, :func:`hst.model.mix_paths`): the
-    experts a cycle grew, at every layer, on top of the experts present from the start. Such a gate
-    opens exactly when the model runs that path (``path`` in :meth:`forward`) and nowhere else; on
-    path 0 every path gate is closed, so the base model computes what it did before any growth.
+    An expert can instead belong to a *path* (``expert_path[e] >= 1``, :mod:`hst.paths`): the experts a
+    cycle grew, at every layer, on top of the experts present from the start (path 0). They are eligible
+    exactly when the model runs that path (``path`` in :meth:`forward`) and nowhere else; on path 0
+    every grown path's experts are out, so the base model computes what it did before any growth.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, temperature: float,
@@ -128,7 +128,7 @@ class KeyRouter(nn.Module):
         for name, shape in zip(Gate._fields, [(0, d_model), (0, 0, d_model), (0, 0), (0, 0), (0,), (0,)]):
             self.register_buffer(f"gate_{name}", torch.zeros(shape))
         self.register_buffer("expert_gate", torch.full((n_experts,), -1, dtype=torch.long))
-        self.register_buffer("gate_path", torch.zeros(0, dtype=torch.long))  # (G,) path of each gate; -1: learned gate
+        self.register_buffer("expert_path", torch.zeros(n_experts, dtype=torch.long))  # (E,) 0: on every path
         # Running mean of the routed hidden states; subtracted before the cosine when ``centered``,
         # because all hidden states share a large common direction (anisotropy).
         self.register_buffer("center", torch.zeros(d_model))
@@ -157,21 +157,18 @@ class KeyRouter(nn.Module):
 
     @property
     def n_paths(self) -> int:
-        """Paths this router's gates belong to, the base path 0 included."""
-        return 1 + max(int(self.gate_path.max()), 0) if len(self.gate_path) else 1
+        """Paths this router's experts belong to, the base path 0 included."""
+        return 1 + int(self.expert_path.max())
 
     def eligible(self, f: torch.Tensor, path: int | torch.Tensor = 0) -> torch.Tensor:
-        """(B, T, d) features -> (B, T, E) bool: which experts' gates are open for each token on ``path``
-        (one for all sequences, or (B,) one per sequence)."""
-        always = torch.ones(*f.shape[:-1], 1, dtype=torch.bool, device=f.device)
-        if not len(self.gate_b):
-            return always.expand(*f.shape[:-1], self.n_experts)
-        learned = self.gate_path < 0
+        """(B, T, d) features -> (B, T, E) bool: which experts run for each token on ``path`` (one for all
+        sequences, or (B,) one per sequence): path 0's and the path's own, where their gates are open."""
         path = torch.as_tensor(path, device=f.device).view(-1, 1, 1)  # (B or 1, 1, 1)
-        opened = (self.gate_path == path).expand(*f.shape[:-1], -1)  # (B, T, G)
-        if learned.any():
-            opened = torch.where(learned, gate_open(f, self.gates), opened)
-        return torch.cat([always, opened], -1)[..., self.expert_gate + 1]
+        on = ((self.expert_path == 0) | (self.expert_path == path)).expand(*f.shape[:-1], -1)  # (B, T, E)
+        if not len(self.gate_b):
+            return on
+        always = torch.ones(*f.shape[:-1], 1, dtype=torch.bool, device=f.device)
+        return on & torch.cat([always, gate_open(f, self.gates)], -1)[..., self.expert_gate + 1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Growth adds gates: take their number and hidden width from the checkpoint being loaded.
@@ -179,10 +176,6 @@ class KeyRouter(nn.Module):
             stored = state_dict.get(f"{prefix}gate_{name}")
             if stored is not None:
                 setattr(self, f"gate_{name}", torch.zeros_like(stored, device=self.keys.device))
-        if f"{prefix}gate_path" not in state_dict:  # checkpoint format <= 3: every gate is a learned one
-            n = len(state_dict.get(f"{prefix}gate_b", self.gate_b))
-            state_dict[f"{prefix}gate_path"] = torch.full((n,), -1, dtype=torch.long)
-        self.gate_path = torch.zeros_like(state_dict[f"{prefix}gate_path"], device=self.keys.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, path: int | torch.Tensor = 0) -> Routing:
@@ -217,9 +210,8 @@ class KeyRouter(nn.Module):
             distributed.all_reduce_(mean, mean=True)  # ranks hold equally many tokens
             self.center.lerp_(mean, 1 - self.momentum)
 
-    def add_gate(self, gate: Gate, path: int = -1) -> int:
-        """Append one gate (fields without the gate axis) — a learned one, or with ``path`` >= 1 the
-        gate of that path (its fields unused); return its index for :meth:`add_key`."""
+    def add_gate(self, gate: Gate) -> int:
+        """Append one learned gate (fields without the gate axis); return its index for :meth:`add_key`."""
         width = max(self.gate_u.shape[1], gate.u.shape[0])
         for name, new in zip(Gate._fields, gate):
             old = getattr(self, f"gate_{name}")
@@ -227,14 +219,14 @@ class KeyRouter(nn.Module):
             if name in ("u", "c", "v"):  # zero hidden units add nothing: pad both to the wider gate
                 old, new = (F.pad(t, (0, 0) * (name == "u") + (0, width - t.shape[1])) for t in (old, new))
             setattr(self, f"gate_{name}", torch.cat([old, new]))
-        self.gate_path = torch.cat([self.gate_path, self.gate_path.new_tensor([path])])
         return len(self.gate_b) - 1
 
-    def add_key(self, key: torch.Tensor, gate: int | None = None) -> None:
+    def add_key(self, key: torch.Tensor, gate: int | None = None, path: int = 0) -> None:
         """Append a key; with ``gate`` (an index from :meth:`add_gate`) its expert is eligible only
-        where that gate opens."""
+        where that gate opens, with ``path`` >= 1 only when the model runs that path."""
         self.keys = torch.cat([self.keys, F.normalize(key.float(), dim=-1)[None].to(self.keys)])
         self.expert_gate = torch.cat([self.expert_gate, self.expert_gate.new_tensor([-1 if gate is None else gate])])
+        self.expert_path = torch.cat([self.expert_path, self.expert_path.new_tensor([path])])
 
 
 class LearnedRouter(nn.Module):

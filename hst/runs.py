@@ -99,8 +99,8 @@ def track(source: str, variant: str, uri: str) -> list[str]:
 
 
 def model_of(source: str, experts_per_layer: list[int]) -> GPT:
-    """An (untrained) model of a variant's shape, grown experts' gates included (one per grown cycle
-    and layer, ``grow.experts`` experts behind each): for its FLOPs and parameter count."""
+    """An (untrained) model of a variant's shape, grown experts' paths or gates included (one per grown
+    cycle and layer, ``grow.experts`` experts each): for its FLOPs and parameter count."""
     params = yaml.safe_load(read_text(source, "params.yaml"))
     # Older experiments may carry model keys that have since been removed (e.g. novelty_threshold).
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -109,10 +109,14 @@ def model_of(source: str, experts_per_layer: list[int]) -> GPT:
         grow = {**dataclasses.asdict(GrowConfig(gate_hidden=0, select="gate")), **params.get("grow", {})}  # older runs: linear gates
         d, h = model.cfg.d_model, grow["gate_hidden"]
         for layer, n in enumerate(experts_per_layer):
+            router = model.moe(layer).router
             for growth in range((n - model.cfg.n_experts) // grow["experts"]):
-                model.moe(layer).router.add_gate(Gate(torch.zeros(d), torch.zeros(h, d), torch.zeros(h), torch.zeros(h),
-                                                      torch.tensor(0.0), torch.tensor(0.0)),
-                                                 growth + 1 if grow["select"] == "posterior" else -1)
+                if grow["select"] == "posterior":  # growth g's experts are path g + 1
+                    start = model.cfg.n_experts + growth * grow["experts"]
+                    router.expert_path[start:start + grow["experts"]] = growth + 1
+                else:
+                    router.add_gate(Gate(torch.zeros(d), torch.zeros(h, d), torch.zeros(h), torch.zeros(h),
+                                         torch.tensor(0.0), torch.tensor(0.0)))
     return model
 
 

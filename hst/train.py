@@ -115,6 +115,7 @@ class Evaluation(NamedTuple):
     window_bpb: torch.Tensor  # (windows,) each evaluated window's bits per byte
     expert_ids: list[torch.Tensor | None]  # per layer (N, k) routed experts of every evaluated token
     ffn_inputs: tuple[torch.Tensor, ...] = ()  # per requested layer (windows, T, d) hidden states entering its MoE
+    passes: float = 1.0  # model passes per token the forward spent on these windows (ModelOutput.passes)
 
 
 @torch.no_grad()
@@ -128,7 +129,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int =
                          "(GPT.on_path)")
     windows = eval_windows(tokens, model.cfg.seq_len, n_windows)
     windows = (windows if only is None else windows[only.cpu()]).to(next(model.parameters()).device)
-    nll, ids, captured = [], [], {layer: [] for layer in layers}
+    nll, ids, passes, captured = [], [], [], {layer: [] for layer in layers}
     hooks = [model.moe(layer).register_forward_pre_hook(lambda m, args, layer=layer: captured[layer].append(args[0]))
              for layer in layers]
     try:
@@ -137,13 +138,14 @@ def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int =
                 out = model(chunk[:, :-1])
                 nll.append(F.cross_entropy(out.logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(1))
                 ids.append([r.expert_ids if r is not None else None for r in out.routing])
+                passes.append(out.passes * len(chunk))
     finally:
         for hook in hooks:
             hook.remove()
     per_layer = [None if layer[0] is None else torch.cat(layer) for layer in zip(*ids)]
     window_bpb = torch.cat(nll).cpu() / LN2
     return Evaluation(float(window_bpb.mean()), window_bpb, per_layer,
-                      tuple(torch.cat(captured[layer]) for layer in layers))
+                      tuple(torch.cat(captured[layer]) for layer in layers), sum(passes) / max(len(windows), 1))
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -5,7 +5,7 @@ that cycle's domain (every cycle branches from the pretraining, none from the pr
 script evaluates the branches as one model, on every domain's evaluation windows:
 
 - **posterior** (BTM / DEMix): the pretraining and every branch run, mixed by their posterior given
-  the context — :func:`hst.model.mix_paths`, what HST's default does with its paths; P dense models
+  the context — :func:`hst.paths.mix_paths`, what HST's default does with its paths; P dense models
   per token;
 - **top-1** (c-BTM's flat-cost sibling): one branch per segment, chosen with HST's own rule
   (:mod:`hst.paths`: byte-trigram sketches of each branch's training records, decisions at bytes
@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from hst import checkpoint, data, paths, sampler
-from hst.model import mix_paths
 from hst.params import read_params
 from hst.train import eval_windows
 
@@ -45,13 +44,13 @@ def evaluate(models: list, sketches: torch.Tensor, windows: torch.Tensor) -> dic
     idx, target = windows[:, :-1], windows[:, 1:]
     logits = torch.stack([m(idx).logits for m in models])  # (P, n, T, V)
     nll = lambda logp: float(-logp.gather(-1, target[..., None]).mean()) / LN2  # noqa: E731
-    mixture, _ = mix_paths(logits, idx)
+    mixture, _ = paths.mix_paths(logits, idx)
     serving = paths.segment_paths(paths.sketch_scores(idx, sketches))  # (n, S)
     chosen = torch.empty_like(target)  # (n, T) the model serving each position
     for s, (start, end) in enumerate(paths.segments(idx.shape[1])):
         chosen[:, start:end] = serving[:, s:s + 1]
     selected = logits.gather(0, chosen[None, ..., None].expand(1, *chosen.shape, logits.shape[-1]))[0]
-    with_base, weights = mix_paths(torch.stack([selected, logits[0]]), idx)
+    with_base, weights = paths.mix_paths(torch.stack([selected, logits[0]]), idx)
     pruned_at = torch.full((len(idx),), idx.shape[1])
     for d in paths.DECISIONS:  # as GPT.select_paths decides, from the weights given bytes 1..d
         pruned_at[(pruned_at == idx.shape[1]) & (weights[1, :, d] < paths.PRUNE)] = d

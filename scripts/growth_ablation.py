@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 
 
-from hst import checkpoint, coreset, data, evaluation, grow, sampler
+from hst import checkpoint, coreset, data, evaluation, gates, sampler
 from hst.config import GrowConfig, TrainConfig
 from hst.consolidate import consolidate_experts
 from hst.params import load_section, read_params
@@ -47,8 +47,8 @@ def main() -> None:
         model, _ = checkpoint.load(f"models/{args.cycle}_consolidated.pt")
         if kind == "grow":
             cfg = dataclasses.replace(gcfg, select="gate", gate_fpr=float(rest[0]), steps=int(rest[1]))
-            grow.grow(model, list(range(model.cfg.n_layer)), data.encode(buf["text"].to_pylist()),
-                      held_in, cfg, tcfg)
+            gates.grow(model, list(range(model.cfg.n_layer)), data.encode(buf["text"].to_pylist()),
+                       held_in, cfg, tcfg)
         else:
             _, sets = coreset.read_sets(f"cycles/{args.cycle}/coresets", buf, per_expert=True)
             consolidate_experts(model, sets, dataclasses.replace(tcfg, steps=int(rest[0])))

@@ -7,7 +7,7 @@
 Copies the SQLite store to a temporary folder (the UI never opens the project's store), colours the
 variants' parent runs there (tag ``mlflow.runColor``, what the UI's colour picker sets), starts
 ``mlflow server`` on 127.0.0.1 against the copy and drives headless Chromium (Debian package
-``chromium``) over the DevTools protocol. Before the page loads, the experiment page's saved state is
+``chromium``, ``scripts/browser.py``) over the DevTools protocol. Before the page loads, the experiment page's saved state is
 written into the browser's local storage: parent runs only (one per variant), and one section of
 line charts of ``--metrics`` against ``step`` = cycle. That layout is the MLflow 3.17 UI's own and
 may move in another MLflow version.
@@ -16,7 +16,6 @@ may move in another MLflow version.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -30,9 +29,8 @@ import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
-from websockets.sync.client import connect
-
 from hst.tracking import SQLITE, sqlite_path, store_uri
+from scripts.browser import answers, chromium, wait_for
 
 METRICS = ["avg_forgetting", "worst_forgetting", "absorption", "routing_stability", "bpb.kjv", "bpb.shakespeare"]
 COLOURS = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]  # variants in the order they were logged
@@ -56,43 +54,6 @@ def view_state(metrics: list[str]) -> dict:
             "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
 
 
-class Page:
-    """One Chromium tab over the DevTools protocol."""
-
-    def __init__(self, ws_url: str):
-        self.ws, self.n = connect(ws_url, max_size=2 ** 28), 0
-
-    def call(self, method: str, **params) -> dict:
-        self.n += 1
-        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
-        while True:  # events arrive in between; the answer carries our id
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self.n:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg["result"]
-
-    def js(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-
-def _wait(what: str, ready, timeout: float = 60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (value := ready()) is not None:
-            return value
-        time.sleep(0.5)
-    raise SystemExit(f"error: {what} did not come up within {timeout:.0f} s")
-
-
-def _health(url: str) -> bool | None:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2):
-            return True
-    except OSError:
-        return None
-
-
 def screenshot(db: Path, experiment: str, metrics: list[str], out: Path, size: tuple[int, int]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "mlflow.db"
@@ -112,40 +73,29 @@ def screenshot(db: Path, experiment: str, metrics: list[str], out: Path, size: t
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"{SQLITE}{copy}"], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        profile = Path(tmp) / "chromium"
-        browser = subprocess.Popen(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-             "--remote-debugging-port=0", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait("mlflow server", lambda: _health(url))
-            port_file = profile / "DevToolsActivePort"
-            devtools = _wait("chromium", lambda: port_file.read_text().split()[0] if port_file.is_file() else None)
-            targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{devtools}/json"))
-            page = Page(next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"))
-            page.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
-                      mobile=False)
-            page.call("Page.navigate", url=f"{url}/")
-            _wait("the MLflow UI", lambda: page.js("document.readyState === 'complete' || null"))
-            storage = {f'MLflowLocalStorage-1.1-ExperimentPage-["{exp.experiment_id}"]-ReactComponentState':
-                       json.dumps(view_state(metrics)),
-                       "mlflow.workflowType_v1": json.dumps("machine_learning"),  # the "Model training" side bar
-                       "mlflow.assistant.panelOpen_v1": "false", "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true"}
-            page.js(";".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)})" for k, v in storage.items()))
-            query = urllib.parse.urlencode({"compareRunsMode": "CHART", "workflowType": "machine_learning",
-                                            "searchFilter": PARENTS, "orderByKey": "attributes.start_time",
-                                            "orderByAsc": "true"})
-            page.call("Page.navigate", url=f"{url}/#/experiments/{exp.experiment_id}/runs?{query}")
-            # Every chart has drawn its lines (an SVG path per run) once the metric histories arrived.
-            _wait("the charts", lambda: page.js(
-                f"document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= {len(metrics)} || null"))
-            # Plotly's per-chart toolbar would cover the lines.
-            page.js("document.head.insertAdjacentHTML('beforeend', '<style>.modebar-container{display:none}</style>')")
-            time.sleep(3)
-            out.write_bytes(base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"]))
+            wait_for("mlflow server", lambda: answers(f"{url}/health"))
+            with chromium(size) as page:
+                page.open(f"{url}/", "the MLflow UI")
+                storage = {f'MLflowLocalStorage-1.1-ExperimentPage-["{exp.experiment_id}"]-ReactComponentState':
+                           json.dumps(view_state(metrics)),
+                           "mlflow.workflowType_v1": json.dumps("machine_learning"),  # the "Model training" side bar
+                           "mlflow.assistant.panelOpen_v1": "false", "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true"}
+                page.js(";".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)})" for k, v in storage.items()))
+                query = urllib.parse.urlencode({"compareRunsMode": "CHART", "workflowType": "machine_learning",
+                                                "searchFilter": PARENTS, "orderByKey": "attributes.start_time",
+                                                "orderByAsc": "true"})
+                page.call("Page.navigate", url=f"{url}/#/experiments/{exp.experiment_id}/runs?{query}")
+                # Every chart has drawn its lines (an SVG path per run) once the metric histories arrived.
+                wait_for("the charts", lambda: page.js(
+                    f"document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= {len(metrics)} || null"))
+                # Plotly's per-chart toolbar would cover the lines.
+                page.js("document.head.insertAdjacentHTML('beforeend', '<style>.modebar-container{display:none}</style>')")
+                time.sleep(3)
+                page.capture(out)
         finally:
-            for proc in (browser, server):
-                proc.terminate()
-                proc.wait()
+            server.terminate()
+            server.wait()
 
 
 def main() -> None:

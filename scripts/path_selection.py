@@ -61,8 +61,8 @@ def main() -> None:
     for d in domains:
         rows[d] = {name: bpb(model, val[d], mode) for name, mode in modes.items()}
         for name, mode in (("select", SELECTED_PATHS), (WITH_PATH_0, SELECTED_AND_BASE)):
-            with model.on_path(mode):
-                rows[d][f"{name} passes"] = model.passes(val[d][:, :-1])
+            with model.on_path(mode), torch.no_grad():
+                rows[d][f"{name} passes"] = model(val[d][:, :-1]).passes
         print(d, {k: round(v, 3) for k, v in rows[d].items()}, flush=True)
     best = {d: min(range(model.n_paths), key=lambda p: rows[d][f"path {p}"]) for d in domains}
     switches = {}

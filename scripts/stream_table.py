@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from hst.io import replace_section
+from hst.params import parse_params
 from hst.runs import pct, read_metrics, read_text
 
 
@@ -33,7 +32,7 @@ def decision(growth: dict | None) -> str:
 
 
 def table(run: str) -> str:
-    cycles = yaml.safe_load(read_text(run, "params.yaml"))["cycles"]
+    cycles = parse_params(read_text(run, "params.yaml"), f"{run}/params.yaml")["cycles"]
     lines = ["| drop | domain | decision | paths | BPB before → after | avg forgetting | worst forgetting "
              "| inference MFLOPs per token | parameters |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

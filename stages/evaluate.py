@@ -38,14 +38,14 @@ def main() -> None:
     after, _ = checkpoint.load(args.after, expect)
     history = read_json(args.history, ("history",))["history"]
     val = {d: data.load_tokens(args.prepared, d, "val") for d in data.prepared_domains(args.prepared)}
+    evals = evaluation.evaluate_domains(after, val, cfg.eval_windows)
     report = evaluation.cycle_report(
         history, args.cycle, domain, [d for d in meta["learned_domains"] if d != domain],
-        evaluation.evaluate_domains(before, val, cfg.eval_windows),
-        evaluation.evaluate_domains(after, val, cfg.eval_windows), after.n_experts)
+        evaluation.evaluate_domains(before, val, cfg.eval_windows), evals, after.n_experts)
     grown = read_json(args.grow, ("novel_record_share",))
     report["novelty_rate"] = grown["novel_record_share"]
     report["growth"] = grown.get("decision")  # grow.decide: novelty — which paths grew or consolidated
-    report["inference"] = evaluation.inference_cost(after, val, cfg.eval_windows)
+    report["inference"] = evaluation.inference_cost(after, evals)
     if report["usage"]:
         plots.usage_heatmap(report["usage"], f"{args.plots}/usage.png",
                             title=f"Expert usage after cycle {args.cycle} (new: {domain})")

@@ -11,7 +11,7 @@ The surprise detector is always reported: a record is novel when its BPB under t
 model (logged by `collect`) exceeds the ``grow.quantile`` of the index records' BPB, and it triggers
 after ``grow.min_batches`` consecutive batches of ``grow.batch_records`` records with more than
 ``grow.novel_share`` novel ones. In mode ``experts`` it decides whether to grow, and from which
-records. With ``grow.select: gate`` the new experts sit behind a learned gate per layer, calibrated
+records. With ``grow.select: gate`` the new experts sit behind a learned gate per layer (``hst.gates``), calibrated
 on the index's held-in text to let through at most ``grow.gate_fpr`` of its tokens; with
 ``grow.old_share`` > 0 that share of the training records comes from the index and the experts
 grown earlier train on them at ``consolidate.lr``. This stage reads no validation text.
@@ -23,7 +23,7 @@ import argparse
 
 import pyarrow as pa
 
-from hst import checkpoint, coreset, data, grow, novelty, sampler
+from hst import checkpoint, coreset, data, gates, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig
 from hst.io import write_csv, write_json
 from hst.params import load_section
@@ -61,7 +61,7 @@ def main() -> None:
               "records_until_detection": found.records_until_detection,
               "triggered": cfg.enabled and model.cfg.ffn == "key" and (found.trigger is not None or ccfg.mode == "grow")}
     learned = [*meta["learned_domains"], *([domain] if domain not in meta["learned_domains"] else [])]
-    grown, curves, gates, old = [], {}, [], []
+    curves, stats, old = {}, [], []
     if decides and cfg.enabled:
         owners = grow.path_domains(meta, model.n_paths)
         report["decision"], curves["train"] = grow.learn(model, new, index, owners, domain, cfg, tcfg,
@@ -72,13 +72,16 @@ def main() -> None:
         fresh = new.filter(pa.array([bool(flag) or ccfg.mode == "grow" for flag in found.novel]))
         if cfg.old_share:
             old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
-        grown, curves, gates = grow.grow(model, list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist()),
-                                         sampler.tokens_by_source(index) if reads_text else {}, cfg,
-                                         tcfg, data.encode(old) if old else None)
+        held_in = sampler.tokens_by_source(index) if reads_text else {}
+        layers, tokens = list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist())
+        if cfg.select == "gate":
+            _, curves, stats = gates.grow(model, layers, tokens, held_in, cfg, tcfg, data.encode(old) if old else None)
+        else:
+            _, curves, stats = grow.grow(model, layers, tokens, held_in, cfg, tcfg)
     meta = {**meta, "stage": "grow", "cycle": args.cycle, "learned_domains": learned}
     checkpoint.save(args.out, model, meta)
     write_csv(args.curves, curves.get("train", []), columns=["step", "train_bpb", "lr"])
-    write_json(args.metrics, {**report, "old_records": len(old), "grown": gates,
+    write_json(args.metrics, {**report, "old_records": len(old), "grown": stats,
                               "held_in_bpb_change": curves.get("held_in_bpb_change", {}),
                               "experts_per_layer": model.n_experts, "paths": model.n_paths})
 

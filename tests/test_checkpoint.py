@@ -60,7 +60,7 @@ def test_a_format_2_checkpoint_loads_and_routes_as_before(tiny_cfg, tmp_path):
     state = model.state_dict()
     for layer in (0, 1):
         p = f"blocks.{layer}.ffn.router."
-        per_expert = state.pop(p + "expert_gate")
+        per_expert, _ = state.pop(p + "expert_gate"), state.pop(p + "expert_path")
         gated_rows = per_expert >= 0
         w = torch.zeros(len(per_expert), 32)
         w[gated_rows] = state[p + "gate_w"][per_expert[gated_rows]]
@@ -78,14 +78,30 @@ def test_a_format_2_checkpoint_loads_and_routes_as_before(tiny_cfg, tmp_path):
     assert torch.equal(model(idx).logits, loaded(idx).logits)
 
 
-def test_paths_round_trip_and_a_format_3_checkpoint_loads_with_learned_gates(tiny_cfg, tmp_path):
+def _as_format_4(state: dict) -> dict:
+    """The same model as format 4 stored it: a path's experts behind a placeholder gate of that path."""
+    old = {**state, "format_version": 4, "state_dict": dict(state["state_dict"])}
+    sd = old["state_dict"]
+    for key in [k for k in sd if k.endswith("expert_path")]:
+        prefix = key[:-len("expert_path")]
+        expert_path, gate_path = sd.pop(key), [-1] * len(sd[prefix + "gate_b"])
+        for p in sorted(set(expert_path[expert_path > 0].tolist())):
+            sd[prefix + "expert_gate"] = torch.where(expert_path == p, len(gate_path), sd[prefix + "expert_gate"])
+            gate_path.append(p)
+            for name, field in zip(Gate._fields, Gate.linear(torch.zeros(32), 0.0, 0.0)):
+                stored = sd[prefix + f"gate_{name}"]
+                pad = torch.zeros(1, *stored.shape[1:])  # the placeholder: zero weights, no hidden units
+                sd[prefix + f"gate_{name}"] = torch.cat([stored, pad.reshape(1, *stored.shape[1:])])
+        sd[prefix + "gate_path"] = torch.tensor(gate_path, dtype=torch.long)
+    return old
+
+
+def test_paths_round_trip_and_format_3_and_4_checkpoints_load_converted(tiny_cfg, tmp_path):
     model = GPT(tiny_cfg)
     gated = Gate(0.1 * torch.randn(32), torch.randn(4, 32), torch.zeros(4), torch.randn(4), torch.tensor(0.0),
                  torch.tensor(0.0))
-    model.moe(0).router.add_gate(gated)
-    model.moe(0).add_expert(torch.randn(32), gate=0)
-    model.moe(1).router.add_gate(Gate.linear(torch.zeros(32), 0.0, 0.0), path=1)
-    model.moe(1).add_expert(model.moe(1).router.keys[0], gate=0)
+    model.moe(0).add_expert(torch.randn(32), gate=model.moe(0).router.add_gate(gated))
+    model.moe(1).add_expert(model.moe(1).router.keys[0], path=1)
     checkpoint.save(tmp_path / "unsketched.pt", model)
     with pytest.raises(CheckpointError, match="2 paths but 0 path sketches"):
         checkpoint.load(tmp_path / "unsketched.pt")
@@ -94,8 +110,8 @@ def test_paths_round_trip_and_a_format_3_checkpoint_loads_with_learned_gates(tin
     model.inference = "select"
     checkpoint.save(tmp_path / "m.pt", model)
     loaded, _ = checkpoint.load(tmp_path / "m.pt")
-    assert loaded.n_paths == 2 and loaded.moe(1).router.gate_path.tolist() == [1] and loaded.inference == "select"
-    assert torch.equal(loaded.path_sketches, model.path_sketches)
+    assert loaded.n_paths == 2 and loaded.moe(1).router.expert_path.tolist() == [0, 0, 0, 0, 1]
+    assert loaded.inference == "select" and torch.equal(loaded.path_sketches, model.path_sketches)
     idx = torch.randint(0, 256, (2, 32))  # segments of 8 and 24 tokens: path 0, then the chosen one
     model.eval(), loaded.eval()
     assert torch.equal(model(idx).logits, loaded(idx).logits)
@@ -104,16 +120,21 @@ def test_paths_round_trip_and_a_format_3_checkpoint_loads_with_learned_gates(tin
     state["state_dict"]["path_select"] = torch.tensor(True)
     torch.save(state, tmp_path / "bool.pt")
     assert checkpoint.load(tmp_path / "bool.pt")[0].inference == "select"
+    # Format 4 kept a path's experts behind a placeholder gate of the path: it loads as the same model.
+    v4 = _as_format_4(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert v4["state_dict"]["blocks.1.ffn.router.gate_path"].tolist() == [1]
+    torch.save(v4, tmp_path / "v4.pt")
+    four, _ = checkpoint.load(tmp_path / "v4.pt")
+    assert four.moe(1).router.expert_path.tolist() == [0, 0, 0, 0, 1] and len(four.moe(1).router.gate_b) == 0
+    assert len(four.moe(0).router.gate_b) == 1 and four.moe(0).router.expert_gate.tolist() == [-1] * 4 + [0]
+    assert torch.equal(four.eval()(idx).logits, model(idx).logits)
     # Format 3 had no gate_path: every gate it stored is a learned one.
-    state = torch.load(tmp_path / "m.pt", weights_only=True)
-    state["format_version"] = 3
-    for layer in (0, 1):
-        del state["state_dict"][f"blocks.{layer}.ffn.router.gate_path"]
+    del v4["state_dict"]["blocks.0.ffn.router.gate_path"], v4["state_dict"]["blocks.1.ffn.router.gate_path"]
     for name in ("path_sketches", "path_select"):
-        del state["state_dict"][name]
-    torch.save(state, tmp_path / "v3.pt")
+        del v4["state_dict"][name]
+    torch.save({**v4, "format_version": 3}, tmp_path / "v3.pt")
     old, _ = checkpoint.load(tmp_path / "v3.pt")
-    assert old.n_paths == 1 and old.moe(0).router.gate_path.tolist() == [-1] and old.moe(1).router.gate_path.tolist() == [-1]
+    assert old.n_paths == 1 and len(old.moe(1).router.gate_b) == 1
     old.eval()
     with model.on_path(0):  # the zero path gate, read as a learned gate with bias 0, never opens
         assert torch.equal(old(idx).logits, model(idx).logits)
@@ -186,21 +207,41 @@ def test_structure_that_does_not_fit_the_config_is_named(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([1, 1])), "disagree on the number of gates"),
-    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([0])), "gate_path must be -1"),
-    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([2])), r"paths \[2\] are not numbered"),
-    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([1.0])), "gate_path must hold integers"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_b", torch.zeros(1)), "disagree on the number of gates"),
+    (lambda sd: sd["blocks.1.ffn.router.expert_path"].__setitem__(-1, -1), "expert_path must give each"),
+    (lambda sd: sd["blocks.1.ffn.router.expert_path"].__setitem__(-1, 2), r"paths \[2\] are not numbered"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.expert_path", torch.zeros(5)), "blocks.1.ffn.router.expert_path must hold integers"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.expert_path", torch.zeros(4, dtype=torch.long)),
+     "weights do not match the stored config"),
     (lambda sd: sd["blocks.1.ffn.router.expert_gate"].__setitem__(-1, 3), "expert_gate must give each"),
 ])
-def test_a_checkpoint_whose_growth_gates_were_edited_is_refused_in_one_line(tiny_cfg, tmp_path, edit, message):
+def test_a_checkpoint_whose_growth_gates_or_paths_were_edited_is_refused_in_one_line(tiny_cfg, tmp_path, edit, message):
     model = GPT(tiny_cfg)
-    model.moe(1).router.add_gate(Gate.linear(torch.zeros(32), 0.0, 0.0), path=1)
-    model.moe(1).add_expert(model.moe(1).router.keys[0], gate=0)
+    model.moe(1).add_expert(model.moe(1).router.keys[0], path=1)
     for _ in range(2):
         model.add_path_sketch(paths.fit_sketch(torch.randint(0, 256, (100,))))
     checkpoint.save(tmp_path / "m.pt", model)
     checkpoint.load(tmp_path / "m.pt")
     state = torch.load(tmp_path / "m.pt", weights_only=True)
+    edit(state["state_dict"])
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(tmp_path / "edited.pt")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([2])), r"paths \[2\] are not numbered"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([1.0])), "gate_path must hold integers"),
+    (lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.zeros(0, dtype=torch.long)),
+     "weights do not match the stored config"),
+])
+def test_an_edited_format_4_checkpoint_is_refused_in_one_line(tiny_cfg, tmp_path, edit, message):
+    model = GPT(tiny_cfg)
+    model.moe(1).add_expert(model.moe(1).router.keys[0], path=1)
+    for _ in range(2):
+        model.add_path_sketch(paths.fit_sketch(torch.randint(0, 256, (100,))))
+    checkpoint.save(tmp_path / "m.pt", model)
+    state = _as_format_4(torch.load(tmp_path / "m.pt", weights_only=True))
     edit(state["state_dict"])
     torch.save(state, tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match=message):

@@ -4,8 +4,9 @@ cycle's start and against the best row, absorption, transfer, routing stability,
 import pytest
 import torch
 
-from hst import evaluation
-from hst.train import Evaluation
+from hst import evaluation, paths
+from hst.model import GPT
+from hst.train import Evaluation, eval_windows
 
 
 def ev(bpb: float, ids: list[list[int]] | None = None) -> Evaluation:
@@ -51,3 +52,25 @@ def test_a_dense_model_reports_no_routing():
     after = {"a": ev(2.1), "new": ev(3.5)}
     r = evaluation.cycle_report([{"name": "pretrain", "bpb": {"a": 2.0}}], "c1", "new", ["a"], before, after, [1])
     assert r["routing_stability"] == [] and r["routing_stability_mean"] is None and r["usage"] == []
+
+
+def test_inference_cost_counts_the_passes_the_evaluation_spent(tiny_cfg):
+    """The cost is read off the evaluation's own forward passes, weighted by windows: the same count as
+    one forward over every window, with no second pass."""
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg).eval()
+    for layer in range(tiny_cfg.n_layer):
+        model.add_expert(layer, torch.randn(tiny_cfg.d_model), "random", path=1)
+    english, numbers = torch.tensor(list(b"the cat sat on the mat " * 40)), torch.tensor(list(b"0123 4567 89 " * 80))
+    for text in (english, numbers):
+        model.add_path_sketch(paths.fit_sketch(text))
+    model.inference = "select"
+    val = {"english": english, "numbers": numbers[:300]}
+    evals = evaluation.evaluate_domains(model, val, 3)
+    cost = evaluation.inference_cost(model, evals)
+    windows = torch.cat([eval_windows(t, tiny_cfg.seq_len, 3)[:, :-1] for t in val.values()])
+    with torch.no_grad():
+        whole = model(windows).passes
+    assert 1 < cost["passes_per_token"] == pytest.approx(whole)  # numbers' windows run path 1 beside path 0's prefix
+    assert cost["paths"] == 2 and cost["mode"] == "select"
+    assert cost["mflops_per_token"] == pytest.approx(model.flops_per_token() * whole / 1e6)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from hst.model import GPT, mix_paths
+from hst.model import GPT
+from hst.paths import mix_paths
 from hst.router import Gate
 
 
@@ -89,11 +90,11 @@ def test_flops_per_token_count_the_active_matmuls(tiny_cfg):
     gated.moe(0).router.add_gate(Gate(torch.zeros(d), torch.zeros(8, d), torch.zeros(8), torch.zeros(8),
                                       torch.tensor(0.0), torch.tensor(0.0)))
     assert gated.flops_per_token() == key.flops_per_token() + 2 * d * 9
-    paths = GPT(tiny_cfg)  # path gates score nothing; the mixture runs every path
+    paths = GPT(tiny_cfg)  # a path's experts add only their keys' scores to one path; the mixture runs every path
     for path in (1, 2):
-        paths.moe(0).router.add_gate(Gate.linear(torch.zeros(d), 0.0, 0.0), path)
-    assert paths.flops_per_token() == key.flops_per_token()
-    assert paths.flops_per_token(all_paths=True) == 3 * key.flops_per_token()
+        paths.add_expert(0, torch.randn(d), path=path)
+    assert paths.flops_per_token() == key.flops_per_token() + 2 * d * 2
+    assert paths.flops_per_token(all_paths=True) == 3 * paths.flops_per_token()
 
 
 def test_path_mixture_loses_at_most_log_paths_to_its_best_path_on_every_sequence():
@@ -118,8 +119,7 @@ def test_paths_leave_the_base_model_and_earlier_paths_bit_identical(tiny_cfg):
     model = GPT(tiny_cfg)
     idx = torch.randint(0, 256, (2, 16))
     base = model(idx).logits
-    model.moe(0).router.add_gate(Gate.linear(torch.zeros(tiny_cfg.d_model), 0.0, 0.0), 1)
-    model.moe(0).add_expert(model.moe(0).router.keys[0] + 0.01, gate=0)  # wins its key's tokens on path 1
+    model.moe(0).add_expert(model.moe(0).router.keys[0] + 0.01, path=1)  # wins its key's tokens on path 1
     with torch.no_grad():
         model.moe(0).experts[-1].down.weight.mul_(3)
     assert model.n_paths == 2
@@ -130,8 +130,7 @@ def test_paths_leave_the_base_model_and_earlier_paths_bit_identical(tiny_cfg):
     assert not torch.equal(one, base)
     mixed = model(idx)
     assert torch.equal(mixed.logits, mix_paths(torch.stack([base, one]), idx)[0])
-    model.moe(0).router.add_gate(Gate.linear(torch.zeros(tiny_cfg.d_model), 0.0, 0.0), 2)
-    model.moe(0).add_expert(model.moe(0).router.keys[1] + 0.01, gate=1)
+    model.moe(0).add_expert(model.moe(0).router.keys[1] + 0.01, path=2)
     with model.on_path(1):
         assert torch.equal(model(idx).logits, one)
     with pytest.raises(ValueError, match="update_keys"):

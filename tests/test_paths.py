@@ -7,7 +7,7 @@ import torch
 from hst import data, grow, paths
 from hst.config import GrowConfig, TrainConfig
 from hst.generate import Decoder
-from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS, mix_paths
+from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.router import Gate
 from project import ROOT
 
@@ -97,7 +97,7 @@ def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny
         with model.on_path(SELECTED_AND_BASE):
             out = model(idx)
         model.from_trunk = original
-    mixed, weights = mix_paths(torch.stack([selected.logits, base]), idx)
+    mixed, weights = paths.mix_paths(torch.stack([selected.logits, base]), idx)
     # Path 0 stops at the first decision where its posterior weight is below PRUNE (and the selection
     # does not serve it later); from there the selection serves alone.
     logp = torch.stack([selected.logits, base]).log_softmax(-1)

@@ -60,6 +60,17 @@ def test_gated_expert_is_eligible_only_where_its_gate_opens():
     assert torch.equal(r.eligible(r.features(x))[..., 3], gate_open(r.features(x), Gate.linear(w, 0.0, -0.5)))
 
 
+def test_a_paths_experts_are_eligible_exactly_on_that_path_per_sequence():
+    r = make_router(n_experts=2, top_k=1)
+    r.add_key(torch.randn(8), path=1)
+    r.add_key(torch.randn(8), path=2)
+    assert r.n_paths == 3 and r.expert_path.tolist() == [0, 0, 1, 2]
+    eligible = r.eligible(r.features(torch.randn(3, 5, 8)), torch.tensor([0, 1, 2]))  # one path per sequence
+    assert eligible[0].tolist() == [[True, True, False, False]] * 5
+    assert eligible[1].tolist() == [[True, True, True, False]] * 5
+    assert eligible[2].tolist() == [[True, True, False, True]] * 5
+
+
 def test_gate_looks_only_at_earlier_tokens():
     r = make_router(n_experts=2, top_k=1)
     w = torch.zeros(8)

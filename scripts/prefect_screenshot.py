@@ -1,0 +1,59 @@
+"""The screenshot ``docs/prefect_run.png``: a ``continual_learning`` flow run's page in the Prefect UI,
+on its Artifacts tab, where the run's gate decisions (the ``gate-decisions`` table artifact) show.
+
+    export PREFECT_HOME=$PWD/.prefect PREFECT_SERVER_ANALYTICS_ENABLED=false
+    prefect server start --host 127.0.0.1 --port 4200 &
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m flows.continual_learning         # a run the server holds (everything up to date: under a minute)
+    python -m scripts.prefect_screenshot       # the latest continual_learning run; --run ID for another
+
+Drives headless Chromium (Debian package ``chromium``, ``scripts/browser.py``) against the server
+``PREFECT_API_URL`` names; the UI is served at the same address without ``/api``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+from scripts.browser import answers, chromium, wait_for
+
+
+def latest_run(api: str, flow: str) -> str:
+    """The id of ``flow``'s most recent flow run on the server at ``api``."""
+    body = json.dumps({"flows": {"name": {"any_": [flow]}}, "sort": "START_TIME_DESC", "limit": 1}).encode()
+    request = urllib.request.Request(f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        runs = json.load(r)
+    if not runs:
+        raise SystemExit(f"error: {api}: no {flow} flow run yet (run python -m flows.continual_learning first)")
+    return runs[0]["id"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--api", default=os.environ.get("PREFECT_API_URL", ""), help="default: $PREFECT_API_URL")
+    ap.add_argument("--run", help="flow run id (default: the latest continual_learning run)")
+    ap.add_argument("--size", default="1600x1000", help="window WIDTHxHEIGHT in pixels")
+    ap.add_argument("--out", type=Path, default=Path("docs/prefect_run.png"))
+    args = ap.parse_args()
+    if not args.api:
+        raise SystemExit("error: no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api) or --api")
+    api = args.api.rstrip("/")
+    wait_for(f"the Prefect server at {api}", lambda: answers(f"{api}/health"), timeout=10)
+    run = args.run or latest_run(api, "continual_learning")
+    width, height = map(int, args.size.split("x"))
+    with chromium((width, height)) as page:
+        page.open(f"{api.removesuffix('/api')}/runs/flow-run/{run}?tab=Artifacts", "the Prefect UI")
+        wait_for("the gate decisions", lambda: page.js("document.body.innerText.includes('gate-decisions') || null"))
+        time.sleep(2)
+        page.capture(args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
