@@ -263,7 +263,7 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     # The run page's Artifacts tab shows every cycle's decision, not only the final log line.
     create_table_artifact(key="gate-decisions", description="Promotion gate of each cycle in this run", table=[
         {"cycle": r["cycle"], "decision": "promoted" if r["passed"] else "rejected", "champion": r["champion"],
-         "reasons": "; ".join(r["reasons"]) or "-", "alarms": "; ".join(r["alarms"]) or "-", "mlflow run": r["run_id"]}
+         "reasons": "; ".join(r["reasons"]) or "none", "alarms": "; ".join(r["alarms"]) or "none", "mlflow run": r["run_id"]}
         for r in results])
     # A cycle with an alarm names the final state, so the run list shows it without opening the run.
     alarmed = any(r["alarms"] for r in results)

@@ -67,7 +67,8 @@ def answers(url: str) -> bool | None:
 @contextmanager
 def chromium(size: tuple[int, int]) -> Iterator[Page]:
     """A headless Chromium with a fresh profile, its one tab ``size`` = (width, height) pixels."""
-    with tempfile.TemporaryDirectory() as tmp:
+    # Chromium's helper processes may still write to the profile as it exits: its removal is best effort.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         profile = Path(tmp) / "chromium"
         browser = subprocess.Popen(
             ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
