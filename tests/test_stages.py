@@ -194,6 +194,9 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     env = dvc_env(proj)
     for p in (proj, twin):
         subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=p, check=True, env=dvc_env(p))
+        params = yaml.safe_load((p / "params.yaml").read_text())
+        params["cycle"]["mode"] = "grow"  # the default cycle: novelty decides whether a path grows or consolidates
+        (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # Determinism: a second copy from scratch, side by side (one thread each), must write the same
     # bytes. Every stage but `track`, whose receipt holds the MLflow run ids its store assigns; the
     # last champion's index needs every other stage.
@@ -212,12 +215,16 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     differ = [out for out in a if a[out] != b[out]]
     assert not differ, f"outputs that differ between two runs of the same project: {differ}"
     assert (proj / "models/pretrain.pt").is_file() and (proj / "dvc.lock").is_file()
-    # Two chained cycles ran; growth was forced (grow.quantile ~0) and added one expert a cycle.
+    # Two chained cycles ran; no grown path explained either domain, so each grew a path of one expert a layer.
     c1, c2 = (json.loads((proj / f"metrics/eval/{c}.json").read_text()) for c in ("c1", "c2"))
+    decisions = [json.loads((proj / f"metrics/cycles/{c}/grow.json").read_text())["decision"] for c in ("c1", "c2")]
+    assert [d["grown_path"] for d in decisions] == [1, 2] and not any(d["consolidated"] for d in decisions)
+    assert c2["inference"]["paths"] == 3 and c2["inference"]["mode"] == "select_base"
     assert [r["name"] for r in c2["history"]] == ["pretrain", "c1", "c2"]
     assert c1["old_domains"] == ["shakespeare", "python"] and c2["old_domains"] == ["shakespeare", "python", "kjv"]
     assert c1["experts_per_layer"] == [5, 5] and c2["experts_per_layer"] == [6, 6]
     assert checkpoint.load(proj / "models/c2.pt")[0].n_experts == [6, 6]
+    assert checkpoint.load(proj / "models/c2.pt")[0].moe(0).router.expert_path.tolist() == [0, 0, 0, 0, 1, 2]
     assert (proj / "plots/cycles/c2/forgetting.png").is_file() and (proj / "plots/cycles/c2/usage.png").is_file()
     dag = subprocess.run([*dvc, "dag", "--md"], cwd=proj, capture_output=True, text=True, env=env).stdout
     assert "consolidate@c1" in dag and "evaluate@c2" in dag
