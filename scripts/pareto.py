@@ -119,13 +119,21 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
     steps = params["grow"]["steps"] if params["cycle"]["mode"] == "grow" else params["consolidate"]["steps"]
     tokens = steps * params["consolidate"]["batch_size"] * params["model"]["seq_len"]
     model = model_of(source, reports[-1]["experts_per_layer"])
+    start = model_of(source, [model.cfg.n_experts] * model.cfg.n_layer)  # the pretrained model's shape
     worst = max((r["forgetting"][d], d, r["name"]) for r in reports for d in r["forgetting"])
+    # New text's share of the training tokens: growth trains on the cycle's records alone unless a known
+    # path consolidated (then on its coreset, as replay and expert consolidation do); full finetuning too.
+    mixed = params["cycle"]["mode"] in ("full_replay", "experts") or any(
+        (r.get("growth") or {}).get("consolidated") for r in reports)
     return {"absorption": [r["absorption"] for r in reports],
             "forgetting": [r["avg_forgetting"] for r in reports],
             "worst": worst,
             "promoted": sum(read_metrics(source, f"metrics/gate/{c}.json")["passed"] for c in cycles),
             "final_bpb": sum(reports[-1]["bpb"].values()) / len(reports[-1]["bpb"]),
             "tokens": tokens, "flops": 3 * model.flops_per_token() * tokens,
+            "new_share": params["cycle"]["new_old_ratio"] if mixed else 1.0,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "added_per_domain": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in start.parameters()),
             "inference_mflops": inference_cost(source, reports[-1])["mflops_per_token"],
             "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
 
@@ -133,13 +141,14 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
 def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str | None) -> str:
     lines = ["| method | budget | absorption per cycle (BPB) | avg forgetting per cycle | worst forgetting "
              "| final mean BPB, all domains | P | cycles promoted | training tokens per cycle | training TFLOPs per cycle "
-             "| inference MFLOPs per token, last model |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| new-text share | inference MFLOPs per token, last model | parameters, last model | added per cycle |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, budget, s in rows:
         lines.append(f"| {label} | {budget:g}× | {' / '.join(f'{a:.3f}' for a in s['absorption'])} "
                      f"| {' / '.join(pct(f) for f in s['forgetting'])} | {pct(s['worst'][0])} ({s['worst'][1]}, {s['worst'][2]}) "
                      f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['promoted']}/{len(cycles)} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} "
-                     f"| {s['inference_mflops']:.1f} |")
+                     f"| {100 * s['new_share']:.0f} % | {s['inference_mflops']:.1f} | {s['parameters'] / 1e6:.1f} M "
+                     f"| {s['added_per_domain'] / len(cycles) / 1e6:.2f} M |")
     lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
                   + (f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`). " if reference
                      else "P needs a dense full finetuning run in the same folder (none here). ")
