@@ -14,7 +14,7 @@ BASELINES = ["--variant", "dense finetune=docs/runs/pareto/dense_finetune_1x",
              "--variant", "dense + replay=docs/runs/pareto_2threads/dense_replay_1x"]
 PARETO = {"pareto": "docs/runs/pareto", "pareto-2threads": "docs/runs/pareto_2threads",
           "pareto-seed1": "docs/runs/pareto_seed1", "pretrain2x": "docs/runs/pretrain2x",
-          "pretrain2x-seed1": "docs/runs/pretrain2x_seed1"}
+          "pretrain2x-seed1": "docs/runs/pretrain2x_seed1", "pareto-epyc": "docs/runs/pareto_epyc"}
 TABLES = {  # name -> (document, script and its arguments, the flag naming the document)
     "results": ("docs/pipeline.md", ["results_table", "--variant", "HST=workspace", *BASELINES], "--doc"),
     **{name: ("docs/results.md", ["pareto", "--runs", runs, "--section", name, "--figure", "{tmp}/figure.png"], "--out")
