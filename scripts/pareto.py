@@ -132,28 +132,42 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
             "final_bpb": sum(reports[-1]["bpb"].values()) / len(reports[-1]["bpb"]),
             "tokens": tokens, "flops": 3 * model.flops_per_token() * tokens,
             "new_share": params["cycle"]["new_old_ratio"] if mixed else 1.0,
+            "old_records": sum(old_records(source, c) for c in cycles) / len(cycles),
             "parameters": sum(p.numel() for p in model.parameters()),
             "added_per_domain": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in start.parameters()),
             "inference_mflops": inference_cost(source, reports[-1])["mflops_per_token"],
             "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
 
 
+def old_records(source: str, cycle: str) -> int:
+    """Old (stored) records a cycle trained on: replay's and the experts' coresets, a known path's
+    consolidation, and growth's old share (counted per coreset, so a record two coresets hold counts twice)."""
+    sets = read_metrics(source, f"metrics/cycles/{cycle}/consolidate.json").get("sets", [])
+    grow = read_metrics(source, f"metrics/cycles/{cycle}/grow.json")
+    known = ((grow.get("decision") or {}).get("consolidated") or {}).values()
+    return sum(s.get("old", 0) for s in sets) + grow.get("old_records", 0) + sum(k["old_records"] for k in known)
+
+
 def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str | None) -> str:
     lines = ["| method | budget | absorption per cycle (BPB) | avg forgetting per cycle | worst forgetting "
              "| final mean BPB, all domains | P | cycles promoted | training tokens per cycle | training TFLOPs per cycle "
-             "| new-text share | inference MFLOPs per token, last model | parameters, last model | added per cycle |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| new-text share | old records trained on per cycle | inference MFLOPs per token, last model "
+             "| parameters, last model | added per cycle |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, budget, s in rows:
         lines.append(f"| {label} | {budget:g}× | {' / '.join(f'{a:.3f}' for a in s['absorption'])} "
                      f"| {' / '.join(pct(f) for f in s['forgetting'])} | {pct(s['worst'][0])} ({s['worst'][1]}, {s['worst'][2]}) "
                      f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['promoted']}/{len(cycles)} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} "
-                     f"| {100 * s['new_share']:.0f} % | {s['inference_mflops']:.1f} | {s['parameters'] / 1e6:.1f} M "
+                     f"| {100 * s['new_share']:.0f} % | {s['old_records']:,.0f} | {s['inference_mflops']:.1f} "
+                     f"| {s['parameters'] / 1e6:.1f} M "
                      f"| {s['added_per_domain'] / len(cycles) / 1e6:.2f} M |")
     lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
                   + (f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`). " if reference
                      else "P needs a dense full finetuning run in the same folder (none here). ")
                   + "Dense runs keep the promotion gate open; HST runs keep the default gate (≤ 5 % forgetting on every old "
-                  "domain), so a cycle that fails it is not the next cycle's start."]
+                  "domain), so a cycle that fails it is not the next cycle's start. Old records: stored records trained on, "
+                  "summed over a cycle's coresets; HST also reads old text it does not train on: paths once, at the first "
+                  "growth, for path 0's byte sketch; learned gates every cycle, to calibrate."]
     return "\n".join(lines)
 
 
