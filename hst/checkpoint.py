@@ -91,8 +91,10 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
         raise CheckpointError(f"{path}: non-finite weights ({bad}); a diverged model is never used")
     model = GPT(cfg, counts)
     version, state_dict = state["format_version"], state["state_dict"]
+    # Loading casts into the model's integer buffers, so a float path or gate number is caught here, in the file.
     for key, value in state_dict.items() if isinstance(state_dict, dict) else ():
-        if key.endswith(("expert_gate", "expert_path", "gate_path")) and getattr(value, "is_floating_point", bool)():
+        if key.endswith(("expert_gate", "expert_path", "gate_path")) and isinstance(value, torch.Tensor) \
+                and value.is_floating_point():
             raise CheckpointError(f"{path}: {key} must hold integers, got {value.dtype}")
     try:
         if version < FORMAT_VERSION:
@@ -110,9 +112,10 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
 
 
 def _check_gates(path: Path, model: GPT) -> None:
-    """Every key router's growth gates and paths must fit together: a gate and a path number per expert; a gate -1 (none) or an existing one, as many rows in every gate field; a path
-    >= 0, the paths numbered 1..P-1 without a gap. A file edited by hand fails here, in one line,
-    instead of routing tokens through experts that do not exist."""
+    """Every key router's growth gates and paths must fit together: a gate and a path number per
+    expert; a gate -1 (none) or an existing one, as many rows in every gate field; a path >= 0, the
+    paths numbered 1..P-1 without a gap. A file edited by hand fails here, in one line, instead of
+    routing tokens through experts that do not exist."""
     seen_paths: set[int] = set()
     for layer, block in enumerate(model.blocks):
         router = getattr(block.ffn, "router", None)

@@ -8,9 +8,9 @@ given, and the routing of every token at every layer for the Smart Sampler and t
 A model grown by paths (``grow.select: posterior``) holds several *paths*: the base experts
 alone (path 0) and, per growth, the base experts plus that growth's experts. ``forward`` then runs
 every path and mixes their next-byte distributions by each path's posterior given the context
-(:func:`hst.paths.mix_paths`), or, at flat cost, runs the path :mod:`hst.paths` selects per segment — alone or
-mixed with path 0 by the same posterior (``GPT.inference``); ``on_path`` runs one path alone (growth
-trains its path this way).
+(:func:`hst.paths.mix_paths`), or, at flat cost, runs the path :mod:`hst.paths` selects per segment —
+alone or mixed with path 0 by the same posterior (``GPT.inference``); ``on_path`` runs one path alone
+(growth trains its path this way).
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ class ModelOutput(NamedTuple):
 
 # The buffers a model stores once it has paths (``GPT.add_path_sketch``).
 PATH_BUFFERS = ("path_sketches", "path_select")
-# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`hst.paths.mix_paths`), selects
-# one per segment (:mod:`hst.paths`), or mixes the selected one with path 0 by their posterior, whatever
-# ``GPT.inference`` says.
+# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`hst.paths.mix_paths`),
+# selects one per segment (:mod:`hst.paths`), or mixes the selected one with path 0 by their posterior,
+# whatever ``GPT.inference`` says.
 ALL_PATHS, SELECTED_PATHS, SELECTED_AND_BASE = -1, -2, -3
 # How a model of several paths runs them, by ``GPT.path`` value; ``GPT.inference`` stores its index.
 PATH_MODES = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", SELECTED_AND_BASE: "select_base"}

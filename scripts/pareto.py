@@ -40,6 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hst.io import atomic_path, replace_section  # noqa: E402
+from hst.model import GPT  # noqa: E402
 from hst.params import load_section, parse_params  # noqa: E402
 from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model_of, pct, read_metrics,  # noqa: E402
                       read_text, run_experiments)
@@ -119,7 +120,7 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
     steps = params["grow"]["steps"] if params["cycle"]["mode"] == "grow" else params["consolidate"]["steps"]
     tokens = steps * params["consolidate"]["batch_size"] * params["model"]["seq_len"]
     model = model_of(source, reports[-1]["experts_per_layer"])
-    start = model_of(source, [model.cfg.n_experts] * model.cfg.n_layer)  # the pretrained model's shape
+    cost = inference_cost(source, reports[-1])
     worst = max((r["forgetting"][d], d, r["name"]) for r in reports for d in r["forgetting"])
     # New text's share of the training tokens: growth trains on the cycle's records alone unless a known
     # path consolidated (then on its coreset, as replay and expert consolidation do); full finetuning too.
@@ -133,9 +134,10 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
             "tokens": tokens, "flops": 3 * model.flops_per_token() * tokens,
             "new_share": params["cycle"]["new_old_ratio"] if mixed else 1.0,
             "old_records": sum(old_records(source, c) for c in cycles) / len(cycles),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "added_per_domain": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in start.parameters()),
-            "inference_mflops": inference_cost(source, reports[-1])["mflops_per_token"],
+            "parameters": cost["parameters"],
+            # over the pretrained model's shape, per cycle
+            "added_per_cycle": (cost["parameters"] - sum(p.numel() for p in GPT(model.cfg).parameters())) / len(cycles),
+            "inference_mflops": cost["mflops_per_token"],
             "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
 
 
@@ -160,7 +162,7 @@ def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str
                      f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['promoted']}/{len(cycles)} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} "
                      f"| {100 * s['new_share']:.0f} % | {s['old_records']:,.0f} | {s['inference_mflops']:.1f} "
                      f"| {s['parameters'] / 1e6:.1f} M "
-                     f"| {s['added_per_domain'] / len(cycles) / 1e6:.2f} M |")
+                     f"| {s['added_per_cycle'] / 1e6:.2f} M |")
     lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
                   + (f"P = mean over cycles of absorption ÷ dense full finetuning's at 1× (`{reference}`). " if reference
                      else "P needs a dense full finetuning run in the same folder (none here). ")
