@@ -38,13 +38,13 @@ PREPARED = "data/prepared"
 
 def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list[str]) -> GPT:
     """The default model with ``n_paths - 1`` growth paths of ``experts`` (untrained) experts per layer,
-    each sketched on a sample of one domain's training records (path 0 on every domain's)."""
+    each sketched on a sample of one domain's training records (path 0 on each domain's)."""
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     records = {d: data.load_records(PREPARED, d, "train") for d in domains}
     if n_paths > 1:
-        model.add_path_sketch(paths.fit_sketch(data.encode(sum((data.sample_records(r, 50, "base") for r in
-                                                                 records.values()), []))))
+        for r in records.values():
+            model.add_path_sketch(paths.fit_sketch(data.encode(data.sample_records(r, 50, "base"))))
     for path in range(1, n_paths):
         for layer in range(cfg.n_layer):
             router = model.moe(layer).router

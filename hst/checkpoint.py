@@ -16,12 +16,14 @@ import torch
 from hst.config import ConfigError, HSTError, ModelConfig
 from hst.io import atomic_path
 from hst.model import GPT
+from hst.paths import count as count_sketches
 from hst.router import Gate, KeyRouter
 
-FORMAT_VERSION = 5  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
+FORMAT_VERSION = 6  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
 #                    4: a gate may belong to a path (gate_path), and a model with paths stores one sketch per path
 #                    and its inference mode (path_sketches, path_select); 5: each expert names its path
-#                    (expert_path) and every gate is a learned one. Formats 2 to 4 load, converted.
+#                    (expert_path) and every gate is a learned one; 6: path sketches are n-gram counts, path 0
+#                    one per domain. Formats 2 to 5 load, converted; one with trigram-table sketches does not.
 
 
 class CheckpointError(HSTError):
@@ -65,8 +67,8 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
             raise CheckpointError(f"{path}: refused: holds objects other than tensors and plain values "
                                   f"(loading it could run code: {reason})") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or state.get("format_version") not in (2, 3, 4, FORMAT_VERSION):
-        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2 to 4)")
+    if not isinstance(state, dict) or state.get("format_version") not in range(2, FORMAT_VERSION + 1):
+        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2 to 5)")
     missing = [k for k in ("config", "n_experts", "state_dict", "meta") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
@@ -96,18 +98,24 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
         if key.endswith(("expert_gate", "expert_path", "gate_path")) and isinstance(value, torch.Tensor) \
                 and value.is_floating_point():
             raise CheckpointError(f"{path}: {key} must hold integers, got {value.dtype}")
+    if version < 6 and isinstance(state_dict, dict) and ("path_sketches" in state_dict or any(
+            k.endswith("gate_path") and isinstance(v, torch.Tensor) and bool((v >= 1).any())
+            for k, v in state_dict.items())):
+        raise CheckpointError(f"{path}: its paths' sketches are format {version}'s byte-trigram tables (or missing), "
+                              f"which format {FORMAT_VERSION} replaced: re-run the cycles that grew its paths")
     try:
-        if version < FORMAT_VERSION:
+        if version < 5:
             state_dict = _from_format_4(state_dict if version >= 3 else _from_format_2(state_dict))
         model.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError, IndexError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
     _check_gates(path, model)
-    paths, sketches = model.n_paths, len(model.path_sketches)
-    if sketches not in (0, paths) or (paths > 1 and not sketches):
-        raise CheckpointError(f"{path}: {paths} paths but {sketches} path sketches (expected one per path; a file "
-                              "written before path sketches existed must re-run the cycles that grew its paths)")
+    paths, sketches = model.n_paths, count_sketches(model.path_sketches)
+    if (sketches and sketches < paths) or (paths > 1 and not sketches):
+        raise CheckpointError(f"{path}: {paths} paths but {sketches} path sketches (expected one or more for path 0 "
+                              "and one per later path; a file written before path sketches existed must re-run the "
+                              "cycles that grew its paths)")
     return model, state["meta"]
 
 
@@ -137,24 +145,11 @@ def _check_gates(path: Path, model: GPT) -> None:
 
 
 def _from_format_4(state_dict: dict) -> dict:
-    """Formats 3 and 4 put a path's experts behind a placeholder gate of that path (``gate_path`` >= 1;
-    -1, or no ``gate_path`` at all in format 3: a learned gate): each expert's path becomes
-    ``expert_path`` and only the learned gates stay, renumbered."""
-    out = dict(state_dict)
+    """Formats 3 and 4 had no path per expert: every gate they hold is a learned one (a format-4 file
+    with paths is refused before this, for its sketches), so every expert is on path 0."""
+    out = {k: v for k, v in state_dict.items() if not k.endswith("router.gate_path")}
     for key in [k for k in state_dict if k.endswith("router.expert_gate")]:
-        prefix = key[:-len("expert_gate")]
-        expert_gate = out[key]
-        gate_path = out.pop(prefix + "gate_path", torch.full((len(out[prefix + "gate_b"]),), -1, dtype=torch.long))
-        gated = expert_gate >= 0
-        expert_path = torch.zeros_like(expert_gate)
-        expert_path[gated] = gate_path[expert_gate[gated]].clamp_min(0)
-        learned = gate_path < 0
-        # old gate -> new gate (-1: gone); its last entry, read by expert_gate -1, keeps "no gate"
-        renumber = torch.cat([torch.where(learned, learned.long().cumsum(0) - 1, -1), expert_gate.new_tensor([-1])])
-        out[key] = renumber[expert_gate]
-        out[prefix + "expert_path"] = expert_path
-        for name in Gate._fields:
-            out[prefix + f"gate_{name}"] = out[prefix + f"gate_{name}"][learned]
+        out[key[:-len("expert_gate")] + "expert_path"] = torch.zeros_like(state_dict[key])
     return out
 
 

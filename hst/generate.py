@@ -64,9 +64,8 @@ class Decoder:
         if self.mode == "one":
             self.serving = prompt.new_full((B,), max(model.path or 0, 0))
         else:
-            scores = model.path_scores(prompt)
-            self.scores = scores[:, -1]  # (B, P) sketch log-likelihood so far
-            self.serving = paths.segment_paths(scores)[:, -1]
+            self.loglik = paths.byte_logp(prompt, model.path_sketches).sum(1)  # (B, K) each sketch's, so far
+            self.serving = paths.segment_paths(model.path_scores(prompt))[:, -1]
         if self.mode == "select_base":
             return self._start_beside_path_0(prompt)
         logits = self.h0.new_empty(B, model.cfg.vocab_size, dtype=torch.float32)
@@ -93,14 +92,14 @@ class Decoder:
                                                        for p, (_, caches) in self.groups.items()]))
         serving = self.serving
         if self.mode != "one":
-            if position >= 2:
-                self.scores = self.scores + model.path_scores(self.tokens[:, -3:])[:, -1]
+            recent = self.tokens[:, -(paths.SKETCH_ORDER + 1):]  # the new byte and its context
+            self.loglik = self.loglik + paths.byte_logp(recent, model.path_sketches)[:, -1]
             if position in paths.DECISIONS:
-                serving = self.scores.argmax(-1)
+                serving = paths.by_path(self.loglik, model.n_paths).argmax(-1)
         beside = self.mode == "select_base"
         if beside:  # the members' log-likelihood of bytes 1..position; path 0 may stop here
             self.seen = self.seen + self.last.gather(-1, tokens[None, :, None].expand(2, -1, 1))[..., 0]
-            if position in paths.DECISIONS:
+            if position in paths.checks(position + 1):
                 self._prune()
             base = h.new_zeros(len(tokens), model.cfg.vocab_size, dtype=torch.float32)
             if len(self.base_rows):
@@ -141,7 +140,7 @@ class Decoder:
         past = torch.cat([seen.new_zeros(2, len(prompt), 1), seen.cumsum(-1)], -1)  # (2, B, t): bytes 1..i
         self.alive = torch.ones(len(prompt), dtype=torch.bool, device=prompt.device)
         self.base_rows = torch.arange(len(prompt), device=prompt.device)
-        for d in (d for d in paths.DECISIONS if d < prompt.shape[1]):
+        for d in paths.checks(prompt.shape[1]):
             self.seen = past[:, :, d]
             self._prune()
         self.seen, self.last = past[:, :, -1], logp[:, :, -1]
@@ -151,7 +150,7 @@ class Decoder:
         return torch.where(self.alive[:, None], self._mixed(), self.last[0])
 
     def _prune(self) -> None:
-        """At a decision position: path 0 stops for the sequences where its posterior weight beside the
+        """At a check position (:func:`hst.paths.checks`): path 0 stops for the sequences where its posterior weight beside the
         selection fell below :data:`hst.paths.PRUNE` (as ``GPT.select_paths`` decides)."""
         self.alive = self.alive & ((self.seen[1] - self.seen[0]).sigmoid() >= paths.PRUNE)
         keep = self.alive[self.base_rows]

@@ -52,11 +52,10 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         raise ConfigError("grow.select: posterior, but this model grew learned gates (grow.select: gate); a model "
                           "keeps the select it first grew with")
     if not len(model.path_sketches) and path == 1:
-        base = torch.cat([t.flatten() for t in held_in.values()] or [novel[:0]])
-        if len(base) > 2:
-            model.add_path_sketch(paths.fit_sketch(base, model.cfg.vocab_size))
-    if len(model.path_sketches) != path:
-        raise ConfigError(f"grow: a model of {path} paths with {len(model.path_sketches)} path sketches cannot grow "
+        for tokens in held_in.values():  # one sketch per domain path 0 learned
+            model.add_path_sketch(paths.fit_sketch(tokens))
+    if paths.count(model.path_sketches) < path:
+        raise ConfigError(f"grow: a model of {path} paths with {paths.count(model.path_sketches)} path sketches cannot grow "
                          "one (the first path needs the base path's text for path 0's sketch; paths grown before "
                          "sketches existed have none)")
     with model.on_path(0):
@@ -69,7 +68,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     if cfg.steps > 0:
         with model.on_path(path):
             curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}")
-    model.add_path_sketch(paths.fit_sketch(novel, model.cfg.vocab_size))
+    model.add_path_sketch(paths.fit_sketch(novel))
     model.inference = cfg.inference
     return added, curves, stats
 
@@ -104,7 +103,7 @@ def learn(model: GPT, new: pa.Table, index: pa.Table, owners: list[list[str]], d
     ``cfg.steps`` is shared by the trained paths in proportion to their new records. Updates ``owners``
     (the domains of each path) in place; returns the decision's report and the training curve."""
     texts = new["text"].to_pylist()
-    todo = plan(model.path_sketches, [encode([t]) for t in texts], cfg.min_records)
+    todo = plan(paths.grown(model.path_sketches, model.n_paths), [encode([t]) for t in texts], cfg.min_records)
     used = sum(map(len, todo.consolidate.values())) + len(todo.grow)
     share = {p: round(cfg.steps * len(rows) / used) for p, rows in todo.consolidate.items()}
     curve, consolidated = [], {}
@@ -152,9 +151,10 @@ def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Ten
                      train_cfg: TrainConfig, key_windows: int = 16) -> list[dict]:
     """Consolidate a known path (seed §5): train only its experts, running that path alone, on ``stream``
     (the cycle's records it explains mixed with its own stored ones) for ``steps`` at ``cfg.lr``, then
-    move each of their keys one EMA step toward the ``new`` tokens routed to it (seed §3.2). Every
-    other path computes exactly what it did: their experts, the shared ones and every key but these stay
-    bit-identical. Returns the training curve."""
+    move each of their keys one EMA step toward the ``new`` tokens routed to it (seed §3.2), and add
+    ``new``'s counts to the path's sketch (counts add: the sketch is then one of all its records).
+    Every other path computes exactly what it did: their experts, the shared ones, their sketches and
+    every key but these stay bit-identical. Returns the training curve."""
     experts = path_experts(model, path)
     if not experts:
         raise ConfigError(f"grow: path {path} has no experts to consolidate (the model has {model.n_paths} paths)")
@@ -162,6 +162,10 @@ def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Ten
         curve = train_experts(model, experts, stream, steps, cfg.lr, train_cfg, f"consolidate path {path}")
         for layer, expert in experts:
             ema_key(model, layer, expert, new, key_windows, path)
+    sketches = paths.unstack(model.path_sketches)
+    mine = len(sketches) - model.n_paths + path
+    sketches[mine] = paths.add_sketches(sketches[mine], paths.fit_sketch(new))
+    model.path_sketches = paths.stack(sketches).to(model.path_sketches.device)
     return curve
 
 

@@ -81,11 +81,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # The path ``forward`` runs (``on_path``): None does what ``inference`` says; see ALL_PATHS too.
         self.path: int | None = None
-        # Path sketches (hst.paths.fit_sketch), one per path, and how ``forward`` runs the paths (an
-        # index into INFERENCE; checkpoints from before select_base stored a bool, which loads as 0 / 1).
+        # Path sketches (hst.paths.fit_sketch: path 0's, one per domain, then one per later path) and how
+        # ``forward`` runs the paths (an index into INFERENCE).
         # Empty, and not in the state dict, until a path is added (``add_path_sketch``): a model without
         # paths stores exactly what it did before paths existed.
-        self.register_buffer("path_sketches", torch.zeros(0, paths.SKETCH_CONTEXTS, cfg.vocab_size), persistent=False)
+        self.register_buffer("path_sketches", torch.zeros(0, 3, dtype=torch.float64), persistent=False)
         self.register_buffer("path_select", torch.tensor(0), persistent=False)
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -130,8 +130,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def add_path_sketch(self, sketch: torch.Tensor) -> None:
-        """Append the sketch (hst.paths.fit_sketch) of the next path: path 0's first, then each path's as it is added."""
-        self.path_sketches = torch.cat([self.path_sketches, sketch[None].to(self.path_sketches)])
+        """Append a sketch (hst.paths.fit_sketch): path 0's first (one per domain), then each path's as it is added."""
+        self.path_sketches = paths.stack([*paths.unstack(self.path_sketches), sketch]).to(self.path_sketches.device)
         self._non_persistent_buffers_set -= set(PATH_BUFFERS)
 
     @property
@@ -234,10 +234,10 @@ class GPT(nn.Module):
 
     def path_scores(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) bytes -> (B, T, P) each path's sketch log-likelihood of bytes 0..t (hst.paths)."""
-        if len(self.path_sketches) != self.n_paths:
-            raise ValueError(f"this model has {self.n_paths} paths but {len(self.path_sketches)} path sketches: run "
+        if paths.count(self.path_sketches) < self.n_paths:
+            raise ValueError(f"this model has {self.n_paths} paths but {paths.count(self.path_sketches)} path sketches: run "
                              "one path (GPT.on_path) or mix them all (GPT.on_path(ALL_PATHS))")
-        return paths.sketch_scores(idx, self.path_sketches)
+        return paths.sketch_scores(idx, self.path_sketches, self.n_paths)
 
     def select_paths(self, idx: torch.Tensor, h0: torch.Tensor, base: bool = False
                      ) -> tuple[torch.Tensor, list[Routing | None], torch.Tensor, float]:
@@ -246,7 +246,7 @@ class GPT(nn.Module):
 
         ``base``: path 0 also runs beside the selection, segment by segment with a cache, and the two
         are mixed by their posterior (:func:`hst.paths.mix_paths`) until path 0's weight falls below
-        :data:`hst.paths.PRUNE` at a decision position; from there on the selection serves alone and
+        :data:`hst.paths.PRUNE` at a check position (:func:`hst.paths.checks`); from there on the selection serves alone and
         path 0 runs only for the segments the selection itself gives it. Returns logits
         (log-probabilities when mixed), routing, the path each position got (the most weighted one)
         and the model passes per token spent."""
@@ -274,7 +274,7 @@ class GPT(nn.Module):
         path0, caches = paths.Stitched(B, T), [{} for _ in self.blocks[1:]]
         rows = torch.arange(B, device=h0.device)
         pruned_at = torch.full((B,), T, device=h0.device)  # where path 0 stops counting for each sequence
-        for s, (start, end) in enumerate(spans):
+        for start, end, s in paths.pieces(T):
             need = (pruned_at == T) | (serving[:, s:] == 0).any(1).to(h0.device)
             keep = need[rows]
             if not keep.all():
@@ -286,7 +286,7 @@ class GPT(nn.Module):
             path0.put(rows, start, end, out, r, None, offset=start)
             own = (serving[rows, s] == 0).to(h0.device)  # the selection's own path-0 segments
             selected.put(rows[own], start, end, out, r, own, offset=start)
-            if end < T:  # a decision position: each sequence's posterior weight of path 0 given bytes 1..end
+            if end < T:  # a check position: each sequence's posterior weight of path 0 given bytes 1..end
                 seen = [x.logits[:, :end].log_softmax(-1).gather(-1, idx[:, 1:end + 1, None])[..., 0].sum(1)
                         for x in (path0, selected)]
                 weak = (pruned_at == T) & ((seen[0] - seen[1]).sigmoid() < paths.PRUNE)

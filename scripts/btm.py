@@ -8,14 +8,14 @@ script evaluates the branches as one model, on every domain's evaluation windows
   the context — :func:`hst.paths.mix_paths`, what HST's default does with its paths; P dense models
   per token;
 - **top-1** (c-BTM's flat-cost sibling): one branch per segment, chosen with HST's own rule
-  (:mod:`hst.paths`: byte-trigram sketches of each branch's training records, decisions at bytes
+  (:mod:`hst.paths`: byte n-gram sketches of each branch's training records, decisions at bytes
   8 / 32 / 96) — what ``grow.inference: select`` does with HST's paths; ~1 dense model per token;
 - **top-1 + pretraining**: that branch mixed with the pretraining by their posterior, the pretraining
   dropped at a decision position once its weight is below ``hst.paths.PRUNE`` — what ``select_base``
   does with HST's paths; at most one more dense model per token, flat in the number of branches.
 
 Branch p's sketch is fitted on its cycle's incoming records (``cycles/<c>/buffer``), the pretraining's
-on the pretraining index's records (``indexes/pretrain.parquet``), as HST's grow stage does. Run it
+on the pretraining index's records (``indexes/pretrain.parquet``), one per domain, as HST's grow stage does. Run it
 where the experiment's outputs are checked out:
 
     dvc exp apply pareto-dense-branches-1x
@@ -28,6 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from hst import checkpoint, data, paths, sampler
@@ -45,14 +46,14 @@ def evaluate(models: list, sketches: torch.Tensor, windows: torch.Tensor) -> dic
     logits = torch.stack([m(idx).logits for m in models])  # (P, n, T, V)
     nll = lambda logp: float(-logp.gather(-1, target[..., None]).mean()) / LN2  # noqa: E731
     mixture, _ = paths.mix_paths(logits, idx)
-    serving = paths.segment_paths(paths.sketch_scores(idx, sketches))  # (n, S)
+    serving = paths.segment_paths(paths.sketch_scores(idx, sketches, len(models)))  # (n, S)
     chosen = torch.empty_like(target)  # (n, T) the model serving each position
     for s, (start, end) in enumerate(paths.segments(idx.shape[1])):
         chosen[:, start:end] = serving[:, s:s + 1]
     selected = logits.gather(0, chosen[None, ..., None].expand(1, *chosen.shape, logits.shape[-1]))[0]
     with_base, weights = paths.mix_paths(torch.stack([selected, logits[0]]), idx)
     pruned_at = torch.full((len(idx),), idx.shape[1])
-    for d in paths.DECISIONS:  # as GPT.select_paths decides, from the weights given bytes 1..d
+    for d in paths.checks(idx.shape[1]):  # as GPT.select_paths decides, from the weights given bytes 1..d
         pruned_at[(pruned_at == idx.shape[1]) & (weights[1, :, d] < paths.PRUNE)] = d
     alone = torch.arange(idx.shape[1])[None] >= pruned_at[:, None]
     with_base = torch.where(alone[..., None], selected.log_softmax(-1), with_base)
@@ -73,7 +74,8 @@ def main() -> None:
     cycles = list(params["cycles"])
     models = [checkpoint.load("models/pretrain.champion.pt")[0].eval()]
     models += [checkpoint.load(f"models/{c}.pt")[0].eval() for c in cycles]
-    sketches = torch.stack([paths.fit_sketch(data.encode(data.read_parquet_column("indexes/pretrain.parquet", "text")))]
+    index = pq.read_table("indexes/pretrain.parquet", columns=["text", "source"])  # the pretraining's: one per domain
+    sketches = torch.stack([paths.fit_sketch(t) for t in sampler.tokens_by_source(index).values()]
                            + [paths.fit_sketch(data.encode(sampler.load_records(f"cycles/{c}/buffer")["text"].to_pylist()))
                               for c in cycles])
     domains = [*params["pretrain"]["domains"], *(params["cycles"][c]["domain"] for c in cycles)]

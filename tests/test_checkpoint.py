@@ -88,15 +88,14 @@ def _as_format_4(state: dict) -> dict:
         for p in sorted(set(expert_path[expert_path > 0].tolist())):
             sd[prefix + "expert_gate"] = torch.where(expert_path == p, len(gate_path), sd[prefix + "expert_gate"])
             gate_path.append(p)
-            for name, field in zip(Gate._fields, Gate.linear(torch.zeros(32), 0.0, 0.0)):
-                stored = sd[prefix + f"gate_{name}"]
-                pad = torch.zeros(1, *stored.shape[1:])  # the placeholder: zero weights, no hidden units
-                sd[prefix + f"gate_{name}"] = torch.cat([stored, pad.reshape(1, *stored.shape[1:])])
+            for name in Gate._fields:
+                stored = sd[prefix + f"gate_{name}"]  # the placeholder: zero weights, no hidden units
+                sd[prefix + f"gate_{name}"] = torch.cat([stored, torch.zeros(1, *stored.shape[1:])])
         sd[prefix + "gate_path"] = torch.tensor(gate_path, dtype=torch.long)
     return old
 
 
-def test_paths_round_trip_and_format_3_and_4_checkpoints_load_converted(tiny_cfg, tmp_path):
+def test_paths_round_trip_format_3_loads_converted_and_format_4_paths_are_refused(tiny_cfg, tmp_path):
     model = GPT(tiny_cfg)
     gated = Gate(0.1 * torch.randn(32), torch.randn(4, 32), torch.zeros(4), torch.randn(4), torch.tensor(0.0),
                  torch.tensor(0.0))
@@ -115,19 +114,12 @@ def test_paths_round_trip_and_format_3_and_4_checkpoints_load_converted(tiny_cfg
     idx = torch.randint(0, 256, (2, 32))  # segments of 8 and 24 tokens: path 0, then the chosen one
     model.eval(), loaded.eval()
     assert torch.equal(model(idx).logits, loaded(idx).logits)
-    # Before select_base a checkpoint stored the mode as a bool: True is still select.
-    state = torch.load(tmp_path / "m.pt", weights_only=True)
-    state["state_dict"]["path_select"] = torch.tensor(True)
-    torch.save(state, tmp_path / "bool.pt")
-    assert checkpoint.load(tmp_path / "bool.pt")[0].inference == "select"
-    # Format 4 kept a path's experts behind a placeholder gate of the path: it loads as the same model.
+    # Format 4's paths were chosen by byte-trigram sketches, which format 6 replaced: refused in one line.
     v4 = _as_format_4(torch.load(tmp_path / "m.pt", weights_only=True))
     assert v4["state_dict"]["blocks.1.ffn.router.gate_path"].tolist() == [1]
     torch.save(v4, tmp_path / "v4.pt")
-    four, _ = checkpoint.load(tmp_path / "v4.pt")
-    assert four.moe(1).router.expert_path.tolist() == [0, 0, 0, 0, 1] and len(four.moe(1).router.gate_b) == 0
-    assert len(four.moe(0).router.gate_b) == 1 and four.moe(0).router.expert_gate.tolist() == [-1] * 4 + [0]
-    assert torch.equal(four.eval()(idx).logits, model(idx).logits)
+    with pytest.raises(CheckpointError, match="byte-trigram tables"):
+        checkpoint.load(tmp_path / "v4.pt")
     # Format 3 had no gate_path: every gate it stored is a learned one.
     del v4["state_dict"]["blocks.0.ffn.router.gate_path"], v4["state_dict"]["blocks.1.ffn.router.gate_path"]
     for name in ("path_sketches", "path_select"):
@@ -207,19 +199,17 @@ def test_structure_that_does_not_fit_the_config_is_named(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("version, edit, message", [
-    (5, lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_b", torch.zeros(1)), "disagree on the number of gates"),
-    (5, lambda sd: sd["blocks.1.ffn.router.expert_path"].__setitem__(-1, -1), "expert_path must give each"),
-    (5, lambda sd: sd["blocks.1.ffn.router.expert_path"].__setitem__(-1, 2), r"paths \[2\] are not numbered"),
-    (5, lambda sd: sd.__setitem__("blocks.1.ffn.router.expert_path", torch.zeros(5)),
+    (6, lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_b", torch.zeros(1)), "disagree on the number of gates"),
+    (6, lambda sd: sd["blocks.1.ffn.router.expert_path"].__setitem__(-1, -1), "expert_path must give each"),
+    (6, lambda sd: sd["blocks.1.ffn.router.expert_path"].__setitem__(-1, 2), r"paths \[2\] are not numbered"),
+    (6, lambda sd: sd.__setitem__("blocks.1.ffn.router.expert_path", torch.zeros(5)),
      "blocks.1.ffn.router.expert_path must hold integers"),
-    (5, lambda sd: sd.__setitem__("blocks.1.ffn.router.expert_path", torch.zeros(4, dtype=torch.long)),
+    (6, lambda sd: sd.__setitem__("blocks.1.ffn.router.expert_path", torch.zeros(4, dtype=torch.long)),
      "weights do not match the stored config"),
-    (5, lambda sd: sd["blocks.1.ffn.router.expert_gate"].__setitem__(-1, 3), "expert_gate must give each"),
-    # A format-4 file (a path's experts behind a placeholder gate) is converted, then checked alike.
-    (4, lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([2])), r"paths \[2\] are not numbered"),
+    (6, lambda sd: sd["blocks.1.ffn.router.expert_gate"].__setitem__(-1, 3), "expert_gate must give each"),
+    # A format-4 file with paths is refused, a float path number first.
     (4, lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.tensor([1.0])), "gate_path must hold integers"),
-    (4, lambda sd: sd.__setitem__("blocks.1.ffn.router.gate_path", torch.zeros(0, dtype=torch.long)),
-     "weights do not match the stored config"),
+    (4, lambda sd: sd.pop("path_sketches"), "byte-trigram tables"),
 ])
 def test_a_checkpoint_whose_growth_gates_or_paths_were_edited_is_refused_in_one_line(tiny_cfg, tmp_path, version,
                                                                                       edit, message):

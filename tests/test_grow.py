@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from hst import data, gates, grow
+from hst import data, gates, grow, paths
 from hst.config import ConfigError, GrowConfig, TrainConfig
 from hst.model import GPT
 from hst.train import evaluate
@@ -58,7 +58,7 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, cfg, TCFG)
     assert added == [(0, 4), (0, 5), (1, 4), (1, 5)] and model.n_paths == 2 and len(curves["train"]) == 8
     assert [s["path"] for s in stats] == [1, 1]
-    assert len(model.path_sketches) == 2 and model.inference == "select_base"
+    assert paths.count(model.path_sketches) == 3 and model.inference == "select_base"  # path 0: one per domain
     assert_only_appended(before, model.state_dict())
     assert model.moe(0).router.expert_path.tolist() == [0, 0, 0, 0, 1, 1] and len(model.moe(0).router.gate_b) == 0
     with model.on_path(0):
@@ -93,7 +93,7 @@ def test_a_repeat_drop_consolidates_its_own_path_and_leaves_everything_else_bit_
     grow.grow(model, [0, 1], torch.cat(german[:120]), HELD_IN, cfg, TCFG)  # path 1: German
     grow.grow(model, [0, 1], torch.cat(python[:120]), HELD_IN, cfg, TCFG)  # path 2: python
     drop = german[120:]
-    todo = grow.plan(model.path_sketches, drop, min_records=8)
+    todo = grow.plan(paths.grown(model.path_sketches, model.n_paths), drop, min_records=8)
     assert set(todo.consolidate) == {1} and len(todo.consolidate[1]) >= 36 and not todo.grow
     assert sorted(todo.consolidate[1] + todo.left) == list(range(40))  # too few for a path of their own: left
     assert grow.path_experts(model, 1) == [(0, 4), (0, 5), (1, 4), (1, 5)]
@@ -109,7 +109,12 @@ def test_a_repeat_drop_consolidates_its_own_path_and_leaves_everything_else_bit_
     after = model.state_dict()
     mine = {f"blocks.{layer}.ffn.experts.{e}." for layer, e in grow.path_experts(model, 1)}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith(tuple(mine)) or k.endswith(".router.keys") for k in changed)
+    assert changed and all(k.startswith(tuple(mine)) or k.endswith(".router.keys") or k == "path_sketches"
+                           for k in changed)
+    # Path 1's sketch (after path 0's two, one per held-in domain) now counts the new records too.
+    old, now = paths.unstack(before["path_sketches"]), paths.unstack(after["path_sketches"])
+    assert len(now) == 4 and torch.equal(now[2], paths.add_sketches(old[2], paths.fit_sketch(new)))
+    assert all(torch.equal(now[i], old[i]) for i in (0, 1, 3))
     for layer in range(2):  # only path 1's keys moved (one EMA step toward the new tokens routed to them)
         keys_before, keys_after = before[f"blocks.{layer}.ffn.router.keys"], after[f"blocks.{layer}.ffn.router.keys"]
         moved = (keys_before != keys_after).any(-1).nonzero()[:, 0].tolist()
@@ -120,9 +125,9 @@ def test_records_no_path_explains_grow_a_path_and_a_small_known_group_joins_them
     german, kjv = corpus_records("german", 150), corpus_records("kjv", 40, skip=200)
     model = GPT(tiny_cfg)
     grow.grow(model, [0, 1], torch.cat(german[:120]), HELD_IN, GrowConfig(experts=1, steps=0, gate_windows=8), TCFG)
-    todo = grow.plan(model.path_sketches, kjv + german[120:126], min_records=8)
+    todo = grow.plan(paths.grown(model.path_sketches, model.n_paths), kjv + german[120:126], min_records=8)
     assert not todo.consolidate and len(todo.grow) == 46 and not todo.left  # 6 German records join the 40 novel
-    todo = grow.plan(model.path_sketches, kjv[:5] + german[120:150], min_records=8)
+    todo = grow.plan(paths.grown(model.path_sketches, model.n_paths), kjv[:5] + german[120:150], min_records=8)
     assert list(todo.consolidate) == [1] and todo.left == list(range(5)) and not todo.grow
     assert grow.path_domains({"learned_domains": ["a", "b", "c", "d"]}, 3) == [["a", "b"], ["c"], ["d"]]
     assert grow.path_domains({"learned_domains": ["a"], "path_domains": [["a"], ["c", "d"]]}, 2) == [["a"], ["c", "d"]]

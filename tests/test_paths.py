@@ -25,17 +25,24 @@ def model_with_paths(cfg, n_paths: int) -> GPT:
     return model.eval()
 
 
-def test_a_sketch_is_a_distribution_per_context_and_prefers_its_own_text():
+def test_a_sketch_is_a_distribution_per_context_prefers_its_own_text_and_path_0_scores_its_best():
     english, numbers = paths.fit_sketch(ENGLISH), paths.fit_sketch(NUMBERS)
-    assert torch.allclose(english.exp().sum(1), torch.ones(paths.SKETCH_CONTEXTS), atol=1e-5)
+    both = paths.stack([english, numbers])
+    assert paths.sketch_bytes(both).tolist() == [len(ENGLISH), len(NUMBERS)]
+    for context in ("the", "zq", "", "7 8 9"):  # seen, unseen and empty contexts: every next byte sums to 1
+        ctx = data.encode([context]).long()
+        nexts = torch.cat([ctx.expand(256, -1), torch.arange(256)[:, None]], 1)  # (256, len + 1)
+        assert torch.allclose(paths.byte_logp(nexts, both)[:, -1].exp().sum(0), torch.ones(2), atol=1e-5), context
     text = torch.stack([ENGLISH[:64], NUMBERS[:64]]).long()
-    scores = paths.sketch_scores(text, torch.stack([english, numbers]))  # (2, 64, 2)
-    assert scores.shape == (2, 64, 2) and torch.equal(scores[:, :2], torch.zeros(2, 2, 2))  # no trigram yet
-    assert scores[:, -1].argmax(-1).tolist() == [0, 1]
+    scores = paths.sketch_scores(text, both, 2)  # (2, 64, 2): one sketch per path
+    assert scores.shape == (2, 64, 2) and scores[:, -1].argmax(-1).tolist() == [0, 1]
     # Causal: a position's score does not see later bytes.
     changed = text.clone()
     changed[:, 40:] = 7
-    assert torch.equal(paths.sketch_scores(changed, torch.stack([english, numbers]))[:, :40], scores[:, :40])
+    assert torch.equal(paths.sketch_scores(changed, both, 2)[:, :40], scores[:, :40])
+    # Path 0 holding both sketches (one per domain) scores as the better one on each text.
+    one = paths.sketch_scores(text, paths.stack([english, numbers, numbers]), 2)
+    assert torch.equal(one[..., 0], scores.max(-1).values) and torch.equal(one[..., 1], scores[..., 1])
 
 
 def test_a_sequence_costs_a_bounded_number_of_passes_whatever_the_number_of_paths():
@@ -81,7 +88,7 @@ def test_selection_gives_each_segment_its_own_paths_logits_and_runs_a_bounded_nu
 
 @pytest.mark.parametrize("prune", [0.0, 0.5])
 def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny_cfg, monkeypatch, prune):
-    # prune 0.5: path 0 stops at a decision wherever the selection explains the context better.
+    # prune 0.5: path 0 stops at a check wherever the selection explains the context better.
     monkeypatch.setattr(paths, "PRUNE", prune)
     cfg = dataclasses.replace(tiny_cfg, seq_len=128)
     model = model_with_paths(cfg, 5)
@@ -98,21 +105,22 @@ def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny
             out = model(idx)
         model.from_trunk = original
     mixed, weights = paths.mix_paths(torch.stack([selected.logits, base]), idx)
-    # Path 0 stops at the first decision where its posterior weight is below PRUNE (and the selection
+    # Path 0 stops at the first check where its posterior weight is below PRUNE (and the selection
     # does not serve it later); from there the selection serves alone.
     logp = torch.stack([selected.logits, base]).log_softmax(-1)
     past = torch.cat([torch.zeros(2, 4, 1), logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
                       .cumsum(-1)], -1)
     pruned_at = torch.full((4,), 128)
-    for d in paths.DECISIONS:  # every one is inside the sequence
+    assert paths.checks(128) == [8, 16, 32, 48, 64, 80, 96, 112]  # the decisions and every 16th byte
+    for d in paths.checks(128):
         weak = (pruned_at == 128) & ((past[1, :, d] - past[0, :, d]).sigmoid() < prune)
         pruned_at[weak] = d
     alone = torch.arange(128)[None] >= pruned_at[:, None]
     assert (pruned_at < 128).any() == (prune > 0)
     assert torch.allclose(out.logits, torch.where(alone[..., None], logp[0], mixed), atol=1e-5)
-    # Path 0 runs segment by segment, for no more sequences than need it; the other runs are the selection's.
+    # Path 0 runs piece by piece, for no more sequences than need it; the other runs are the selection's.
     zero = [(shape, p) for shape, p in runs if not torch.is_tensor(p)]
-    assert [t for (_, t), _ in zero] == [e - s for s, e in paths.segments(128)][:len(zero)] and zero[0][0][0] == 4
+    assert [t for (_, t), _ in zero] == [e - s for s, e, _ in paths.pieces(128)][:len(zero)] and zero[0][0][0] == 4
     assert all((p != 0).all() for _, p in runs if torch.is_tensor(p))
     spent = sum(b * t for (b, t), _ in runs)
     assert out.passes == pytest.approx(spent / (4 * 128)) and out.passes <= 2 + sum(paths.DECISIONS) / 128
@@ -165,8 +173,7 @@ def test_each_path_is_sketched_on_its_own_records_and_the_checkpoint_says_how_to
     model = GPT(tiny_cfg)
     cfg = GrowConfig(experts=2, steps=0, gate_windows=4, inference="select")
     grow.grow(model, [0, 1], NUMBERS, {"base": ENGLISH}, cfg, TCFG)
-    assert torch.equal(model.path_sketches[0], paths.fit_sketch(ENGLISH))
-    assert torch.equal(model.path_sketches[1], paths.fit_sketch(NUMBERS))
+    assert torch.equal(model.path_sketches, paths.stack([paths.fit_sketch(ENGLISH), paths.fit_sketch(NUMBERS)]))
     assert model.inference == "select"
     with pytest.raises(ValueError, match="inference: expected"):
         model.inference = "both"
@@ -181,7 +188,7 @@ def corpus_records(domain: str, n: int, skip: int = 0) -> list[torch.Tensor]:
 def test_a_drop_goes_to_the_path_of_its_domain_and_an_unseen_domain_is_novel():
     def sketch(domain):
         return paths.fit_sketch(torch.cat(corpus_records(domain, 120)))
-    sketches = torch.stack([sketch("python"), sketch("kjv"), sketch("german")])  # path 0, then two grown paths
+    sketches = paths.stack([sketch("kjv"), sketch("german")])  # two grown paths (path 0's python is not one)
     repeat = paths.assign(sketches, corpus_records("german", 60, skip=120))
     assert repeat.path.count(2) >= 55 and set(repeat.best) == {2}
     assert sum(g <= 0 for g in repeat.gap) == repeat.path.count(2)
@@ -190,5 +197,5 @@ def test_a_drop_goes_to_the_path_of_its_domain_and_an_unseen_domain_is_novel():
         unseen = paths.assign(sketches, corpus_records(domain, 60, skip=120))
         assert unseen.path.count(paths.NOVEL) >= 50, domain
     # Without a grown path, or without a second record to hold out, every record is novel.
-    assert set(paths.assign(sketches[:1], corpus_records("german", 4)).path) == {paths.NOVEL}
+    assert set(paths.assign(paths.stack([]), corpus_records("german", 4)).path) == {paths.NOVEL}
     assert paths.assign(sketches, corpus_records("german", 1)).path == [paths.NOVEL]
