@@ -11,9 +11,12 @@ time), so many paths share a domain as a long history of drops would; the batch 
 windows of every domain. The selection's FLOPs are one path's times the model passes its chosen
 segments cost (``ModelOutput.passes``, measured on the batch). Variants run round-robin so
 drifts in machine load hit all of them alike; medians of the rounds are reported. Needs the prepared
-corpus (``dvc repro prepare``). Writes a JSON (``--out``) and prints Markdown tables.
+corpus (``dvc repro prepare``). Untrained paths never let path 0 stop beside the selection (its
+weight does not fall), so ``--champion`` also times a trained model with paths (the default
+pipeline's last champion) against the pretrained champion on the same batch: the comparison issue 32
+sets its targets on. Writes a JSON (``--out``) and prints Markdown tables.
 
-    python bench/bench_paths.py [--paths 5 13 33] [--rounds 3] [--out docs/bench/paths.json]
+    python bench/bench_paths.py [--paths 5 13 33] [--rounds 3] [--champion models/c4_gcide.champion.pt]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from hst import data, paths
+from hst import checkpoint, data, paths
 from hst.config import ModelConfig
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS
@@ -91,6 +94,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gen-bytes", type=int, default=192)
+    ap.add_argument("--champion", default="", help="also a trained model with paths (e.g. models/c4_gcide.champion.pt), "
+                    "beside --pretrained, on the same batch")
+    ap.add_argument("--pretrained", default="models/pretrain.champion.pt")
     ap.add_argument("--out", default="docs/bench/paths.json")
     args = ap.parse_args()
     cfg = load_section(args.params, "model", ModelConfig)
@@ -100,11 +106,17 @@ def main() -> None:
     idx = torch.cat([eval_windows(data.load_tokens(PREPARED, d, "val"), cfg.seq_len, per)[:, :-1]
                      for d in domains])[:args.batch]
     models = {p: model_with_paths(cfg, p, grow_sec.get("experts", 4), domains) for p in [1, *args.paths]}
-    one_path_flops = models[1].flops_per_token()
     variants = [("pretrained", 1, 0)] + [(f"{kind}@{p}", p, mode) for p in args.paths
                                          for kind, mode in (("select", SELECTED_PATHS), ("select_base", SELECTED_AND_BASE),
                                                             ("mixture", ALL_PATHS))
                                          if kind != "mixture" or p <= args.mixture_up_to]
+    if args.champion:  # trained paths prune path 0 as untrained copies of it cannot
+        models["pretrained champion"] = checkpoint.load(args.pretrained)[0].eval()
+        models["champion"] = checkpoint.load(args.champion)[0].eval()
+        variants += [("pretrained champion", "pretrained champion", 0)] + [
+            (f"champion {kind}", "champion", mode) for kind, mode in (("select", SELECTED_PATHS),
+                                                                       ("select_base", SELECTED_AND_BASE),
+                                                                       ("mixture", ALL_PATHS))]
     runs: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, p, mode in variants:
@@ -121,14 +133,16 @@ def main() -> None:
         with models[p].on_path(mode):
             gen[name] = {"kv_cache": generation_tokens_per_s(models[p], prompt, args.gen_bytes, True),
                          "rerun_context": generation_tokens_per_s(models[p], prompt, args.gen_bytes, False)}
-    base = median["pretrained"]
+    # The trained champion against the pretrained champion (issue 32's comparison), the rest against the pretrained shape.
+    ref = {name: "pretrained champion" if isinstance(p, str) else "pretrained" for name, p, _ in variants}
+    unit = {name: models[p if isinstance(p, str) else 1].flops_per_token() for name, p, _ in variants}
     result = {"setup": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": f"{len(idx)}x{cfg.seq_len}",
                         "experts_per_path": grow_sec.get("experts", 4), "rounds": args.rounds,
-                        "decisions": list(paths.DECISIONS), "threads": torch.get_num_threads(),
+                        "decisions": list(paths.DECISIONS), "path_0_checks_every": paths.PRUNE_EVERY, "threads": torch.get_num_threads(),
                         "torch": torch.__version__, "generation": f"8 prompts of 64 bytes, {args.gen_bytes} greedy bytes"},
               "forward_tokens_per_s": median,
-              "vs_pretrained": {k: v / base for k, v in median.items()},
-              "mflops_per_token": {k: one_path_flops * passes[k] / 1e6 for k in median},
+              "vs_pretrained": {k: v / median[ref[k]] for k, v in median.items()},
+              "mflops_per_token": {k: unit[k] * passes[k] / 1e6 for k in median},
               "model_passes_per_token": passes,
               "parameters": {k: sum(t.numel() for t in models[p].parameters()) for k, p, _ in variants},
               "generation_tokens_per_s": gen}
@@ -138,7 +152,9 @@ def main() -> None:
           "| --- | --- | --- | --- | --- | --- |")
     for name in median:
         print(f"| {name} | {median[name]:,.0f} | {result['vs_pretrained'][name]:.2f} | "
-              f"{result['mflops_per_token'][name]:.2f} | {passes[name]:.2f} | {result['parameters'][name] / 1e6:.1f} M |")
+              f"{result['mflops_per_token'][name]:.2f} | "
+              f"{result['mflops_per_token'][name] / result['mflops_per_token'][ref[name]]:.2f} | "
+              f"{result['parameters'][name] / 1e6:.1f} M |")
     print("\n| model | generation tokens/s, KV cache | re-run context | speed-up |\n| --- | --- | --- | --- |")
     for name, g in gen.items():
         print(f"| {name} | {g['kv_cache']:,.0f} | {g['rerun_context']:,.0f} | {g['kv_cache'] / g['rerun_context']:.1f}× |")

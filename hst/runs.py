@@ -21,7 +21,7 @@ import yaml
 from hst import tracking
 from hst.config import GrowConfig, HSTError, ModelConfig, TrackingConfig
 from hst.model import GPT
-from hst.params import build, check_params, read_params
+from hst.params import build, check_params, parse_params, read_params
 from hst.router import Gate
 
 # Baselines run with the promotion gate open (and growth off), so a cycle that forgets still becomes
@@ -69,6 +69,11 @@ def read_metrics(source: str, path: str) -> dict:
     return json.loads(read_text(source, path))
 
 
+def variant_params(source: str) -> dict:
+    """A variant's ``params.yaml``, as it ran."""
+    return parse_params(read_text(source, "params.yaml"), f"{source}:params.yaml")
+
+
 def export(name: str, dest: Path) -> None:
     """Copy ``params.yaml`` and every file under ``metrics/`` of DVC experiment ``name`` into ``dest``
     (``metrics/`` stripped), so that a run's numbers can be committed next to its table."""
@@ -85,7 +90,7 @@ def track(source: str, variant: str, uri: str) -> list[str]:
     runs as if it had run under that name. Its params and metrics are all a run keeps (exports hold no
     checkpoints or curves), so nothing is registered. Cycles the sequence already has are skipped, so
     loading twice adds nothing; returns the cycles logged."""
-    params = yaml.safe_load(read_text(source, "params.yaml"))
+    params = variant_params(source)
     names = build(TrackingConfig, params.get("tracking"), f"{source}: params.yaml:tracking").resolve(variant)
     key, sequence = tracking.sequence_key(params, variant), tracking.sequence_params(params)
     done, logged = tracking.tracked_cycles(uri, names.experiment, key), []
@@ -101,7 +106,7 @@ def track(source: str, variant: str, uri: str) -> list[str]:
 def model_of(source: str, experts_per_layer: list[int]) -> GPT:
     """An (untrained) model of a variant's shape, grown experts' paths or gates included (one per grown
     cycle and layer, ``grow.experts`` experts each): for its FLOPs and parameter count."""
-    params = yaml.safe_load(read_text(source, "params.yaml"))
+    params = variant_params(source)
     # Older experiments may carry model keys that have since been removed (e.g. novelty_threshold).
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = GPT(ModelConfig(**{k: v for k, v in params["model"].items() if k in known}), experts_per_layer)

@@ -41,9 +41,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from hst.io import atomic_path, replace_section  # noqa: E402
 from hst.model import GPT  # noqa: E402
-from hst.params import load_section, parse_params  # noqa: E402
+from hst.params import load_section  # noqa: E402
 from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model_of, pct, read_metrics,  # noqa: E402
-                      read_text, run_experiments)
+                      run_experiments, variant_params)
 
 BASE_STEPS = 160
 BRANCHES = [f"cycles.{c}.prev=pretrain" for c in ("c2_manpages", "c3_german", "c4_gcide")]
@@ -114,7 +114,7 @@ def run_dir(runs: Path, name: str) -> Path:
 
 def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
     """One point's numbers (see the module docstring) from its exported params and metrics."""
-    params = parse_params(read_text(source, "params.yaml"), f"{source}:params.yaml")
+    params = variant_params(source)
     reports = [read_metrics(source, f"metrics/eval/{c}.json") for c in cycles]
     dense = [read_metrics(reference, f"metrics/eval/{c}.json")["absorption"] for c in cycles] if reference else None
     steps = params["grow"]["steps"] if params["cycle"]["mode"] == "grow" else params["consolidate"]["steps"]

@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 
 from hst.io import replace_section
-from hst.params import parse_params
-from hst.runs import pct, read_metrics, read_text
+from hst.runs import pct, read_metrics, variant_params
 
 
 def decision(growth: dict | None) -> str:
@@ -32,7 +31,7 @@ def decision(growth: dict | None) -> str:
 
 
 def table(run: str) -> str:
-    cycles = parse_params(read_text(run, "params.yaml"), f"{run}/params.yaml")["cycles"]
+    cycles = variant_params(run)["cycles"]
     lines = ["| drop | domain | decision | paths | BPB before → after | avg forgetting | worst forgetting "
              "| inference MFLOPs per token | parameters |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
