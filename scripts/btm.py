@@ -75,7 +75,7 @@ def main() -> None:
     models = [checkpoint.load("models/pretrain.champion.pt")[0].eval()]
     models += [checkpoint.load(f"models/{c}.pt")[0].eval() for c in cycles]
     index = pq.read_table("indexes/pretrain.parquet", columns=["text", "source"])  # the pretraining's: one per domain
-    sketches = torch.stack([paths.fit_sketch(t) for t in sampler.tokens_by_source(index).values()]
+    sketches = paths.stack([paths.fit_sketch(t) for t in sampler.tokens_by_source(index).values()]
                            + [paths.fit_sketch(data.encode(sampler.load_records(f"cycles/{c}/buffer")["text"].to_pylist()))
                               for c in cycles])
     domains = [*params["pretrain"]["domains"], *(params["cycles"][c]["domain"] for c in cycles)]
