@@ -94,8 +94,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gen-bytes", type=int, default=192)
-    ap.add_argument("--champion", default="", help="also a trained model with paths (e.g. models/c4_gcide.champion.pt), "
-                    "beside --pretrained, on the same batch")
+    ap.add_argument("--champion", default="", help="also a trained model with paths "
+                    "(e.g. models/c4_gcide.champion.pt), beside --pretrained, on the same batch")
     ap.add_argument("--pretrained", default="models/pretrain.champion.pt")
     ap.add_argument("--out", default="docs/bench/paths.json")
     args = ap.parse_args()
@@ -133,12 +133,14 @@ def main() -> None:
         with models[p].on_path(mode):
             gen[name] = {"kv_cache": generation_tokens_per_s(models[p], prompt, args.gen_bytes, True),
                          "rerun_context": generation_tokens_per_s(models[p], prompt, args.gen_bytes, False)}
-    # The trained champion against the pretrained champion (issue 32's comparison), the rest against the pretrained shape.
+    # The trained champion against the pretrained champion (issue 32's comparison), the rest against
+    # the pretrained shape.
     ref = {name: "pretrained champion" if isinstance(p, str) else "pretrained" for name, p, _ in variants}
     unit = {name: models[p if isinstance(p, str) else 1].flops_per_token() for name, p, _ in variants}
     result = {"setup": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": f"{len(idx)}x{cfg.seq_len}",
                         "experts_per_path": grow_sec.get("experts", 4), "rounds": args.rounds,
-                        "decisions": list(paths.DECISIONS), "path_0_checks_every": paths.PRUNE_EVERY, "threads": torch.get_num_threads(),
+                        "decisions": list(paths.DECISIONS), "path_0_checks_every": paths.PRUNE_EVERY,
+                        "threads": torch.get_num_threads(),
                         "torch": torch.__version__, "generation": f"8 prompts of 64 bytes, {args.gen_bytes} greedy bytes"},
               "forward_tokens_per_s": median,
               "vs_pretrained": {k: v / median[ref[k]] for k, v in median.items()},

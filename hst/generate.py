@@ -64,8 +64,9 @@ class Decoder:
         if self.mode == "one":
             self.serving = prompt.new_full((B,), max(model.path or 0, 0))
         else:
-            self.loglik = paths.byte_logp(prompt, model.path_sketches).sum(1)  # (B, K) each sketch's, so far
-            self.serving = paths.segment_paths(model.path_scores(prompt))[:, -1]
+            loglik = paths.byte_logp(prompt, model.path_sketches).cumsum(1)  # (B, t, K) each sketch's, so far
+            self.loglik = loglik[:, -1]
+            self.serving = paths.segment_paths(paths.by_path(loglik, model.n_paths))[:, -1]
         if self.mode == "select_base":
             return self._start_beside_path_0(prompt)
         logits = self.h0.new_empty(B, model.cfg.vocab_size, dtype=torch.float32)
@@ -150,8 +151,9 @@ class Decoder:
         return torch.where(self.alive[:, None], self._mixed(), self.last[0])
 
     def _prune(self) -> None:
-        """At a check position (:func:`hst.paths.checks`): path 0 stops for the sequences where its posterior weight beside the
-        selection fell below :data:`hst.paths.PRUNE` (as ``GPT.select_paths`` decides)."""
+        """At a check position (:func:`hst.paths.checks`): path 0 stops for the sequences where its
+        posterior weight beside the selection fell below :data:`hst.paths.PRUNE` (as ``GPT.select_paths``
+        decides)."""
         self.alive = self.alive & ((self.seen[1] - self.seen[0]).sigmoid() >= paths.PRUNE)
         keep = self.alive[self.base_rows]
         if not keep.all():

@@ -55,9 +55,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         for tokens in held_in.values():  # one sketch per domain path 0 learned
             model.add_path_sketch(paths.fit_sketch(tokens))
     if paths.count(model.path_sketches) < path:
-        raise ConfigError(f"grow: a model of {path} paths with {paths.count(model.path_sketches)} path sketches cannot grow "
-                         "one (the first path needs the base path's text for path 0's sketch; paths grown before "
-                         "sketches existed have none)")
+        raise ConfigError(f"grow: a model of {path} paths with {paths.count(model.path_sketches)} path sketches "
+                          "cannot grow one (the first path needs the base path's text for path 0's sketch; paths "
+                          "grown before sketches existed have none)")
     with model.on_path(0):
         x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
     features = [model.moe(layer).router.features(x).flatten(0, 1) for layer, x in zip(layers, x_new)]  # (W·T, d)

@@ -234,9 +234,6 @@ class GPT(nn.Module):
 
     def path_scores(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) bytes -> (B, T, P) each path's sketch log-likelihood of bytes 0..t (hst.paths)."""
-        if paths.count(self.path_sketches) < self.n_paths:
-            raise ValueError(f"this model has {self.n_paths} paths but {paths.count(self.path_sketches)} path sketches: run "
-                             "one path (GPT.on_path) or mix them all (GPT.on_path(ALL_PATHS))")
         return paths.sketch_scores(idx, self.path_sketches, self.n_paths)
 
     def select_paths(self, idx: torch.Tensor, h0: torch.Tensor, base: bool = False
@@ -246,8 +243,8 @@ class GPT(nn.Module):
 
         ``base``: path 0 also runs beside the selection, segment by segment with a cache, and the two
         are mixed by their posterior (:func:`hst.paths.mix_paths`) until path 0's weight falls below
-        :data:`hst.paths.PRUNE` at a check position (:func:`hst.paths.checks`); from there on the selection serves alone and
-        path 0 runs only for the segments the selection itself gives it. Returns logits
+        :data:`hst.paths.PRUNE` at a check position (:func:`hst.paths.checks`); from there on the
+        selection serves alone and path 0 runs only for the segments the selection itself gives it. Returns logits
         (log-probabilities when mixed), routing, the path each position got (the most weighted one)
         and the model passes per token spent."""
         B, T, _ = h0.shape

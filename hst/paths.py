@@ -144,6 +144,9 @@ def by_path(scores: torch.Tensor, n_paths: int) -> torch.Tensor:
     """(..., K) scores of a model's K sketches -> (..., P) its paths': path 0 holds the first K - P + 1
     sketches (one per domain it learned) and scores as the best of them, each later path one."""
     first = scores.shape[-1] - n_paths + 1
+    if first < 1:
+        raise ValueError(f"a model of {n_paths} paths with {scores.shape[-1]} path sketches: run one path "
+                         "(GPT.on_path) or mix them all (GPT.on_path(ALL_PATHS))")
     return torch.cat([scores[..., :first].amax(-1, keepdim=True), scores[..., first:]], -1)
 
 
@@ -169,7 +172,8 @@ def coarse(table: torch.Tensor) -> torch.Tensor:
 
 
 def record_bits(views: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(K, C, 256) coarse views, (N,) one record's bytes -> (K,) bits per byte each spends on its bytes from the third."""
+    """(K, C, 256) coarse views, (N,) one record's bytes -> (K,) bits per byte each spends on its bytes
+    from the third."""
     if len(tokens) < 3:
         return views.new_zeros(len(views))
     t = tokens.long()
@@ -195,8 +199,9 @@ NOVEL = -1
 def assign(grown: torch.Tensor, records: list[torch.Tensor]) -> Assignment:
     """Per record of a drop, the grown path (1..P-1, whose sketches ``grown`` are; path 0 is the trunk
     every path builds on and is never trained again) whose sketch's :func:`coarse` view explains its
-    bytes at least as well as that of a sketch of the drop itself, fitted on the other half of its records (even and odd ones) — a held-out stand-in for the
-    sketch a new path grown on this drop would have. Such a record is known: that path consolidates
+    bytes at least as well as that of a sketch of the drop itself, fitted on the other half of its
+    records (even and odd ones) — a held-out stand-in for the sketch a new path grown on this drop
+    would have. Such a record is known: that path consolidates
     on it. A record that no grown path explains that well is NOVEL.
 
     The comparison needs no threshold: on the shipped corpus a path's own domain scores 0.10 to 0.36
