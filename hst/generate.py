@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hst import paths
+from hst.attention import KVCache
 from hst.data import SEPARATOR
 from hst.experts import MoE
 from hst.model import ALL_PATHS, GPT
@@ -55,9 +56,9 @@ class Decoder:
         self.tokens = prompt
         if self.mode == "rerun":
             return model(prompt[:, -model.cfg.seq_len:]).logits[:, -1]
-        self.trunk_cache: dict = {}
+        self.trunk_cache = KVCache()
         self.h0 = model.trunk(prompt, self.trunk_cache)  # (B, t, d): a path starting late needs every position
-        self.groups: dict[int, tuple[torch.Tensor, list[dict]]] = {}  # path -> (rows, caches above the trunk)
+        self.groups: dict[int, tuple[torch.Tensor, list[KVCache]]] = {}  # path -> (rows, caches above the trunk)
         rows = torch.arange(B, device=prompt.device)
         if self.mode == "mixture":
             return self._mix_start(torch.stack([self._open(p, rows) for p in range(model.n_paths)]), prompt)
@@ -113,7 +114,7 @@ class Decoder:
         for p, (rows, caches) in list(self.groups.items()):
             keep = (serving[rows] == p) & need[rows]
             if not keep.all():
-                self.groups[p] = (rows[keep], [{name: t[keep] for name, t in c.items()} for c in caches])
+                self.groups[p] = (rows[keep], [c.rows(keep) for c in caches])
             if keep.any():
                 rows, caches = self.groups[p]
                 logits[rows] = model.from_trunk(h[rows], False, p, caches)[0][:, -1]
@@ -133,7 +134,7 @@ class Decoder:
         """``start`` for the selection mixed with path 0 (``GPT.forward`` with ``select_base``): path 0
         over the prompt with its cache, the selection's logits over it, and where path 0 was pruned."""
         model = self.model
-        self.base: list[dict] = [{} for _ in range(model.cfg.n_layer - 1)]
+        self.base = [KVCache() for _ in range(model.cfg.n_layer - 1)]
         base = model.from_trunk(self.h0, False, 0, self.base)[0]
         selected = model.select_paths(prompt, self.h0)[0]  # (B, t, V) the selection over the prompt
         logp = torch.stack([selected, base]).log_softmax(-1)  # (2, B, t, V)
@@ -158,7 +159,7 @@ class Decoder:
         keep = self.alive[self.base_rows]
         if not keep.all():
             self.base_rows = self.base_rows[keep]
-            self.base = [{name: t[keep] for name, t in c.items()} for c in self.base]
+            self.base = [c.rows(keep) for c in self.base]
 
     def _beside_path_0(self, selected: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """(B, V) the selection's and path 0's logits -> their posterior mixture, or the selection alone where pruned."""
@@ -184,12 +185,12 @@ class Decoder:
 
     def _open(self, path: int, rows: torch.Tensor) -> torch.Tensor:
         """Run ``path`` over the whole context of ``rows``, which join its group; their (n, t, V) logits."""
-        caches = [{} for _ in range(self.model.cfg.n_layer - 1)]
+        caches = [KVCache() for _ in range(self.model.cfg.n_layer - 1)]
         out, _ = self.model.from_trunk(self.h0[rows], False, path, caches)
         if path in self.groups:
             old_rows, old = self.groups[path]
             rows = torch.cat([old_rows, rows])
-            caches = [{name: torch.cat([a[name], c[name]]) for name in c} for a, c in zip(old, caches)]
+            caches = [KVCache.join([a, c]) for a, c in zip(old, caches)]
         self.groups[path] = (rows, caches)
         return out
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hst import paths
-from hst.attention import Attention, norm, rope_tables
+from hst.attention import Attention, KVCache, norm, rope_tables
 from hst.config import ModelConfig
 from hst.experts import Expert, MoE
 from hst.router import KeyRouter, LearnedRouter, Routing
@@ -35,7 +35,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = Expert(cfg.d_model, cfg.dense_hidden) if cfg.ffn == "dense" else MoE(cfg, n_experts)
 
-    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         return x + self.attn(norm(x), cos, sin, cache)
 
     def feed(self, x: torch.Tensor, update_keys: bool, path: int | torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
@@ -46,7 +46,7 @@ class Block(nn.Module):
         return x + y, routing
 
     def forward(self, x, cos, sin, update_keys: bool, path: int | torch.Tensor = 0,
-                cache: dict | None = None) -> tuple[torch.Tensor, Routing | None]:
+                cache: KVCache | None = None) -> tuple[torch.Tensor, Routing | None]:
         return self.feed(self.attend(x, cos, sin, cache), update_keys, path)
 
 
@@ -216,12 +216,12 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
         return ModelOutput(logits, loss, routing, chosen, passes)
 
-    def trunk(self, idx: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def trunk(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, d) the residual stream after layer 0's attention: every path's."""
         return self.blocks[0].attend(self.wte(idx), self.rope_cos, self.rope_sin, cache)
 
     def from_trunk(self, h0: torch.Tensor, update_keys: bool, path: int | torch.Tensor,
-                   caches: list[dict] | None = None) -> tuple[torch.Tensor, list[Routing | None]]:
+                   caches: list[KVCache] | None = None) -> tuple[torch.Tensor, list[Routing | None]]:
         """Run ``path`` (one for all sequences, or (B,) one per sequence) from the trunk output: layer 0's
         FFN, then every later block (``caches``: their attention caches, one per later block). Returns
         float logits and per-layer routing."""
@@ -268,14 +268,15 @@ class GPT(nn.Module):
         chosen = chosen.to(h0.device)
         if not base:
             return selected.logits, selected.routing(), chosen, spent / (B * T)
-        path0, caches = paths.Stitched(B, T), [{} for _ in self.blocks[1:]]
+        path0, caches = paths.Stitched(B, T), [KVCache() for _ in self.blocks[1:]]
         rows = torch.arange(B, device=h0.device)
         pruned_at = torch.full((B,), T, device=h0.device)  # where path 0 stops counting for each sequence
+        seen = h0.new_zeros(2, B, dtype=torch.float32)  # path 0's and the selection's log-likelihood of bytes 1..end
         for start, end, s in paths.pieces(T):
             need = (pruned_at == T) | (serving[:, s:] == 0).any(1).to(h0.device)
             keep = need[rows]
             if not keep.all():
-                rows, caches = rows[keep], [{name: t[keep] for name, t in c.items()} for c in caches]
+                rows, caches = rows[keep], [c.rows(keep) for c in caches]
             if not len(rows):
                 break
             out, r = self.from_trunk(h0[rows, start:end], False, 0, caches)
@@ -284,8 +285,9 @@ class GPT(nn.Module):
             own = (serving[rows, s] == 0).to(h0.device)  # the selection's own path-0 segments
             selected.put(rows[own], start, end, out, r, own, offset=start)
             if end < T:  # a check position: each sequence's posterior weight of path 0 given bytes 1..end
-                seen = [x.logits[:, :end].log_softmax(-1).gather(-1, idx[:, 1:end + 1, None])[..., 0].sum(1)
-                        for x in (path0, selected)]
+                target = idx[rows, start + 1:end + 1, None]
+                seen[:, rows] += torch.stack([x.logits[rows, start:end].log_softmax(-1).gather(-1, target)[..., 0].sum(1)
+                                              for x in (path0, selected)])
                 weak = (pruned_at == T) & ((seen[0] - seen[1]).sigmoid() < paths.PRUNE)
                 pruned_at[weak] = end
         logits, weights = paths.mix_paths(torch.stack([selected.logits, path0.logits]), idx)
