@@ -22,9 +22,7 @@ from tqdm.auto import tqdm
 from hst import paths
 from hst.attention import KVCache
 from hst.data import SEPARATOR
-from hst.experts import MoE
 from hst.model import ALL_PATHS, GPT
-from hst.router import KeyRouter
 from hst.train import eval_mode
 
 
@@ -45,8 +43,7 @@ class Decoder:
         self.mode = model.path_mode
         # A learned growth gate opens on the running mean of its scores over the whole context, which
         # one cached step cannot see: such a model re-runs its context (at most seq_len bytes) per byte.
-        if any(len(b.ffn.router.gate_b) for b in model.blocks
-               if isinstance(b.ffn, MoE) and isinstance(b.ffn.router, KeyRouter)):
+        if model.gated:
             self.mode = "rerun"
 
     @torch.no_grad()

@@ -48,7 +48,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     computes exactly what it did. Returns the new ``(layer, expert)`` pairs, the training curve and
     per-layer statistics."""
     path = model.n_paths
-    if any(len(model.moe(layer).router.gate_b) for layer in range(model.cfg.n_layer)):
+    if model.gated:
         raise ConfigError("grow.select: posterior, but this model grew learned gates (grow.select: gate); a model "
                           "keeps the select it first grew with")
     if not len(model.path_sketches) and path == 1:

@@ -5,13 +5,10 @@ Attention is standard and dense (RoPE, QK-norm, causal ``scaled_dot_product_atte
 normalisation is parameter-free RMSNorm. ``forward`` returns logits, the loss when targets are
 given, and the routing of every token at every layer for the Smart Sampler and the metrics.
 
-A model grown by paths (``grow.select: posterior``) holds several *paths*: the base experts
-alone (path 0) and, per growth, the base experts plus that growth's experts. ``forward`` then runs
-every path and mixes their next-byte distributions by each path's posterior given the context
-(:func:`hst.paths.mix_paths`), or, at flat cost, runs the path :mod:`hst.paths` selects per segment —
-alone or mixed with path 0 by the same posterior (``GPT.inference``); ``on_path`` runs one path alone
-(growth trains its path this way).
-"""
+A model grown by paths (``grow.select: posterior``) holds the base experts alone (path 0) and, per
+growth, the base experts plus that growth's experts; ``forward`` runs the path :mod:`hst.paths` selects
+per segment, alone or mixed with path 0 by their posterior, or mixes every path (``GPT.inference``);
+``on_path`` runs one path alone (growth trains its path this way)."""
 
 from __future__ import annotations
 
@@ -60,9 +57,8 @@ class ModelOutput(NamedTuple):
 
 # The buffers a model stores once it has paths (``GPT.add_path_sketch``).
 PATH_BUFFERS = ("path_sketches", "path_select")
-# ``GPT.path`` values under which ``forward`` runs every path and mixes them (:func:`hst.paths.mix_paths`),
-# selects one per segment (:mod:`hst.paths`), or mixes the selected one with path 0 by their posterior,
-# whatever ``GPT.inference`` says.
+# ``GPT.path`` values under which ``forward`` mixes every path (:func:`hst.paths.mix_paths`), selects one per
+# segment (:mod:`hst.paths`), or mixes that one with path 0, whatever ``GPT.inference`` says.
 ALL_PATHS, SELECTED_PATHS, SELECTED_AND_BASE = -1, -2, -3
 # How a model of several paths runs them, by ``GPT.path`` value; ``GPT.inference`` stores its index.
 PATH_MODES = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", SELECTED_AND_BASE: "select_base"}
@@ -116,6 +112,12 @@ class GPT(nn.Module):
         """Paths ``forward`` mixes: 1 (the model itself) unless growth added paths."""
         return max((b.ffn.router.n_paths for b in self.blocks if isinstance(b.ffn, MoE)
                     and isinstance(b.ffn.router, KeyRouter)), default=1)
+
+    @property
+    def gated(self) -> bool:
+        """Whether growth added learned gates (``grow.select: gate``, :mod:`hst.gates`) to any layer."""
+        return any(len(b.ffn.router.gate_b) for b in self.blocks
+                   if isinstance(b.ffn, MoE) and isinstance(b.ffn.router, KeyRouter))
 
     @contextmanager
     def on_path(self, path: int):
