@@ -19,11 +19,12 @@ from hst.model import GPT
 from hst.paths import count as count_sketches
 from hst.router import Gate, KeyRouter
 
-FORMAT_VERSION = 6  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
+FORMAT_VERSION = 7  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;
 #                    4: a gate may belong to a path (gate_path), and a model with paths stores one sketch per path
 #                    and its inference mode (path_sketches, path_select); 5: each expert names its path
 #                    (expert_path) and every gate is a learned one; 6: path sketches are n-gram counts, path 0
-#                    one per domain. Formats 2 to 5 load, converted; one with trigram-table sketches does not.
+#                    one per domain; 7: a grown path may have an output head of its own (path_heads.<path>, hst/heads.py).
+#                    Formats 2 to 6 load (2 to 5 converted); one with trigram-table sketches does not.
 
 
 class CheckpointError(HSTError):
@@ -68,7 +69,7 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
                                   f"(loading it could run code: {reason})") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict) or state.get("format_version") not in range(2, FORMAT_VERSION + 1):
-        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2 to 5)")
+        raise CheckpointError(f"{path}: not an HST checkpoint of format {FORMAT_VERSION} (or 2 to 6)")
     missing = [k for k in ("config", "n_experts", "state_dict", "meta") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
@@ -111,6 +112,11 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
     _check_gates(path, model)
+    heads = sorted(int(p) for p in model.path_heads)
+    if heads and (heads[-1] >= model.n_paths or any(w.shape != model.lm_head.weight.shape
+                                                     for w in model.path_heads.values())):
+        raise CheckpointError(f"{path}: output heads of paths {heads} do not fit {model.n_paths} paths of "
+                              f"{tuple(model.lm_head.weight.shape)} heads")
     paths, sketches = model.n_paths, count_sketches(model.path_sketches)
     if (sketches and sketches < paths) or (paths > 1 and not sketches):
         raise CheckpointError(f"{path}: {paths} paths but {sketches} path sketches (expected one or more for path 0 "

@@ -1,8 +1,7 @@
 """Typed, frozen configs: one dataclass per ``params.yaml`` section, a comment per field.
 
-``__post_init__`` validates ranges and raises :class:`ConfigError` with a one-line message naming
-the key; reading a params file and building a config from a section (unknown keys and wrong types
-refused) is :mod:`hst.params`.
+``__post_init__`` validates ranges and raises :class:`ConfigError` with a one-line message naming the key;
+reading a params file and building a config from a section (unknown keys, wrong types refused) is :mod:`hst.params`.
 """
 
 from __future__ import annotations
@@ -198,6 +197,7 @@ class GrowConfig:
     decide: str = "novelty"  # with select posterior in mode grow: "novelty" (a path whose sketch explains records
     #                          better than the cycle's own sketch consolidates on them, the rest grow a path:
     #                          hst.paths.assign) or "always" (every cycle grows a path from all its records)
+    head: str = "path"  # with select posterior: "path" (a grown path trains a head of its own, hst/heads.py) or "shared"
     min_records: int = 32  # a known path consolidates on at least this many of the cycle's records (fewer join the
     #                        novel ones), and a path grows from at least this many (fewer are left unlearned)
     gate_fpr: float = 0.1  # share of each learned domain's tokens a new expert's gate may let through (its bias), at most
@@ -228,6 +228,7 @@ class GrowConfig:
         _require(self.inference in ("mixture", "select", "select_base"),
                  f"inference: expected mixture, select or select_base, got {self.inference!r}")
         _require(self.decide in ("novelty", "always"), f"decide: expected novelty or always, got {self.decide!r}")
+        _require(self.head in ("path", "shared"), f"head: expected path or shared, got {self.head!r}")
         _require(self.min_records >= 1, "min_records: expected >= 1")
         _require(self.select == "gate" or self.old_share == 0,
                  "old_share: expected 0 with select: posterior (a path trains on its own cycle's records only)")

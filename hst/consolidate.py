@@ -27,14 +27,13 @@ from hst.train import evaluate, train
 
 
 @contextmanager
-def only_trainable(model: GPT, experts: list[tuple[int, int]]):
-    """Freeze every parameter except those of the ``(layer, expert)`` pairs; restore the flags after."""
+def only_trainable(model: GPT, experts: list[tuple[int, int]], also: list[torch.nn.Parameter] = ()):
+    """Freeze every parameter except those of the ``(layer, expert)`` pairs and ``also``; restore the flags after."""
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer, expert in experts:
-        for p in model.moe(layer).experts[expert].parameters():
-            p.requires_grad_(True)
+    for p in [q for layer, expert in experts for q in model.moe(layer).experts[expert].parameters()] + list(also):
+        p.requires_grad_(True)
     try:
         yield
     finally:

@@ -7,7 +7,8 @@ novel records while path 0 (the pretrained experts) and every earlier path stay 
 keys are the centroids of a spherical k-means over the novel tokens' features on path 0 — not the
 normalized mean of all novel hidden states, which points along the direction every hidden state
 shares (``docs/prototype.md``) — so the new experts split the new data between them; weights are
-copied from the nearest path-0 expert (or drawn fresh). The model serves its paths as
+copied from the nearest path-0 expert (or drawn fresh). With ``GrowConfig.head: path`` the path also
+trains an output head of its own (:mod:`hst.heads`), a copy of path 0's to start. The model serves its paths as
 ``GrowConfig.inference`` says (by default the path its sketches select, mixed with path 0 by their
 posterior: :mod:`hst.paths`). No held-in text is read beyond path 0's sketch and nothing needs
 calibrating. A path consolidates (:func:`consolidate_path`) only on records its sketch explains
@@ -41,8 +42,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
          train_cfg: TrainConfig) -> tuple[list[tuple[int, int]], dict, list[dict]]:
     """Add a path: ``cfg.experts`` experts in each of ``layers`` on the new path, keyed by a spherical
     k-means of the novel tokens' features on path 0 and copied from the nearest path-0 expert, then
-    train them on ``novel`` (at ``cfg.lr``; ``train_cfg`` gives the rest of the schedule) running the
-    new path alone, and sketch it (:func:`hst.paths.fit_sketch` of ``novel``); the model then runs its
+    train them (and, with ``cfg.head: path``, the path's own output head) on ``novel`` (at ``cfg.lr``;
+    ``train_cfg`` gives the rest of the schedule) running the new path alone, and sketch it (:func:`hst.paths.fit_sketch` of ``novel``); the model then runs its
     paths as ``cfg.inference`` says. The first path sketches path 0 from ``held_in`` (each learned
     domain's tokens, or samples of them); later ones read nothing but ``novel``. Every earlier path
     computes exactly what it did. Returns the new ``(layer, expert)`` pairs, the training curve and
@@ -64,10 +65,13 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     new = add_experts(model, [(layer, None, path, f) for layer, f in zip(layers, features)], cfg, train_cfg.seed)
     added = [(layer, e) for layer, _, experts in new for e in experts]
     stats = [{"layer": layer, "expert": experts[0], "experts": experts, "path": path} for layer, _, experts in new]
+    if cfg.head == "path":
+        model.path_heads.add(path, model.lm_head.weight)
     curves = {"train": []}
     if cfg.steps > 0:
         with model.on_path(path):
-            curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}")
+            curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}",
+                                            path_head(model, path))
     model.add_path_sketch(paths.fit_sketch(novel))
     model.inference = cfg.inference
     return added, curves, stats
@@ -149,8 +153,9 @@ def path_experts(model: GPT, path: int) -> list[tuple[int, int]]:
 
 def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Tensor, steps: int, cfg: GrowConfig,
                      train_cfg: TrainConfig, key_windows: int = 16) -> list[dict]:
-    """Consolidate a known path (seed §5): train only its experts, running that path alone, on ``stream``
-    (the cycle's records it explains mixed with its own stored ones) for ``steps`` at ``cfg.lr``, then
+    """Consolidate a known path (seed §5): train only its experts (and its own head, if it has one), running
+    that path alone, on ``stream`` (the cycle's records it explains mixed with its own stored ones) for
+    ``steps`` at ``cfg.lr``, then
     move each of their keys one EMA step toward the ``new`` tokens routed to it (seed §3.2), and add
     ``new``'s counts to the path's sketch (counts add: the sketch is then one of all its records).
     Every other path computes exactly what it did: their experts, the shared ones, their sketches and
@@ -159,7 +164,8 @@ def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Ten
     if not experts:
         raise ConfigError(f"grow: path {path} has no experts to consolidate (the model has {model.n_paths} paths)")
     with model.on_path(path):
-        curve = train_experts(model, experts, stream, steps, cfg.lr, train_cfg, f"consolidate path {path}")
+        curve = train_experts(model, experts, stream, steps, cfg.lr, train_cfg, f"consolidate path {path}",
+                              path_head(model, path))
         for layer, expert in experts:
             ema_key(model, layer, expert, new, key_windows, path)
     sketches = paths.unstack(model.path_sketches)
@@ -189,11 +195,16 @@ def add_experts(model: GPT, placements: list[tuple[int, Gate | None, int, torch.
     return out
 
 
+def path_head(model: GPT, path: int) -> list[torch.nn.Parameter]:
+    """``path``'s own output head (:mod:`hst.heads`), if it has one: it trains with the path's experts."""
+    return [model.path_heads[str(path)]] if str(path) in model.path_heads else []
+
+
 def train_experts(model: GPT, experts: list[tuple[int, int]], stream: torch.Tensor, steps: int, lr: float,
-                  train_cfg: TrainConfig, desc: str) -> list[dict]:
-    """Train only ``experts`` on ``stream`` for ``steps`` at peak ``lr`` (the rest of ``train_cfg``'s
-    schedule, its warm-up capped at ``steps``; keys fixed); returns the training curve."""
+                  train_cfg: TrainConfig, desc: str, also: list[torch.nn.Parameter] = ()) -> list[dict]:
+    """Train only ``experts`` (and the parameters ``also``) on ``stream`` for ``steps`` at peak ``lr`` (the rest of
+    ``train_cfg``'s schedule, its warm-up capped at ``steps``; keys fixed); returns the training curve."""
     tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=steps, lr=lr, update_keys=False,
                                warmup_steps=min(train_cfg.warmup_steps, steps))
-    with only_trainable(model, experts):
+    with only_trainable(model, experts, also):
         return train(model, tcfg, {"stream": stream}, {}, desc=desc)["train"]

@@ -5,10 +5,10 @@ Attention is standard and dense (RoPE, QK-norm, causal ``scaled_dot_product_atte
 normalisation is parameter-free RMSNorm. ``forward`` returns logits, the loss when targets are
 given, and the routing of every token at every layer for the Smart Sampler and the metrics.
 
-A model grown by paths (``grow.select: posterior``) holds the base experts alone (path 0) and, per
-growth, the base experts plus that growth's experts; ``forward`` runs the path :mod:`hst.paths` selects
-per segment, alone or mixed with path 0 by their posterior, or mixes every path (``GPT.inference``);
-``on_path`` runs one path alone (growth trains its path this way)."""
+A model grown by paths (``grow.select: posterior``) holds the base experts alone (path 0) and, per growth, the
+base experts plus that growth's experts and its own output head (:mod:`hst.heads`); ``forward`` runs the path
+:mod:`hst.paths` selects per segment, alone or mixed with path 0 by their posterior, or mixes every path
+(``GPT.inference``); ``on_path`` runs one path alone (growth trains its path this way)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from hst import paths
 from hst.attention import Attention, KVCache, norm, rope_tables
 from hst.config import ModelConfig
 from hst.experts import Expert, MoE
+from hst.heads import PathHeads
 from hst.router import KeyRouter, LearnedRouter, Routing
 
 
@@ -74,7 +75,8 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, n) for n in n_experts)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # path 0's, and a path's without its own
+        self.path_heads = PathHeads()  # the grown paths' own output heads (hst.heads)
         # The path ``forward`` runs (``on_path``): None does what ``inference`` says; see ALL_PATHS too.
         self.path: int | None = None
         # Path sketches (hst.paths.fit_sketch: path 0's, one per domain, then one per later path) and how
@@ -163,10 +165,9 @@ class GPT(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def flops_per_token(self, experts_per_token: list[float] | None = None, all_paths: bool = False) -> float:
-        """Forward matmul FLOPs per token of one path (2 per multiply-add; attention over the mean
-        causal context of seq_len / 2 tokens); ``all_paths``: of ``forward``'s mixture, which runs
-        every path. ``experts_per_token``: per MoE layer, the measured mean (Top-Any with a floor); by
-        default every token runs top_k experts (all of them under Top-Any)."""
+        """Forward matmul FLOPs per token of one path (2 per multiply-add; attention over the mean causal context
+        of seq_len / 2 tokens); ``all_paths``: of ``forward``'s mixture, which runs every path. ``experts_per_token``:
+        per MoE layer, the measured mean (Top-Any with a floor); by default top_k (all under Top-Any)."""
         c, d = self.cfg, self.cfg.d_model
         total = 2 * d * c.vocab_size  # lm_head; the embedding is a lookup
         for layer, block in enumerate(self.blocks):
@@ -182,8 +183,7 @@ class GPT(nn.Module):
         return total * (self.n_paths if all_paths else 1)
 
     def moe(self, layer: int) -> MoE:
-        ffn = self.blocks[layer].ffn
-        if not isinstance(ffn, MoE):
+        if not isinstance(ffn := self.blocks[layer].ffn, MoE):
             raise ValueError(f"layer {layer} has a dense FFN, not a mixture of experts")
         return ffn
 
@@ -225,14 +225,14 @@ class GPT(nn.Module):
     def from_trunk(self, h0: torch.Tensor, update_keys: bool, path: int | torch.Tensor,
                    caches: list[KVCache] | None = None) -> tuple[torch.Tensor, list[Routing | None]]:
         """Run ``path`` (one for all sequences, or (B,) one per sequence) from the trunk output: layer 0's
-        FFN, then every later block (``caches``: their attention caches, one per later block). Returns
-        float logits and per-layer routing."""
+        FFN, then every later block (``caches``: their attention caches, one per later block), then the path's
+        head (hst.heads). Returns float logits and per-layer routing."""
         x, r = self.blocks[0].feed(h0, update_keys, path)
         routing = [r]
         for i, block in enumerate(self.blocks[1:]):
             x, r = block(x, self.rope_cos, self.rope_sin, update_keys, path, caches[i] if caches else None)
             routing.append(r)
-        return self.lm_head(norm(x)).float(), routing
+        return self.path_heads.logits(norm(x), path, self.lm_head.weight), routing
 
     def path_scores(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) bytes -> (B, T, P) each path's sketch log-likelihood of bytes 0..t (hst.paths)."""

@@ -194,7 +194,7 @@ CASES = [
      "c1_consolidated.pt: weights do not match the stored config"),
     ("grow@c1", edit_checkpoint("models/c1_consolidated.pt", nan_weight),
      "c1_consolidated.pt: non-finite weights (lm_head.weight)"),
-    ("evaluate@c1", edit_checkpoint("models/c1.pt", old_format), "c1.pt: not an HST checkpoint of format 6"),
+    ("evaluate@c1", edit_checkpoint("models/c1.pt", old_format), "c1.pt: not an HST checkpoint of format 7"),
     ("build_index_pretrain", truncate("models/pretrain.champion.pt"), "pretrain.champion.pt: not a readable checkpoint"),
     ("collect@c1", malicious("models/pretrain.champion.pt"), "pretrain.champion.pt: refused: holds objects other than"),
     ("gate@c1", remove("models/c1.pt"), "c1.pt: checkpoint not found"),

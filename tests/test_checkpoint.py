@@ -107,9 +107,16 @@ def test_paths_round_trip_format_3_loads_converted_and_format_4_paths_are_refuse
     for p in range(2):
         model.add_path_sketch(paths.fit_sketch(torch.randint(0, 256, (500,))))
     model.inference = "select"
+    model.path_heads.add(2, model.lm_head.weight)
+    checkpoint.save(tmp_path / "m.pt", model)
+    with pytest.raises(CheckpointError, match=r"m.pt: output heads of paths \[2\] do not fit 2 paths"):
+        checkpoint.load(tmp_path / "m.pt")
+    del model.path_heads["2"]
+    model.path_heads.add(1, torch.randn_like(model.lm_head.weight))
     checkpoint.save(tmp_path / "m.pt", model)
     loaded, _ = checkpoint.load(tmp_path / "m.pt")
     assert loaded.n_paths == 2 and loaded.moe(1).router.expert_path.tolist() == [0, 0, 0, 0, 1]
+    assert torch.equal(loaded.path_heads["1"], model.path_heads["1"])
     assert loaded.inference == "select" and torch.equal(loaded.path_sketches, model.path_sketches)
     idx = torch.randint(0, 256, (2, 32))  # segments of 8 and 24 tokens: path 0, then the chosen one
     model.eval(), loaded.eval()
@@ -122,7 +129,7 @@ def test_paths_round_trip_format_3_loads_converted_and_format_4_paths_are_refuse
         checkpoint.load(tmp_path / "v4.pt")
     # Format 3 had no gate_path: every gate it stored is a learned one.
     del v4["state_dict"]["blocks.0.ffn.router.gate_path"], v4["state_dict"]["blocks.1.ffn.router.gate_path"]
-    for name in ("path_sketches", "path_select"):
+    for name in ("path_sketches", "path_select", "path_heads.1"):
         del v4["state_dict"][name]
     torch.save({**v4, "format_version": 3}, tmp_path / "v3.pt")
     old, _ = checkpoint.load(tmp_path / "v3.pt")

@@ -61,6 +61,7 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     assert paths.count(model.path_sketches) == 3 and model.inference == "select_base"  # path 0: one per domain
     assert_only_appended(before, model.state_dict())
     assert model.moe(0).router.expert_path.tolist() == [0, 0, 0, 0, 1, 1] and len(model.moe(0).router.gate_b) == 0
+    assert list(model.path_heads) == ["1"] and not torch.equal(model.path_heads["1"], model.lm_head.weight)  # trained
     with model.on_path(0):
         assert torch.equal(model(idx).logits, base)
         start = evaluate(model, NOVEL, 4).bpb
@@ -69,8 +70,9 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
         assert evaluate(model, NOVEL, 4).bpb < start  # the path learned the novel text
     # A second growth: a new path whose experts start from the base experts, never from path 1's.
     after_path_1 = {k: v.clone() for k, v in model.state_dict().items()}
-    steps0 = dataclasses.replace(cfg, steps=0)
+    steps0 = dataclasses.replace(cfg, steps=0, head="shared")
     grow.grow(model, [0, 1], HELD_IN["python"], NoText(), steps0, TCFG)
+    assert list(model.path_heads) == ["1"]  # head: shared, path 2 reads path 0's
     base_weights = [e.up.weight for e in model.moe(0).experts[:4]]
     assert all(any(torch.equal(e.up.weight, w) for w in base_weights) for e in model.moe(0).experts[6:])
     with model.on_path(1):  # path 1's weights are bit-identical (assert_only_appended); its logits are equal to
@@ -109,8 +111,8 @@ def test_a_repeat_drop_consolidates_its_own_path_and_leaves_everything_else_bit_
     after = model.state_dict()
     mine = {f"blocks.{layer}.ffn.experts.{e}." for layer, e in grow.path_experts(model, 1)}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith(tuple(mine)) or k.endswith(".router.keys") or k == "path_sketches"
-                           for k in changed)
+    assert "path_heads.1" in changed and all(k.startswith(tuple(mine)) or k.endswith(".router.keys")
+                                             or k in ("path_sketches", "path_heads.1") for k in changed)
     # Path 1's sketch (after path 0's two, one per held-in domain) now counts the new records too.
     old, now = paths.unstack(before["path_sketches"]), paths.unstack(after["path_sketches"])
     assert len(now) == 4 and torch.equal(now[2], paths.add_sketches(old[2], paths.fit_sketch(new)))
