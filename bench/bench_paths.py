@@ -5,7 +5,8 @@ against the flat-cost selection (``select``, :mod:`hst.paths`), the selection mi
 and generation tokens/s with the key/value-cached :class:`hst.generate.Decoder` against re-running
 the whole context for every byte.
 
-Each path has ``grow.experts`` (untrained) experts per layer and a sketch fitted on 200 training
+Each path has ``grow.experts`` (untrained) experts per layer, an output head of its own (``grow.head:
+path``, :mod:`hst.heads`) and a sketch fitted on 200 training
 records of one of the prepared domains (path p on domain p mod 6, a different sample of it each
 time), so many paths share a domain as a long history of drops would; the batch is validation
 windows of every domain. The selection's FLOPs are one path's times the model passes its chosen
@@ -40,7 +41,7 @@ PREPARED = "data/prepared"
 
 
 def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list[str]) -> GPT:
-    """The default model with ``n_paths - 1`` growth paths of ``experts`` (untrained) experts per layer,
+    """The default model with ``n_paths - 1`` growth paths of ``experts`` (untrained) experts per layer and a head,
     each sketched on a sample of one domain's training records (path 0 on each domain's)."""
     torch.manual_seed(0)
     model = GPT(cfg).eval()
@@ -53,6 +54,7 @@ def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list
             router = model.moe(layer).router
             for e in range(experts):
                 model.add_expert(layer, router.keys[e % cfg.n_experts] + 0.01 * torch.randn(cfg.d_model), path=path)
+        model.path_heads.add(path, model.lm_head.weight)
         domain = domains[path % len(domains)]
         model.add_path_sketch(paths.fit_sketch(data.encode(data.sample_records(records[domain], 200, str(path)))))
     return model

@@ -53,16 +53,20 @@ FIXED_RATE = ["grow.forgetting_budget=0"]
 # Learned gates (the default before 2026-12-01's paths) with the index they were calibrated on.
 GATES = ["grow.select=gate", "cycle.index_records=150"]
 METHODS = {
-    # The default since 2026-12-07: growth paths, one selected per segment by the paths' byte sketches
-    # (hst/paths.py) and mixed with path 0 by their posterior; flat in the number of paths (issue 32).
-    "HST, paths selected + path 0 (default)": ("hst-paths-select-base", "grow.steps", ["grow.inference=select_base"],
-                                               (1,)),
+    # The default since late 2026-12-07: growth paths with an output head each (hst/heads.py), one selected per segment
+    # by the paths' byte sketches (hst/paths.py) and mixed with path 0 by their posterior; flat in the paths (issue 32).
+    "HST, paths selected + path 0, own heads (default)": ("hst-paths-heads", "grow.steps",
+                                                          ["grow.inference=select_base", "grow.head=path"], (1,)),
+    # The paths below share path 0's output head (grow.head: shared, the only head until late 2026-12-07).
+    # The default earlier on 2026-12-07.
+    "HST, paths selected + path 0": ("hst-paths-select-base", "grow.steps",
+                                     ["grow.inference=select_base", "grow.head=shared"], (1,)),
     # Every path mixed by its posterior: one model per path (the default from 2026-12-01 to 2026-12-07).
-    "HST, paths mixed": ("hst-paths", "grow.steps", ["grow.inference=mixture"], (1,)),
-    "HST, replay-free": ("hst-paths-replay-free", "grow.steps", ["cycle.replay=generated", "grow.inference=mixture"],
-                         (1,)),
+    "HST, paths mixed": ("hst-paths", "grow.steps", ["grow.inference=mixture", "grow.head=shared"], (1,)),
+    "HST, replay-free": ("hst-paths-replay-free", "grow.steps",
+                         ["cycle.replay=generated", "grow.inference=mixture", "grow.head=shared"], (1,)),
     # The selected path alone: ~1.1 passes per token, but a misrouted window has no fallback.
-    "HST, paths selected": ("hst-paths-select", "grow.steps", ["grow.inference=select"], (1,)),
+    "HST, paths selected": ("hst-paths-select", "grow.steps", ["grow.inference=select", "grow.head=shared"], (1,)),
     "HST, gates, budget 1.5 %": ("hst-budget1.5", "grow.steps", [*GATES], (1,)),  # the default before paths
     "HST, gates, budget 2 %": ("hst-budget2", "grow.steps", [*GATES, "grow.forgetting_budget=0.02"], (1,)),
     "HST, gates, budget 1 %": ("hst-budget1", "grow.steps", [*GATES, "grow.forgetting_budget=0.01"], (1,)),
