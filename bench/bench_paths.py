@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hst import checkpoint, data, paths
+from hst import checkpoint, data, paths, sketches
 from hst.config import ModelConfig
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS
@@ -48,7 +48,7 @@ def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list
     records = {d: data.load_records(PREPARED, d, "train") for d in domains}
     if n_paths > 1:
         for r in records.values():
-            model.add_path_sketch(paths.fit_sketch(data.encode(data.sample_records(r, 50, "base"))))
+            model.add_path_sketch(sketches.fit_sketch(data.encode(data.sample_records(r, 50, "base"))))
     for path in range(1, n_paths):
         for layer in range(cfg.n_layer):
             router = model.moe(layer).router
@@ -56,7 +56,7 @@ def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list
                 model.add_expert(layer, router.keys[e % cfg.n_experts] + 0.01 * torch.randn(cfg.d_model), path=path)
         model.path_heads.add(path, model.lm_head.weight)
         domain = domains[path % len(domains)]
-        model.add_path_sketch(paths.fit_sketch(data.encode(data.sample_records(records[domain], 200, str(path)))))
+        model.add_path_sketch(sketches.fit_sketch(data.encode(data.sample_records(records[domain], 200, str(path)))))
     return model
 
 

@@ -16,7 +16,7 @@ import torch
 from hst.config import ConfigError, HSTError, ModelConfig
 from hst.io import atomic_path
 from hst.model import GPT
-from hst.paths import count as count_sketches
+from hst.sketches import count as count_sketches
 from hst.router import Gate, KeyRouter
 
 FORMAT_VERSION = 7  # 2: key routers carry growth gates (gate_w, gate_b); 3: gates shared, optionally MLP;

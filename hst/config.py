@@ -196,7 +196,7 @@ class GrowConfig:
     #                                 posterior), "select" (that one alone) or "mixture" (all: P models per token)
     decide: str = "novelty"  # with select posterior in mode grow: "novelty" (a path whose sketch explains records
     #                          better than the cycle's own sketch consolidates on them, the rest grow a path:
-    #                          hst.paths.assign) or "always" (every cycle grows a path from all its records)
+    #                          hst.sketches.assign) or "always" (every cycle grows a path from all its records)
     head: str = "path"  # with select posterior: "path" (a grown path trains a head of its own, hst/heads.py) or "shared"
     min_records: int = 32  # a known path consolidates on at least this many of the cycle's records (fewer join the
     #                        novel ones), and a path grows from at least this many (fewer are left unlearned)

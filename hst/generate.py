@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from hst import paths
+from hst import paths, sketches
 from hst.attention import KVCache
 from hst.data import SEPARATOR
 from hst.model import ALL_PATHS, GPT
@@ -62,7 +62,7 @@ class Decoder:
         if self.mode == "one":
             self.serving = prompt.new_full((B,), max(model.path or 0, 0))
         else:
-            loglik = paths.byte_logp(prompt, model.path_sketches).cumsum(1)  # (B, t, K) each sketch's, so far
+            loglik = sketches.byte_logp(prompt, model.path_sketches).cumsum(1)  # (B, t, K) each sketch's, so far
             self.loglik = loglik[:, -1]
             self.serving = paths.segment_paths(paths.by_path(loglik, model.n_paths))[:, -1]
         if self.mode == "select_base":
@@ -91,8 +91,8 @@ class Decoder:
                                                        for p, (_, caches) in self.groups.items()]))
         serving = self.serving
         if self.mode != "one":
-            recent = self.tokens[:, -(paths.SKETCH_ORDER + 1):]  # the new byte and its context
-            self.loglik = self.loglik + paths.byte_logp(recent, model.path_sketches)[:, -1]
+            recent = self.tokens[:, -(sketches.SKETCH_ORDER + 1):]  # the new byte and its context
+            self.loglik = self.loglik + sketches.byte_logp(recent, model.path_sketches)[:, -1]
             if position in paths.DECISIONS:
                 serving = paths.by_path(self.loglik, model.n_paths).argmax(-1)
         beside = self.mode == "select_base"

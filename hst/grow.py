@@ -12,7 +12,7 @@ trains an output head of its own (:mod:`hst.heads`), a copy of path 0's to start
 ``GrowConfig.inference`` says (by default the path its sketches select, mixed with path 0 by their
 posterior: :mod:`hst.paths`). No held-in text is read beyond path 0's sketch and nothing needs
 calibrating. A path consolidates (:func:`consolidate_path`) only on records its sketch explains
-(:func:`plan`, :func:`hst.paths.assign`): a repeat of its domain trains it further, every other path
+(:func:`plan`, :func:`hst.sketches.assign`): a repeat of its domain trains it further, every other path
 computes exactly what it did (:func:`learn`).
 
 Growth behind learned gates (``GrowConfig.select: gate``, the default before paths) lives in
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import torch
 
-from hst import coreset, paths
+from hst import coreset, paths, sketches
 from hst.config import ConfigError, GrowConfig, TrainConfig
 from hst.consolidate import ema_key, ffn_inputs, only_trainable
 from hst.data import encode
@@ -43,8 +43,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     """Add a path: ``cfg.experts`` experts in each of ``layers`` on the new path, keyed by a spherical
     k-means of the novel tokens' features on path 0 and copied from the nearest path-0 expert, then
     train them (and, with ``cfg.head: path``, the path's own output head) on ``novel`` (at ``cfg.lr``;
-    ``train_cfg`` gives the rest of the schedule) running the new path alone, and sketch it (:func:`hst.paths.fit_sketch` of ``novel``); the model then runs its
-    paths as ``cfg.inference`` says. The first path sketches path 0 from ``held_in`` (each learned
+    ``train_cfg`` gives the rest of the schedule) running the new path alone, and sketch it
+    (:func:`hst.sketches.fit_sketch` of ``novel``); the model then runs its paths as ``cfg.inference`` says. The first path sketches path 0 from ``held_in`` (each learned
     domain's tokens, or samples of them); later ones read nothing but ``novel``. Every earlier path
     computes exactly what it did. Returns the new ``(layer, expert)`` pairs, the training curve and
     per-layer statistics."""
@@ -54,9 +54,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
                           "keeps the select it first grew with")
     if not len(model.path_sketches) and path == 1:
         for tokens in held_in.values():  # one sketch per domain path 0 learned
-            model.add_path_sketch(paths.fit_sketch(tokens))
-    if paths.count(model.path_sketches) < path:
-        raise ConfigError(f"grow: a model of {path} paths with {paths.count(model.path_sketches)} path sketches "
+            model.add_path_sketch(sketches.fit_sketch(tokens))
+    if sketches.count(model.path_sketches) < path:
+        raise ConfigError(f"grow: a model of {path} paths with {sketches.count(model.path_sketches)} path sketches "
                           "cannot grow one (the first path needs the base path's text for path 0's sketch; paths "
                           "grown before sketches existed have none)")
     with model.on_path(0):
@@ -72,7 +72,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         with model.on_path(path):
             curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}",
                                             path_head(model, path))
-    model.add_path_sketch(paths.fit_sketch(novel))
+    model.add_path_sketch(sketches.fit_sketch(novel))
     model.inference = cfg.inference
     return added, curves, stats
 
@@ -82,19 +82,19 @@ class Plan(NamedTuple):
     consolidate: dict[int, list[int]]  # known path -> the indices of the records it consolidates on
     grow: list[int]  # records a new path grows from (empty: no path grows)
     left: list[int]  # records nothing learns: too few to grow a path from
-    assignment: paths.Assignment  # per record: the path whose sketch explains it, the gap, the best path
+    assignment: sketches.Assignment  # per record: the path whose sketch explains it, the gap, the best path
 
 
-def plan(sketches: torch.Tensor, records: list[torch.Tensor], min_records: int) -> Plan:
-    """Grow or consolidate: every record goes to the grown path that explains it
-    (:func:`hst.paths.assign`); a path explaining at least ``min_records`` consolidates on them, and the
+def plan(grown: torch.Tensor, records: list[torch.Tensor], min_records: int) -> Plan:
+    """Grow or consolidate: every record goes to the grown path (``grown``: their sketches) that explains it
+    (:func:`hst.sketches.assign`); a path explaining at least ``min_records`` consolidates on them, and the
     rest — records no path explains, and those of paths explaining fewer — grow a new path if there are
     at least ``min_records`` of them, else are left."""
-    found = paths.assign(sketches, records)
+    found = sketches.assign(grown, records)
     groups: dict[int, list[int]] = {}
     for i, path in enumerate(found.path):
         groups.setdefault(path, []).append(i)
-    known = {p: rows for p, rows in sorted(groups.items()) if p != paths.NOVEL and len(rows) >= min_records}
+    known = {p: rows for p, rows in sorted(groups.items()) if p != sketches.NOVEL and len(rows) >= min_records}
     rest = sorted(i for p, rows in groups.items() if p not in known for i in rows)
     return Plan(known, rest if len(rest) >= min_records else [], [] if len(rest) >= min_records else rest, found)
 
@@ -168,10 +168,10 @@ def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Ten
                               path_head(model, path))
         for layer, expert in experts:
             ema_key(model, layer, expert, new, key_windows, path)
-    sketches = paths.unstack(model.path_sketches)
-    mine = len(sketches) - model.n_paths + path
-    sketches[mine] = paths.add_sketches(sketches[mine], paths.fit_sketch(new))
-    model.path_sketches = paths.stack(sketches).to(model.path_sketches.device)
+    table = sketches.unstack(model.path_sketches)
+    mine = len(table) - model.n_paths + path
+    table[mine] = sketches.add_sketches(table[mine], sketches.fit_sketch(new))
+    model.path_sketches = sketches.stack(table).to(model.path_sketches.device)
     return curve
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hst import paths
+from hst import paths, sketches
 from hst.attention import Attention, KVCache, norm, rope_tables
 from hst.config import ModelConfig
 from hst.experts import Expert, MoE
@@ -79,7 +79,7 @@ class GPT(nn.Module):
         self.path_heads = PathHeads()  # the grown paths' own output heads (hst.heads)
         # The path ``forward`` runs (``on_path``): None does what ``inference`` says; see ALL_PATHS too.
         self.path: int | None = None
-        # Path sketches (hst.paths.fit_sketch: path 0's, one per domain, then one per later path) and how
+        # Path sketches (hst.sketches.fit_sketch: path 0's, one per domain, then one per later path) and how
         # ``forward`` runs the paths (an index into INFERENCE).
         # Empty, and not in the state dict, until a path is added (``add_path_sketch``): a model without
         # paths stores exactly what it did before paths existed.
@@ -134,8 +134,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def add_path_sketch(self, sketch: torch.Tensor) -> None:
-        """Append a sketch (hst.paths.fit_sketch): path 0's first (one per domain), then each path's as it is added."""
-        self.path_sketches = paths.stack([*paths.unstack(self.path_sketches), sketch]).to(self.path_sketches.device)
+        """Append a sketch (hst.sketches.fit_sketch): path 0's first (one per domain), then each path's as it is added."""
+        self.path_sketches = sketches.stack([*sketches.unstack(self.path_sketches), sketch]).to(self.path_sketches.device)
         self._non_persistent_buffers_set -= set(PATH_BUFFERS)
 
     @property

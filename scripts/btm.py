@@ -8,7 +8,7 @@ script evaluates the branches as one model, on every domain's evaluation windows
   the context — :func:`hst.paths.mix_paths`, what HST's default does with its paths; P dense models
   per token;
 - **top-1** (c-BTM's flat-cost sibling): one branch per segment, chosen with HST's own rule
-  (:mod:`hst.paths`: byte n-gram sketches of each branch's training records, decisions at bytes
+  (:mod:`hst.sketches`: byte n-gram sketches of each branch's training records, decisions at bytes
   8 / 32 / 96) — what ``grow.inference: select`` does with HST's paths; ~1 dense model per token;
 - **top-1 + pretraining**: that branch mixed with the pretraining by their posterior, the pretraining
   dropped at a decision position once its weight is below ``hst.paths.PRUNE`` — what ``select_base``
@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from hst import checkpoint, data, paths, sampler
+from hst import checkpoint, data, paths, sampler, sketches
 from hst.params import read_params
 from hst.train import eval_windows
 
@@ -39,14 +39,14 @@ LN2 = 0.6931471805599453
 
 
 @torch.no_grad()
-def evaluate(models: list, sketches: torch.Tensor, windows: torch.Tensor) -> dict:
+def evaluate(models: list, table: torch.Tensor, windows: torch.Tensor) -> dict:
     """BPB of the posterior mixture, of the top-1 selection and of each model alone on ``windows``
     (n, T + 1), and the selection's model passes per token."""
     idx, target = windows[:, :-1], windows[:, 1:]
     logits = torch.stack([m(idx).logits for m in models])  # (P, n, T, V)
     nll = lambda logp: float(-logp.gather(-1, target[..., None]).mean()) / LN2  # noqa: E731
     mixture, _ = paths.mix_paths(logits, idx)
-    serving = paths.segment_paths(paths.sketch_scores(idx, sketches, len(models)))  # (n, S)
+    serving = paths.segment_paths(paths.sketch_scores(idx, table, len(models)))  # (n, S)
     chosen = torch.empty_like(target)  # (n, T) the model serving each position
     for s, (start, end) in enumerate(paths.segments(idx.shape[1])):
         chosen[:, start:end] = serving[:, s:s + 1]
@@ -75,12 +75,12 @@ def main() -> None:
     models = [checkpoint.load("models/pretrain.champion.pt")[0].eval()]
     models += [checkpoint.load(f"models/{c}.pt")[0].eval() for c in cycles]
     index = pq.read_table("indexes/pretrain.parquet", columns=["text", "source"])  # the pretraining's: one per domain
-    sketches = paths.stack([paths.fit_sketch(t) for t in sampler.tokens_by_source(index).values()]
-                           + [paths.fit_sketch(data.encode(sampler.load_records(f"cycles/{c}/buffer")["text"].to_pylist()))
+    table = sketches.stack([sketches.fit_sketch(t) for t in sampler.tokens_by_source(index).values()]
+                           + [sketches.fit_sketch(data.encode(sampler.load_records(f"cycles/{c}/buffer")["text"].to_pylist()))
                               for c in cycles])
     domains = [*params["pretrain"]["domains"], *(params["cycles"][c]["domain"] for c in cycles)]
     T = models[0].cfg.seq_len
-    per_domain = {d: evaluate(models, sketches, eval_windows(data.load_tokens(args.prepared, d, "val"), T, args.windows))
+    per_domain = {d: evaluate(models, table, eval_windows(data.load_tokens(args.prepared, d, "val"), T, args.windows))
                   for d in domains}
     mean = {k: sum(r[k] for r in per_domain.values()) / len(domains) for k in ("posterior", "top1", "top1_base")}
     passes = {k: sum(r[f"{k}_passes_per_token"] for r in per_domain.values()) / len(domains) for k in ("top1", "top1_base")}

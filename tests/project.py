@@ -1,5 +1,5 @@
 """The tiny project the end-to-end tests run: a copy of the code, a slice of four real domains, tiny
-params; and the helpers that run its stages and DVC."""
+params; the helpers that run its stages and DVC; and records of the shipped domains."""
 
 import gzip
 import os
@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+
+from hst import data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +81,9 @@ def error_line(proc) -> str:
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return lines[0]
+
+
+def corpus_records(domain: str, n: int, skip: int = 0) -> list[torch.Tensor]:
+    """``n`` records of a shipped domain (after the first ``skip``), each as its byte tokens."""
+    text = gzip.decompress((ROOT / f"data/corpus/{domain}.txt.gz").read_bytes())[:400_000].decode(errors="ignore")
+    return [data.encode([r]) for r in data.cut_records(text, 256, 2048)[skip:skip + n]]

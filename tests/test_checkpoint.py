@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from hst import checkpoint, paths
+from hst import checkpoint, sketches
 from hst.checkpoint import CheckpointError
 from hst.model import GPT
 from hst.router import Gate
@@ -105,7 +105,7 @@ def test_paths_round_trip_format_3_loads_converted_and_format_4_paths_are_refuse
     with pytest.raises(CheckpointError, match="2 paths but 0 path sketches"):
         checkpoint.load(tmp_path / "unsketched.pt")
     for p in range(2):
-        model.add_path_sketch(paths.fit_sketch(torch.randint(0, 256, (500,))))
+        model.add_path_sketch(sketches.fit_sketch(torch.randint(0, 256, (500,))))
     model.inference = "select"
     model.path_heads.add(2, model.lm_head.weight)
     checkpoint.save(tmp_path / "m.pt", model)
@@ -223,7 +223,7 @@ def test_a_checkpoint_whose_growth_gates_or_paths_were_edited_is_refused_in_one_
     model = GPT(tiny_cfg)
     model.moe(1).add_expert(model.moe(1).router.keys[0], path=1)
     for _ in range(2):
-        model.add_path_sketch(paths.fit_sketch(torch.randint(0, 256, (100,))))
+        model.add_path_sketch(sketches.fit_sketch(torch.randint(0, 256, (100,))))
     checkpoint.save(tmp_path / "m.pt", model)
     checkpoint.load(tmp_path / "m.pt")
     state = torch.load(tmp_path / "m.pt", weights_only=True)

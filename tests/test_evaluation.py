@@ -4,7 +4,7 @@ cycle's start and against the best row, absorption, transfer, routing stability,
 import pytest
 import torch
 
-from hst import evaluation, paths
+from hst import evaluation, sketches
 from hst.model import GPT
 from hst.train import Evaluation, eval_windows
 
@@ -63,7 +63,7 @@ def test_inference_cost_counts_the_passes_the_evaluation_spent(tiny_cfg):
         model.add_expert(layer, torch.randn(tiny_cfg.d_model), "random", path=1)
     english, numbers = torch.tensor(list(b"the cat sat on the mat " * 40)), torch.tensor(list(b"0123 4567 89 " * 80))
     for text in (english, numbers):
-        model.add_path_sketch(paths.fit_sketch(text))
+        model.add_path_sketch(sketches.fit_sketch(text))
     model.inference = "select"
     val = {"english": english, "numbers": numbers[:300]}
     evals = evaluation.evaluate_domains(model, val, 3)

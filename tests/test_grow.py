@@ -3,11 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from hst import data, gates, grow, paths
+from hst import data, gates, grow, paths, sketches
 from hst.config import ConfigError, GrowConfig, TrainConfig
 from hst.model import GPT
 from hst.train import evaluate
-from test_paths import corpus_records
+from project import corpus_records
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
                       dtype=torch.uint8)
@@ -58,7 +58,7 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     added, curves, stats = grow.grow(model, [0, 1], NOVEL, HELD_IN, cfg, TCFG)
     assert added == [(0, 4), (0, 5), (1, 4), (1, 5)] and model.n_paths == 2 and len(curves["train"]) == 8
     assert [s["path"] for s in stats] == [1, 1]
-    assert paths.count(model.path_sketches) == 3 and model.inference == "select_base"  # path 0: one per domain
+    assert sketches.count(model.path_sketches) == 3 and model.inference == "select_base"  # path 0: one per domain
     assert_only_appended(before, model.state_dict())
     assert model.moe(0).router.expert_path.tolist() == [0, 0, 0, 0, 1, 1] and len(model.moe(0).router.gate_b) == 0
     assert list(model.path_heads) == ["1"] and not torch.equal(model.path_heads["1"], model.lm_head.weight)  # trained
@@ -114,8 +114,8 @@ def test_a_repeat_drop_consolidates_its_own_path_and_leaves_everything_else_bit_
     assert "path_heads.1" in changed and all(k.startswith(tuple(mine)) or k.endswith(".router.keys")
                                              or k in ("path_sketches", "path_heads.1") for k in changed)
     # Path 1's sketch (after path 0's two, one per held-in domain) now counts the new records too.
-    old, now = paths.unstack(before["path_sketches"]), paths.unstack(after["path_sketches"])
-    assert len(now) == 4 and torch.equal(now[2], paths.add_sketches(old[2], paths.fit_sketch(new)))
+    old, now = sketches.unstack(before["path_sketches"]), sketches.unstack(after["path_sketches"])
+    assert len(now) == 4 and torch.equal(now[2], sketches.add_sketches(old[2], sketches.fit_sketch(new)))
     assert all(torch.equal(now[i], old[i]) for i in (0, 1, 3))
     for layer in range(2):  # only path 1's keys moved (one EMA step toward the new tokens routed to them)
         keys_before, keys_after = before[f"blocks.{layer}.ffn.router.keys"], after[f"blocks.{layer}.ffn.router.keys"]

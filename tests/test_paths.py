@@ -1,15 +1,13 @@
 import dataclasses
-import gzip
 
 import pytest
 import torch
 
-from hst import data, grow, paths
+from hst import data, grow, paths, sketches
 from hst.config import GrowConfig, TrainConfig
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.router import Gate
-from project import ROOT
 
 ENGLISH = data.encode(["the quick brown fox jumps over the lazy dog and then the cat sat on the mat " * 8])
 NUMBERS = data.encode(["0123 4567 89 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 " * 8])
@@ -23,26 +21,6 @@ def model_with_paths(cfg, n_paths: int) -> GPT:
     for p in range(1, n_paths):
         grow.grow(model, list(range(cfg.n_layer)), (ENGLISH, NUMBERS)[p % 2], {"base": ENGLISH}, grow_cfg, TCFG)
     return model.eval()
-
-
-def test_a_sketch_is_a_distribution_per_context_prefers_its_own_text_and_path_0_scores_its_best():
-    english, numbers = paths.fit_sketch(ENGLISH), paths.fit_sketch(NUMBERS)
-    both = paths.stack([english, numbers])
-    assert paths.sketch_bytes(both).tolist() == [len(ENGLISH), len(NUMBERS)]
-    for context in ("the", "zq", "", "7 8 9"):  # seen, unseen and empty contexts: every next byte sums to 1
-        ctx = data.encode([context]).long()
-        nexts = torch.cat([ctx.expand(256, -1), torch.arange(256)[:, None]], 1)  # (256, len + 1)
-        assert torch.allclose(paths.byte_logp(nexts, both)[:, -1].exp().sum(0), torch.ones(2), atol=1e-5), context
-    text = torch.stack([ENGLISH[:64], NUMBERS[:64]]).long()
-    scores = paths.sketch_scores(text, both, 2)  # (2, 64, 2): one sketch per path
-    assert scores.shape == (2, 64, 2) and scores[:, -1].argmax(-1).tolist() == [0, 1]
-    # Causal: a position's score does not see later bytes.
-    changed = text.clone()
-    changed[:, 40:] = 7
-    assert torch.equal(paths.sketch_scores(changed, both, 2)[:, :40], scores[:, :40])
-    # Path 0 holding both sketches (one per domain) scores as the better one on each text.
-    one = paths.sketch_scores(text, paths.stack([english, numbers, numbers]), 2)
-    assert torch.equal(one[..., 0], scores.max(-1).values) and torch.equal(one[..., 1], scores[..., 1])
 
 
 def test_a_sequence_costs_a_bounded_number_of_passes_whatever_the_number_of_paths():
@@ -173,29 +151,7 @@ def test_each_path_is_sketched_on_its_own_records_and_the_checkpoint_says_how_to
     model = GPT(tiny_cfg)
     cfg = GrowConfig(experts=2, steps=0, gate_windows=4, inference="select")
     grow.grow(model, [0, 1], NUMBERS, {"base": ENGLISH}, cfg, TCFG)
-    assert torch.equal(model.path_sketches, paths.stack([paths.fit_sketch(ENGLISH), paths.fit_sketch(NUMBERS)]))
+    assert torch.equal(model.path_sketches, sketches.stack([sketches.fit_sketch(ENGLISH), sketches.fit_sketch(NUMBERS)]))
     assert model.inference == "select"
     with pytest.raises(ValueError, match="inference: expected"):
         model.inference = "both"
-
-
-def corpus_records(domain: str, n: int, skip: int = 0) -> list[torch.Tensor]:
-    """``n`` records of a shipped domain (after the first ``skip``), each as its byte tokens."""
-    text = gzip.decompress((ROOT / f"data/corpus/{domain}.txt.gz").read_bytes())[:400_000].decode(errors="ignore")
-    return [data.encode([r]) for r in data.cut_records(text, 256, 2048)[skip:skip + n]]
-
-
-def test_a_drop_goes_to_the_path_of_its_domain_and_an_unseen_domain_is_novel():
-    def sketch(domain):
-        return paths.fit_sketch(torch.cat(corpus_records(domain, 120)))
-    sketches = paths.stack([sketch("kjv"), sketch("german")])  # two grown paths (path 0's python is not one)
-    repeat = paths.assign(sketches, corpus_records("german", 60, skip=120))
-    assert repeat.path.count(2) >= 55 and set(repeat.best) == {2}
-    assert sum(g <= 0 for g in repeat.gap) == repeat.path.count(2)
-    # Path 0 is the trunk: text only it explains (python, its domain) is novel to the grown paths.
-    for domain in ("manpages", "python"):
-        unseen = paths.assign(sketches, corpus_records(domain, 60, skip=120))
-        assert unseen.path.count(paths.NOVEL) >= 50, domain
-    # Without a grown path, or without a second record to hold out, every record is novel.
-    assert set(paths.assign(paths.stack([]), corpus_records("german", 4)).path) == {paths.NOVEL}
-    assert paths.assign(sketches, corpus_records("german", 1)).path == [paths.NOVEL]

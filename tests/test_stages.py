@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from flows.continual_learning import out_hashes
-from hst import checkpoint, data, paths, sampler
+from hst import checkpoint, data, sampler, sketches
 from hst.config import ModelConfig
 from hst.model import GPT
 
@@ -391,9 +391,9 @@ def test_a_repeat_drop_grows_no_path_and_consolidates_only_the_path_that_explain
     assert changed and changed <= {"path_sketches"} | {f"blocks.{layer}.ffn.{part}" for layer in range(2) for part in
                                                       ("router.keys", "experts.4.up.weight", "experts.4.down.weight")}
     # Only path 1's sketch took the drop's counts; path 0's (one per pretraining domain) are as they were.
-    old_sketches, new_sketches = paths.unstack(before.path_sketches), paths.unstack(after.path_sketches)
+    old_sketches, new_sketches = sketches.unstack(before.path_sketches), sketches.unstack(after.path_sketches)
     assert len(new_sketches) == 3 and all(torch.equal(a, b) for a, b in zip(old_sketches[:2], new_sketches[:2]))
-    assert paths.sketch_bytes(after.path_sketches)[2] > paths.sketch_bytes(before.path_sketches)[2]
+    assert sketches.sketch_bytes(after.path_sketches)[2] > sketches.sketch_bytes(before.path_sketches)[2]
 
 
 @pytest.mark.parametrize("replay, select", [("stored", "gate"), ("generated", "gate"), ("generated", "posterior")])
