@@ -225,8 +225,9 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     assert [r["name"] for r in c2["history"]] == ["pretrain", "c1", "c2"]
     assert c1["old_domains"] == ["shakespeare", "python"] and c2["old_domains"] == ["shakespeare", "python", "kjv"]
     assert c1["experts_per_layer"] == [5, 5] and c2["experts_per_layer"] == [6, 6]
-    assert checkpoint.load(proj / "models/c2.pt")[0].n_experts == [6, 6]
-    assert checkpoint.load(proj / "models/c2.pt")[0].moe(0).router.expert_path.tolist() == [0, 0, 0, 0, 1, 2]
+    c2_model = checkpoint.load(proj / "models/c2.pt")[0]
+    assert c2_model.n_experts == [6, 6] and c2_model.moe(0).router.expert_path.tolist() == [0, 0, 0, 0, 1, 2]
+    assert list(c2_model.path_heads) == ["1", "2"]  # each grown path trained an output head of its own
     assert (proj / "plots/cycles/c2/forgetting.png").is_file() and (proj / "plots/cycles/c2/usage.png").is_file()
     dag = subprocess.run([*dvc, "dag", "--md"], cwd=proj, capture_output=True, text=True, env=env).stdout
     assert "consolidate@c1" in dag and "evaluate@c2" in dag
