@@ -113,10 +113,10 @@ def load(path: str | Path, expect: ModelConfig | None = None) -> tuple[GPT, dict
         raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
     _check_gates(path, model)
     heads = sorted(int(p) for p in model.path_heads)
-    if heads and (heads[-1] >= model.n_paths or any(w.shape != model.lm_head.weight.shape
-                                                     for w in model.path_heads.values())):
+    shape = model.lm_head.weight.shape
+    if heads and (heads[0] < 1 or heads[-1] >= model.n_paths or any(w.shape != shape for w in model.path_heads.values())):
         raise CheckpointError(f"{path}: output heads of paths {heads} do not fit {model.n_paths} paths of "
-                              f"{tuple(model.lm_head.weight.shape)} heads")
+                              f"{tuple(shape)} heads")
     paths, sketches = model.n_paths, count_sketches(model.path_sketches)
     if (sketches and sketches < paths) or (paths > 1 and not sketches):
         raise CheckpointError(f"{path}: {paths} paths but {sketches} path sketches (expected one or more for path 0 "

@@ -44,8 +44,9 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     k-means of the novel tokens' features on path 0 and copied from the nearest path-0 expert, then
     train them (and, with ``cfg.head: path``, the path's own output head) on ``novel`` (at ``cfg.lr``;
     ``train_cfg`` gives the rest of the schedule) running the new path alone, and sketch it
-    (:func:`hst.sketches.fit_sketch` of ``novel``); the model then runs its paths as ``cfg.inference`` says. The first path sketches path 0 from ``held_in`` (each learned
-    domain's tokens, or samples of them); later ones read nothing but ``novel``. Every earlier path
+    (:func:`hst.sketches.fit_sketch` of ``novel``); the model then runs its paths as ``cfg.inference``
+    says. The first path sketches path 0 from ``held_in`` (each learned domain's tokens, or samples of
+    them); later ones read nothing but ``novel``. Every earlier path
     computes exactly what it did. Returns the new ``(layer, expert)`` pairs, the training curve and
     per-layer statistics."""
     path = model.n_paths
@@ -71,7 +72,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
     if cfg.steps > 0:
         with model.on_path(path):
             curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}",
-                                            path_head(model, path))
+                                            model.path_heads.own(path))
     model.add_path_sketch(sketches.fit_sketch(novel))
     model.inference = cfg.inference
     return added, curves, stats
@@ -155,9 +156,9 @@ def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Ten
                      train_cfg: TrainConfig, key_windows: int = 16) -> list[dict]:
     """Consolidate a known path (seed §5): train only its experts (and its own head, if it has one), running
     that path alone, on ``stream`` (the cycle's records it explains mixed with its own stored ones) for
-    ``steps`` at ``cfg.lr``, then
-    move each of their keys one EMA step toward the ``new`` tokens routed to it (seed §3.2), and add
-    ``new``'s counts to the path's sketch (counts add: the sketch is then one of all its records).
+    ``steps`` at ``cfg.lr``, then move each of their keys one EMA step toward the ``new`` tokens routed
+    to it (seed §3.2), and add ``new``'s counts to the path's sketch (counts add: the sketch is then one
+    of all its records).
     Every other path computes exactly what it did: their experts, the shared ones, their sketches and
     every key but these stay bit-identical. Returns the training curve."""
     experts = path_experts(model, path)
@@ -165,7 +166,7 @@ def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Ten
         raise ConfigError(f"grow: path {path} has no experts to consolidate (the model has {model.n_paths} paths)")
     with model.on_path(path):
         curve = train_experts(model, experts, stream, steps, cfg.lr, train_cfg, f"consolidate path {path}",
-                              path_head(model, path))
+                              model.path_heads.own(path))
         for layer, expert in experts:
             ema_key(model, layer, expert, new, key_windows, path)
     table = sketches.unstack(model.path_sketches)
@@ -193,11 +194,6 @@ def add_experts(model: GPT, placements: list[tuple[int, Gate | None, int, torch.
             out.append((layer, index, [model.add_expert(layer, key, cfg.init, index, path)
                                        for key in spherical_kmeans(features, cfg.experts)]))
     return out
-
-
-def path_head(model: GPT, path: int) -> list[torch.nn.Parameter]:
-    """``path``'s own output head (:mod:`hst.heads`), if it has one: it trains with the path's experts."""
-    return [model.path_heads[str(path)]] if str(path) in model.path_heads else []
 
 
 def train_experts(model: GPT, experts: list[tuple[int, int]], stream: torch.Tensor, steps: int, lr: float,

@@ -18,9 +18,13 @@ class PathHeads(nn.ParameterDict):
     """Heads of the grown paths that have their own, keyed by path number ("3": path 3's). Empty, and
     without state-dict keys, until one is added: a model without them stores what it did before."""
 
+    def own(self, path: int) -> list[nn.Parameter]:
+        """``path``'s own head, if it has one (what trains with the path's experts), else nothing."""
+        return [self[str(path)]] if str(path) in self else []
+
     def weight(self, path: int, base: torch.Tensor) -> torch.Tensor:
         """(vocab, d) the head ``path`` reads: its own, else ``base`` (path 0's)."""
-        return self[str(path)] if str(path) in self else base
+        return next(iter(self.own(path)), base)
 
     def add(self, path: int, base: torch.Tensor) -> nn.Parameter:
         """Give ``path`` a head of its own, starting as a copy of ``base`` (path 0's): the path computes
@@ -38,7 +42,8 @@ class PathHeads(nn.ParameterDict):
             if len({id(w) for w in heads.values()}) > 1:  # rows on different heads: one product per head
                 out = x.new_empty(*x.shape[:-1], len(base))
                 for p, w in heads.items():
-                    out[path == p] = F.linear(x[path == p], w)
+                    rows = path == p
+                    out[rows] = F.linear(x[rows], w)
                 return out.float()
             path = next(iter(heads))
         return F.linear(x, self.weight(int(path), base)).float()

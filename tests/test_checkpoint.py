@@ -112,6 +112,11 @@ def test_paths_round_trip_format_3_loads_converted_and_format_4_paths_are_refuse
     with pytest.raises(CheckpointError, match=r"m.pt: output heads of paths \[2\] do not fit 2 paths"):
         checkpoint.load(tmp_path / "m.pt")
     del model.path_heads["2"]
+    model.path_heads.add(0, model.lm_head.weight)  # path 0 reads lm_head: a head of its own would never be read
+    checkpoint.save(tmp_path / "m.pt", model)
+    with pytest.raises(CheckpointError, match=r"m.pt: output heads of paths \[0\] do not fit 2 paths"):
+        checkpoint.load(tmp_path / "m.pt")
+    del model.path_heads["0"]
     model.path_heads.add(1, torch.randn_like(model.lm_head.weight))
     checkpoint.save(tmp_path / "m.pt", model)
     loaded, _ = checkpoint.load(tmp_path / "m.pt")
