@@ -43,6 +43,7 @@ from prefect_dask import DaskTaskRunner
 
 from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConfig
 from hst.consolidate import Job, consolidate_part, load_job, merge_expert_states, save_job
+from hst.cycle import consolidation
 from hst.io import committed_together
 from hst.params import load_section
 
@@ -257,7 +258,7 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     results = []
     with api_by_address():
         for c in cycles or list(all_cycles):
-            results.append(cycle_flow(str(root), c, ccfg.consolidation == "parallel" and ccfg.mode == "experts",
+            results.append(cycle_flow(str(root), c, consolidation(ccfg) == "experts_parallel",
                                       cfg.retries, cfg.retry_delay_seconds, pending, updated))
             updated += results[-1]["updated"]
     # The run page's Artifacts tab shows every cycle's decision, not only the final log line.

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from hst import checkpoint, coreset, sampler
+from hst import checkpoint, coreset, cycle, sampler
 from hst.config import CycleConfig, ModelConfig, TrainConfig
 from hst.io import write_csv, write_json
 from hst.model import GPT
@@ -159,18 +159,19 @@ def load_job(cfg: CycleConfig, tcfg: TrainConfig, expect: ModelConfig, start: st
     model, meta = checkpoint.load(start, expect)
     check_cycle_mode(cfg.mode, model.cfg.ffn)
     new = sampler.load_records(buffer)
-    selection, sets = coreset.read_sets(coresets, new, per_expert=cfg.mode == "experts")
+    selection, sets = coreset.read_sets(coresets, new, per_expert=cycle.coresets(cfg) == "experts")
     return Job(cfg, tcfg, model, meta, selection, sets, new["record_id"].to_pylist())
 
 
 def run_job(job: Job) -> list[dict]:
     """Train ``job.model`` in place as the mode says; return the curves, one per set."""
-    if job.cfg.mode == "grow":
+    todo = cycle.consolidation(job.cfg)
+    if todo == "none":
         return []
-    if job.cfg.mode != "experts":
+    if todo == "model":
         ((_, _, tokens, _),) = job.sets
         return [train(job.model, dataclasses.replace(job.tcfg, domains=("all",)), {"all": tokens}, {}, desc="finetune")]
-    if job.cfg.consolidation == "parallel":
+    if todo == "experts_parallel":
         return consolidate_parallel(job.model, job.sets, job.tcfg)
     return consolidate_experts(job.model, job.sets, job.tcfg)
 
@@ -185,5 +186,5 @@ def save_job(job: Job, curves: list[dict], out: str | Path, metrics: str | Path,
     checkpoint.save(out, job.model, meta)
     write_csv(curves_csv, rows, columns=["step", "train_bpb", "coreset"])
     write_json(metrics, {"mode": job.cfg.mode, "consolidation": job.cfg.consolidation,
-                         "experts_trained": len(trained) if job.cfg.mode == "experts" else 0,
+                         "experts_trained": len(trained) if cycle.consolidation(job.cfg).startswith("experts") else 0,
                          "tokens": len(rows) * job.tcfg.batch_size * job.model.cfg.seq_len, "sets": trained})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from hst import coreset, sampler
+from hst import coreset, cycle, sampler
 from hst.config import CycleConfig
 from hst.io import atomic_path
 from hst.params import load_section
@@ -28,17 +28,18 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = load_section(args.params, "cycle", CycleConfig)
+    todo = cycle.coresets(cfg)
     new = sampler.load_records(args.buffer)
     old = sampler.read_buffer(args.index)
-    if cfg.mode == "experts":
+    if todo == "experts":
         n_layers = len(new["primary_expert"][0].as_py())
         sets = {f"L{layer}_E{expert}": (layer, expert, coreset.build_coreset(
                     new, old, layer, expert, cfg.new_old_ratio, cfg.seed))
                 for layer, expert, _ in coreset.select_experts(new, n_layers, cfg.min_new_data)}
-    elif cfg.mode == "grow":
+    elif todo == "none":
         sets = {}
     else:
-        ratio = cfg.new_old_ratio if cfg.mode == "full_replay" else 1.0
+        ratio = cfg.new_old_ratio if todo == "replay" else 1.0
         sets = {"all": (None, None, coreset.mix(new, old, ratio, cfg.seed))}
     with atomic_path(args.out) as tmp:
         coreset.write_sets(tmp, sets)

@@ -23,7 +23,7 @@ import argparse
 
 import pyarrow as pa
 
-from hst import checkpoint, coreset, data, gates, grow, novelty, sampler
+from hst import checkpoint, coreset, cycle, data, gates, grow, novelty, sampler
 from hst.config import CycleConfig, GrowConfig, TrainConfig
 from hst.io import write_csv, write_json
 from hst.params import load_section
@@ -51,25 +51,25 @@ def main() -> None:
     new = sampler.load_records(args.buffer)
     # A path reads the index's text for path 0's sketch at the first growth (samples of the model with
     # generated replay) and, when novelty decides, for the stored records of the paths it consolidates.
-    decides = cfg.select == "posterior" and ccfg.mode == "grow" and cfg.decide == "novelty" and model.cfg.ffn == "key"
-    reads_text = cfg.select == "gate" or not len(model.path_sketches) or decides
+    growth = cycle.growth(ccfg, cfg, model.cfg.ffn)
+    reads_text = cfg.select == "gate" or not len(model.path_sketches) or growth == "by_novelty"
     index = sampler.read_buffer(args.index, columns=["record_id", "text", "bpb", "source"] if reads_text else ["bpb"])
     limit = novelty.threshold(index["bpb"].to_pylist(), cfg.quantile)
     found = novelty.detect(new["bpb"].to_pylist(), limit, cfg)
     report = {"applicable": model.cfg.ffn == "key", "threshold_bpb": limit,
               "novel_record_share": sum(found.novel) / max(len(found.novel), 1), "batch_shares": found.shares,
               "records_until_detection": found.records_until_detection,
-              "triggered": cfg.enabled and model.cfg.ffn == "key" and (found.trigger is not None or ccfg.mode == "grow")}
+              "triggered": growth == "all" or (growth == "novel" and found.trigger is not None)}
     learned = [*meta["learned_domains"], *([domain] if domain not in meta["learned_domains"] else [])]
     curves, stats, old = {}, [], []
-    if decides and cfg.enabled:
+    if growth == "by_novelty":
         owners = grow.path_domains(meta, model.n_paths)
         report["decision"], curves["train"] = grow.learn(model, new, index, owners, domain, cfg, tcfg,
                                                           ccfg.new_old_ratio, ccfg.seed)
         report["triggered"] = report["decision"]["grown_path"] is not None
         meta = {**meta, "path_domains": owners}
     elif report["triggered"]:
-        fresh = new.filter(pa.array([bool(flag) or ccfg.mode == "grow" for flag in found.novel]))
+        fresh = new.filter(pa.array([bool(flag) or growth == "all" for flag in found.novel]))
         if cfg.old_share:
             old = coreset.mix(fresh, index, 1 - cfg.old_share, ccfg.seed).query("kind == 'old'")["text"].tolist()
         held_in = sampler.tokens_by_source(index) if reads_text else {}
