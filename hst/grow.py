@@ -8,7 +8,8 @@ keys are the centroids of a spherical k-means over the novel tokens' features on
 normalized mean of all novel hidden states, which points along the direction every hidden state
 shares (``docs/prototype.md``) — so the new experts split the new data between them; weights are
 copied from the nearest path-0 expert (or drawn fresh). With ``GrowConfig.head: path`` the path also
-trains an output head of its own (:mod:`hst.heads`), a copy of path 0's to start. The model serves its paths as
+trains an output head of its own (:mod:`hst.heads`), a copy of path 0's to start; consolidation
+trains the path's experts only. The model serves its paths as
 ``GrowConfig.inference`` says (by default the path its sketches select, mixed with path 0 by their
 posterior: :mod:`hst.paths`). No held-in text is read beyond path 0's sketch and nothing needs
 calibrating. A path consolidates (:func:`consolidate_path`) only on records its sketch explains
