@@ -19,7 +19,7 @@ class PathHeads(nn.ParameterDict):
     without state-dict keys, until one is added: a model without them stores what it did before."""
 
     def own(self, path: int) -> list[nn.Parameter]:
-        """``path``'s own head, if it has one (what trains with the path's experts), else nothing."""
+        """``path``'s own head, if it has one (what trains with the path's experts as the path grows), else nothing."""
         return [self[str(path)]] if str(path) in self else []
 
     def weight(self, path: int, base: torch.Tensor) -> torch.Tensor:

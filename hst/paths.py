@@ -37,8 +37,9 @@ DECISIONS = (8, 32, 96)
 # With the selection mixed with path 0 (``GPT.inference = "select_base"``), path 0 stops at a check
 # position once its posterior weight is below this: the selected path explains the context by ~17 bits
 # more. A stop is final, so a window that opens in the path's domain and turns (a Python docstring,
-# then code) keeps the wrong member; 1e-3 (~10 bits) cost python +4.9 % in the stream scenario, 1e-5
-# nothing there, at 3 % more passes (docs/decisions.md, "Pruning is final").
+# then code) keeps the wrong member: 1e-3 (~10 bits) cost python +4.9 % when man pages' path grew in the
+# stream scenario, 1e-5 nothing in that drop, at 3 % more passes; later consolidations still erode it
+# (docs/decisions.md, "Pruning is final").
 PRUNE = 1e-5
 # ... and is checked every PRUNE_EVERY bytes besides the decision positions: it waits less for the
 # next check, at the price of more, shorter calls (docs/decisions.md).
