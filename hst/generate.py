@@ -64,10 +64,9 @@ class Decoder:
         else:
             loglik = sketches.byte_logp(prompt, model.path_sketches).cumsum(1)  # (B, t, K) each sketch's, so far
             self.loglik = loglik[:, -1]
-            scores = paths.by_path(loglik, model.n_paths)  # (B, t, P)
-            self.serving = paths.segment_paths(scores)[:, -1]
+            self.serving = paths.segment_paths(paths.by_path(loglik, model.n_paths))[:, -1]
         if self.mode == "select_base":
-            return self._start_beside_path_0(prompt, scores)
+            return self._start_beside_path_0(prompt)
         logits = self.h0.new_empty(B, model.cfg.vocab_size, dtype=torch.float32)
         for p in self.serving.unique().tolist():
             mine = (self.serving == p).nonzero()[:, 0]
@@ -100,7 +99,7 @@ class Decoder:
         if beside:  # the members' log-likelihood of bytes 1..position; path 0 may stop here
             self.seen = self.seen + self.last.gather(-1, tokens[None, :, None].expand(2, -1, 1))[..., 0]
             if position in paths.checks(position + 1):
-                self._check(position, serving)
+                self._prune()
             base = h.new_zeros(len(tokens), model.cfg.vocab_size, dtype=torch.float32)
             if len(self.base_rows):
                 base[self.base_rows] = model.from_trunk(h[self.base_rows], False, 0, self.base)[0][:, -1]
@@ -128,65 +127,36 @@ class Decoder:
         logits[~need] = base[~need]
         return self._beside_path_0(logits, base)
 
-    def _start_beside_path_0(self, prompt: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _start_beside_path_0(self, prompt: torch.Tensor) -> torch.Tensor:
         """``start`` for the selection mixed with path 0 (``GPT.forward`` with ``select_base``): path 0
-        over the prompt, the selection's logits over it, and the rule's state at its end (``scores``:
-        (B, t, P) the path sketch scores of the prompt)."""
+        over the prompt with its cache, the selection's logits over it, and where path 0 was pruned."""
         model = self.model
-        base_caches = [KVCache() for _ in range(model.cfg.n_layer - 1)]
-        base = model.from_trunk(self.h0, False, 0, base_caches)[0]
+        self.base = [KVCache() for _ in range(model.cfg.n_layer - 1)]
+        base = model.from_trunk(self.h0, False, 0, self.base)[0]
         selected = selection.select(model, prompt, self.h0)[0]  # (B, t, V) the selection over the prompt
         logp = torch.stack([selected, base]).log_softmax(-1)  # (2, B, t, V)
         seen = logp[:, :, :-1].gather(-1, prompt[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
         past = torch.cat([seen.new_zeros(2, len(prompt), 1), seen.cumsum(-1)], -1)  # (2, B, t): bytes 1..i
-        serving = paths.segment_paths(scores)  # (B, S)
-        _, self.stop = paths.beside_base(past, scores, serving)
-        self.alive = self.stop == prompt.shape[1]
-        # Where path 0 stopped, its cache keeps the positions before the stop, for a catch-up.
-        rows = torch.arange(len(prompt), device=prompt.device)
-        self.stop = self.stop.masked_fill(self.alive, 0)
-        self.at_stop = (scores[rows, self.stop], past[1, rows, self.stop])  # its sketch scores and log-likelihood then
-        self.base_rows, self.base, self.frozen = rows[self.alive], [c.rows(self.alive) for c in base_caches], {}
-        for stop in self.stop[~self.alive].unique().tolist():
-            mine = ~self.alive & (self.stop == stop)
-            self.frozen[stop] = (rows[mine], [KVCache(c.k[mine], c.v[mine], stop) for c in base_caches])
+        self.alive = torch.ones(len(prompt), dtype=torch.bool, device=prompt.device)
+        self.base_rows = torch.arange(len(prompt), device=prompt.device)
+        for d in paths.checks(prompt.shape[1]):
+            self.seen = past[:, :, d]
+            self._prune()
         self.seen, self.last = past[:, :, -1], logp[:, :, -1]
         need = (self.serving != 0) | ~self.alive
         for p in self.serving[need].unique().tolist():
             self._open(p, (need & (self.serving == p)).nonzero()[:, 0])
         return torch.where(self.alive[:, None], self._mixed(), self.last[0])
 
-    def _check(self, position: int, serving: torch.Tensor) -> None:
-        """At a check position (:func:`hst.paths.checks`), the byte at ``position`` just seen: path 0 stops
-        or comes back beside the selection as ``GPT.forward`` decides (:func:`hst.paths.keep_base`); one
-        that comes back runs over the positions it skipped first."""
-        model = self.model
-        now = paths.by_path(self.loglik, model.n_paths)
-        back = paths.keep_base(self.alive, (self.seen[1] - self.seen[0]).sigmoid(),
-                               paths.sketch_lead(now, self.at_stop[0], serving))
-        stopping = self.alive & ~back
-        if stopping.any():
-            keep = back[self.base_rows]
-            self.frozen[position] = (self.base_rows[~keep], [c.rows(~keep) for c in self.base])
-            self.base_rows, self.base = self.base_rows[keep], [c.rows(keep) for c in self.base]
-            self.stop = self.stop.masked_fill(stopping, position)
-            self.at_stop = (torch.where(stopping[:, None], now, self.at_stop[0]),
-                            torch.where(stopping, self.seen[1], self.at_stop[1]))
-        for stop, (rows, caches) in list(self.frozen.items()):
-            come = back[rows] & ~self.alive[rows]
-            if not come.any():
-                continue
-            if come.all():
-                del self.frozen[stop]
-            else:
-                self.frozen[stop] = (rows[~come], [c.rows(~come) for c in caches])
-            rows, caches = rows[come], [c.rows(come) for c in caches]
-            out = model.from_trunk(self.h0[rows, stop:position], False, 0, caches)[0]
-            skipped = out.log_softmax(-1).gather(-1, self.tokens[rows, stop + 1:position + 1, None])[..., 0]
-            self.seen[1, rows] = self.at_stop[1][rows] + skipped.sum(-1)
-            self.base_rows = torch.cat([self.base_rows, rows])
-            self.base = [KVCache.join([a, c]) for a, c in zip(self.base, caches)]
-        self.alive = back
+    def _prune(self) -> None:
+        """At a check position (:func:`hst.paths.checks`): path 0 stops for the sequences where its
+        posterior weight beside the selection fell below :data:`hst.paths.PRUNE` (as ``GPT.select_paths``
+        decides)."""
+        self.alive = self.alive & ((self.seen[1] - self.seen[0]).sigmoid() >= paths.PRUNE)
+        keep = self.alive[self.base_rows]
+        if not keep.all():
+            self.base_rows = self.base_rows[keep]
+            self.base = [c.rows(keep) for c in self.base]
 
     def _beside_path_0(self, selected: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """(B, V) the selection's and path 0's logits -> their posterior mixture, or the selection alone where pruned."""

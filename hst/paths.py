@@ -8,8 +8,7 @@ model, whatever P is; running all P mixed by their posterior (:func:`mix_paths`,
 At flat cost (``GPT.inference = "select"``) a sequence runs one path per segment; by default
 (``"select_base"``) path 0 runs beside it over every position and the two are mixed by their
 posterior, so a misrouted segment falls back on the pretrained model; path 0 stops at a decision
-position once its posterior weight is below :data:`PRUNE`, and comes back where its sketch leads the
-serving path's by :data:`REENTER` bits since (:func:`beside_base`; :func:`relative_cost` with
+position once its posterior weight is below :data:`PRUNE` (:func:`pruned`; :func:`relative_cost` with
 ``pruned_at``: at most one pass more, path 0's own segments free). A
 path is chosen by its **sketch** (:mod:`hst.sketches`), a byte n-gram model of the records the path was
 trained on. Path 0 holds one sketch per domain it learned and scores as the best of them, so a
@@ -26,8 +25,6 @@ on the default scenario, where a choice is mostly kept) — and the same at 5 pa
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hst.router import Routing
@@ -43,11 +40,6 @@ DECISIONS = (8, 32, 96)
 # stream scenario, 1e-5 nothing in that drop, at 3 % more passes; later consolidations still erode it
 # (docs/decisions.md, "Pruning is final").
 PRUNE = 1e-5
-# A stopped path 0 comes back at a check position where its sketch has explained the bytes since the stop
-# better than the serving path's sketch by this many bits: it catches up over the positions it skipped and
-# is mixed again by its posterior given the whole context (text that turned back to a pretraining domain,
-# docs/decisions.md "A stop that can be undone").
-REENTER = 10.0
 # ... and is checked every PRUNE_EVERY bytes besides the decision positions: it waits less for the
 # next check, at the price of more, shorter calls (docs/decisions.md).
 PRUNE_EVERY = 16
@@ -91,39 +83,15 @@ def pieces(T: int) -> list[tuple[int, int, int]]:
     return [(a, b, sum(d <= a for d in DECISIONS if d < T)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def keep_base(alive: torch.Tensor, weight: torch.Tensor, lead: torch.Tensor) -> torch.Tensor:
-    """At a check position, the (B,) sequences that have path 0 beside the selection from here: those
-    where it runs and its posterior weight ``weight`` is at least :data:`PRUNE`, and those where it
-    stopped and its sketch leads the serving path's by :data:`REENTER` bits since the stop (``lead``, nats)."""
-    return torch.where(alive, weight >= PRUNE, lead >= REENTER * math.log(2))
-
-
-def sketch_lead(now: torch.Tensor, then: torch.Tensor, serving: torch.Tensor) -> torch.Tensor:
-    """(B, P) path sketch scores at a check position and at path 0's stop, (B,) the serving path ->
-    (B,) how much better path 0's sketch explained the bytes in between than the serving path's (nats)."""
-    gain = now - then
-    return gain[:, 0] - gain.gather(1, serving[:, None])[:, 0]
-
-
-def beside_base(seen: torch.Tensor, scores: torch.Tensor, serving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rule :func:`hst.selection.select` applies with path 0 beside the selection, replayed on members computed
-    everywhere: ``seen`` (2, B, T) the selection's and path 0's log-likelihood of bytes 1..t, ``scores``
-    (B, T, P) the sketch scores, ``serving`` (B, S) the segment paths. Returns where the selection serves
-    alone (B, T), and where path 0 stops for good (B,) (T: never; :func:`relative_cost`'s ``pruned_at``:
-    a path 0 that comes back catches up, so it runs every position before its last stop)."""
-    B, T = serving.shape[0], scores.shape[1]
-    alive = torch.ones(B, dtype=torch.bool, device=seen.device)
-    stop = torch.zeros(B, dtype=torch.long, device=seen.device)
-    alone = torch.zeros(B, T, dtype=torch.bool, device=seen.device)
-    plan = pieces(T)
-    for (start, end, _), (_, _, s) in zip(plan, plan[1:]):  # end: a check position, s: the segment after it
-        alone[:, start:end] = ~alive[:, None]
-        rows = torch.arange(B, device=seen.device)
-        lead = sketch_lead(scores[:, end], scores[rows, stop], serving[:, s])
-        back = keep_base(alive, (seen[1, :, end] - seen[0, :, end]).sigmoid(), lead)
-        stop, alive = torch.where(alive & ~back, end, stop), back
-    alone[:, plan[-1][0]:] = ~alive[:, None]
-    return alone, torch.where(alive, T, stop)
+def pruned(weight: torch.Tensor) -> torch.Tensor:
+    """(B, T) path 0's posterior weight beside the selection given bytes 1..t -> (B,) where path 0 stops:
+    the first check position (:func:`checks`) where the weight is below :data:`PRUNE` (T: never) — the
+    rule ``hst.selection.select`` applies as it runs, replayed on members computed everywhere."""
+    B, T = weight.shape
+    stop = torch.full((B,), T, dtype=torch.long, device=weight.device)
+    for d in reversed(checks(T)):
+        stop[weight[:, d] < PRUNE] = d
+    return stop
 
 
 def segment_paths(scores: torch.Tensor) -> torch.Tensor:
@@ -148,8 +116,8 @@ def runs(paths: torch.Tensor, T: int) -> dict[tuple[int, int], torch.Tensor]:
 def relative_cost(paths: torch.Tensor, T: int, pruned_at: torch.Tensor | None = None) -> float:
     """Model passes per token that :func:`runs` spends on these (B, S) segment paths (1.0: one path).
     ``pruned_at``: with path 0 beside the selection (``select_base``), the (B,) position where path 0
-    stops for good for each sequence (T: never, :func:`beside_base`); it runs until then, or to the end
-    of the last segment the selection gives it, and serves those segments itself."""
+    stops for each sequence (T: never, :func:`pruned`); it runs until then, or to the end of the last
+    segment the selection gives it, and serves those segments itself."""
     spent = sum(length * len(rows) for (p, length), rows in runs(paths, T).items() if pruned_at is None or p != 0)
     if pruned_at is not None:
         ends = [end for _, end in segments(T)]

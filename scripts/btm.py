@@ -11,8 +11,8 @@ script evaluates the branches as one model, on every domain's evaluation windows
   (:mod:`hst.sketches`: byte n-gram sketches of each branch's training records, decisions at bytes
   8 / 32 / 96) — what ``grow.inference: select`` does with HST's paths; ~1 dense model per token;
 - **top-1 + pretraining**: that branch mixed with the pretraining by their posterior, the pretraining
-  dropped at a check position once its weight is below ``hst.paths.PRUNE`` and back where its sketch
-  leads (``hst.paths.beside_base``) — what ``select_base`` does with HST's paths; at most one more dense model per token, flat in the number of branches.
+  dropped at a decision position once its weight is below ``hst.paths.PRUNE`` — what ``select_base``
+  does with HST's paths; at most one more dense model per token, flat in the number of branches.
 
 Branch p's sketch is fitted on its cycle's incoming records (``cycles/<c>/buffer``), the pretraining's
 on the pretraining index's records (``indexes/pretrain.parquet``), one per domain, as HST's grow stage does. Run it
@@ -46,18 +46,14 @@ def evaluate(models: list, table: torch.Tensor, windows: torch.Tensor) -> dict:
     logits = torch.stack([m(idx).logits for m in models])  # (P, n, T, V)
     nll = lambda logp: float(-logp.gather(-1, target[..., None]).mean()) / LN2  # noqa: E731
     mixture, _ = paths.mix_paths(logits, idx)
-    scores = paths.sketch_scores(idx, table, len(models))  # (n, T, P)
-    serving = paths.segment_paths(scores)  # (n, S)
+    serving = paths.segment_paths(paths.sketch_scores(idx, table, len(models)))  # (n, S)
     chosen = torch.empty_like(target)  # (n, T) the model serving each position
     for s, (start, end) in enumerate(paths.segments(idx.shape[1])):
         chosen[:, start:end] = serving[:, s:s + 1]
     selected = logits.gather(0, chosen[None, ..., None].expand(1, *chosen.shape, logits.shape[-1]))[0]
-    with_base, _ = paths.mix_paths(torch.stack([selected, logits[0]]), idx)
-    logp = torch.stack([selected, logits[0]]).log_softmax(-1)
-    seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
-    past = torch.cat([seen.new_zeros(2, len(idx), 1), seen.cumsum(-1)], -1)  # (2, n, T) bytes 1..t
-    # as hst.selection.select decides: where the pretraining stops and comes back
-    alone, pruned_at = paths.beside_base(past, scores, serving)
+    with_base, weights = paths.mix_paths(torch.stack([selected, logits[0]]), idx)
+    pruned_at = paths.pruned(weights[1])  # as hst.selection.select decides, from the weights given bytes 1..d
+    alone = torch.arange(idx.shape[1])[None] >= pruned_at[:, None]
     with_base = torch.where(alone[..., None], selected.log_softmax(-1), with_base)
     return {"posterior": nll(mixture), "top1": nll(selected.log_softmax(-1)), "top1_base": nll(with_base),
             "alone": [nll(lg.log_softmax(-1)) for lg in logits],

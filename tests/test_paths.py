@@ -64,29 +64,10 @@ def test_selection_gives_each_segment_its_own_paths_logits_and_runs_a_bounded_nu
             assert torch.allclose(out.logits[b, start:end], ref, atol=1e-5), (b, start, p)
 
 
-def test_path_0_stops_below_prune_and_comes_back_when_its_sketch_leads_by_reenter_bits():
-    T = 64  # checks at 8, 16, 32, 48; segments (0, 8), (8, 32), (32, 64)
-    serving = torch.tensor([[0, 1, 1], [0, 1, 1], [0, 1, 0]])
-    seen = torch.zeros(2, 3, T)
-    seen[0, :, 8:] = 30.0  # the selection explains bytes 1..8 better by 30 nats: path 0's weight ~1e-13
-    scores = torch.zeros(3, T, 2)
-    scores[0, 17:, 0] = 10 * 0.6931  # path 0's sketch leads by just under REENTER bits by the check at 32 ...
-    scores[0, 40:, 0] = 20 * 0.6931  # ... and by more at 48: it comes back there
-    scores[1, 5:, 0] = 50.0  # a lead it had before the stop counts for nothing
-    alone, stopped = paths.beside_base(seen, scores, serving)
-    assert stopped.tolist() == [T, 8, 8]
-    assert torch.equal(alone[0], (torch.arange(T) >= 8) & (torch.arange(T) < 48))
-    assert alone[1, 8:].all() and not alone[1, :8].any()
-    # Path 0 runs every position before its last stop (a comeback catches up), and the segments it serves.
-    assert paths.relative_cost(serving, T, stopped) == pytest.approx((T + T + 32 + T + 8 + T) / (3 * T))
-
-
-@pytest.mark.parametrize("prune, reenter", [(0.0, 10.0), (0.5, 1e9), (0.5, 0.5)])
-def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny_cfg, monkeypatch, prune, reenter):
-    # prune 0.5: path 0 stops at a check wherever the selection explains the context better; reenter 0.5:
-    # it comes back wherever its sketch led by half a bit since.
+@pytest.mark.parametrize("prune", [0.0, 0.5])
+def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny_cfg, monkeypatch, prune):
+    # prune 0.5: path 0 stops at a check wherever the selection explains the context better.
     monkeypatch.setattr(paths, "PRUNE", prune)
-    monkeypatch.setattr(paths, "REENTER", reenter)
     cfg = dataclasses.replace(tiny_cfg, seq_len=128)
     model = model_with_paths(cfg, 5)
     idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([ENGLISH[:40], NUMBERS[:88]]), NUMBERS[7:135],
@@ -103,28 +84,23 @@ def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny
             out = model(idx)
         model.from_trunk = original
     mixed, weights = paths.mix_paths(torch.stack([selected.logits, base]), idx)
-    # Path 0 stops at a check where its posterior weight is below PRUNE (and the selection does not
-    # serve it later), comes back where its sketch leads; where stopped, the selection serves alone.
+    # Path 0 stops at the first check where its posterior weight is below PRUNE (and the selection
+    # does not serve it later); from there the selection serves alone.
     logp = torch.stack([selected.logits, base]).log_softmax(-1)
-    past = torch.cat([torch.zeros(2, 5, 1), logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
-                      .cumsum(-1)], -1)
     assert paths.checks(128) == [8, 16, 32, 48, 64, 80, 96, 112]  # the decisions and every 16th byte
-    scores = model.path_scores(idx)
-    serving = paths.segment_paths(scores)
-    alone, stopped = paths.beside_base(past, scores, serving)
-    assert alone.any() == (prune > 0)
-    came_back = (alone[:, :-1] & ~alone[:, 1:]).any(1)
-    assert came_back.any() == (reenter < 1)
+    pruned_at = paths.pruned(weights[1])
+    first = [next((d for d in paths.checks(128) if weights[1, b, d] < prune), 128) for b in range(5)]
+    assert pruned_at.tolist() == first and (pruned_at < 128).any() == (prune > 0)
+    alone = torch.arange(128)[None] >= pruned_at[:, None]
     assert torch.allclose(out.logits, torch.where(alone[..., None], logp[0], mixed), atol=1e-5)
-    # Path 0 runs piece by piece, for no more sequences than need it, and catches up where it comes
-    # back; the other runs are the selection's.
+    # Path 0 runs piece by piece, for no more sequences than need it; the other runs are the selection's.
     zero = [(shape, p) for shape, p in runs if not torch.is_tensor(p)]
-    if reenter > 1:
-        assert [t for (_, t), _ in zero] == [e - s for s, e, _ in paths.pieces(128)][:len(zero)] and zero[0][0][0] == 5
+    assert [t for (_, t), _ in zero] == [e - s for s, e, _ in paths.pieces(128)][:len(zero)] and zero[0][0][0] == 5
     assert all((p != 0).all() for _, p in runs if torch.is_tensor(p))
     spent = sum(b * t for (b, t), _ in runs)
     assert out.passes == pytest.approx(spent / (5 * 128)) and out.passes <= 2 + sum(paths.DECISIONS) / 128
-    assert out.passes == pytest.approx(paths.relative_cost(serving, 128, stopped))
+    serving = paths.segment_paths(model.path_scores(idx))
+    assert out.passes == pytest.approx(paths.relative_cost(serving, 128, pruned_at))
     if prune:
         assert sum(b * t for (b, t), _ in zero) < 5 * 128
     # Each position reports the member weighted most: the selected path, or path 0 (never where stopped).
@@ -133,12 +109,10 @@ def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny
         model.inference = "all"
 
 
-@pytest.mark.parametrize("mode, prune, reenter", [(0, 0, 10), (2, 0, 10), (ALL_PATHS, 0, 10), (SELECTED_PATHS, 0, 10),
-                                                  (SELECTED_AND_BASE, 0, 10), (SELECTED_AND_BASE, 0.5, 10),
-                                                  (SELECTED_AND_BASE, 0.5, 0.5)])
-def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, monkeypatch, mode, prune, reenter):
+@pytest.mark.parametrize("mode, prune", [(0, 0), (2, 0), (ALL_PATHS, 0), (SELECTED_PATHS, 0), (SELECTED_AND_BASE, 0),
+                                         (SELECTED_AND_BASE, 0.5)])
+def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, monkeypatch, mode, prune):
     monkeypatch.setattr(paths, "PRUNE", prune)
-    monkeypatch.setattr(paths, "REENTER", reenter)
     cfg = dataclasses.replace(tiny_cfg, seq_len=128)
     model = model_with_paths(cfg, 4)
     idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([NUMBERS[:50], ENGLISH[:78]])]).long()
