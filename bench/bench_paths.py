@@ -15,7 +15,10 @@ drifts in machine load hit all of them alike; medians of the rounds are reported
 corpus (``dvc repro prepare``). Untrained paths never let path 0 stop beside the selection (its
 weight does not fall), so ``--champion`` also times a trained model with paths (the default
 pipeline's last champion) against the pretrained champion on the same batch: the comparison issue 32
-sets its targets on. Writes a JSON (``--out``) and prints Markdown tables.
+sets its targets on — and, beside them, the baselines' networks of the default shape (dense FFN,
+standard MoE with a learned router), whose cost does not depend on their weights: the results tables'
+"forward tokens/s ÷ dense" column (``hst.runs.forward_speed``) reads them from ``vs_dense``. Writes a
+JSON (``--out``) and prints Markdown tables.
 
     python bench/bench_paths.py [--paths 5 13 33] [--rounds 3] [--champion models/c4_gcide.champion.pt]
 """
@@ -23,6 +26,8 @@ sets its targets on. Writes a JSON (``--out``) and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -33,7 +38,7 @@ import torch
 from hst import checkpoint, data, paths, sketches
 from hst.config import ModelConfig
 from hst.generate import Decoder
-from hst.model import ALL_PATHS, GPT, SELECTED_AND_BASE, SELECTED_PATHS
+from hst.model import ALL_PATHS, GPT, INFERENCE, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.params import load_section
 from hst.train import eval_windows
 
@@ -99,6 +104,8 @@ def main() -> None:
     ap.add_argument("--champion", default="", help="also a trained model with paths "
                     "(e.g. models/c4_gcide.champion.pt), beside --pretrained, on the same batch")
     ap.add_argument("--pretrained", default="models/pretrain.champion.pt")
+    ap.add_argument("--champion-eval", default="metrics/eval/c4_gcide.json",
+                    help="the champion's last evaluation: a results table row whose run has it gets the champion's speed")
     ap.add_argument("--out", default="docs/bench/paths.json")
     args = ap.parse_args()
     cfg = load_section(args.params, "model", ModelConfig)
@@ -115,7 +122,11 @@ def main() -> None:
     if args.champion:  # trained paths prune path 0 as untrained copies of it cannot
         models["pretrained champion"] = checkpoint.load(args.pretrained)[0].eval()
         models["champion"] = checkpoint.load(args.champion)[0].eval()
-        variants += [("pretrained champion", "pretrained champion", 0)] + [
+        # The baselines' networks: their cost does not depend on their weights (a fixed top-k).
+        for name, ffn in (("dense", "dense"), ("standard MoE", "learned")):
+            torch.manual_seed(0)
+            models[name] = GPT(dataclasses.replace(cfg, ffn=ffn)).eval()
+        variants += [(name, name, 0) for name in ("dense", "standard MoE", "pretrained champion")] + [
             (f"champion {kind}", "champion", mode) for kind, mode in (("select", SELECTED_PATHS),
                                                                        ("select_base", SELECTED_AND_BASE),
                                                                        ("mixture", ALL_PATHS))]
@@ -138,6 +149,7 @@ def main() -> None:
     # The trained champion against the pretrained champion (issue 32's comparison), the rest against
     # the pretrained shape.
     ref = {name: "pretrained champion" if isinstance(p, str) else "pretrained" for name, p, _ in variants}
+    ref.update(dense="dense", **{"standard MoE": "dense"})
     unit = {name: models[p if isinstance(p, str) else 1].flops_per_token() for name, p, _ in variants}
     result = {"setup": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": f"{len(idx)}x{cfg.seq_len}",
                         "experts_per_path": grow_sec.get("experts", 4), "rounds": args.rounds,
@@ -150,6 +162,10 @@ def main() -> None:
               "model_passes_per_token": passes,
               "parameters": {k: sum(t.numel() for t in models[p].parameters()) for k, p, _ in variants},
               "generation_tokens_per_s": gen}
+    if args.champion:  # what the results tables read (hst.runs.forward_speed): the run whose last evaluation this is
+        result["vs_dense"] = {k: median[k] / median["dense"] for k in ("dense", "standard MoE", "pretrained champion",
+                                                                     *(f"champion {m}" for m in INFERENCE))}
+        result["champion_eval_md5"] = hashlib.md5(Path(args.champion_eval).read_bytes()).hexdigest()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| model | forward tokens/s | ÷ pretrained | MFLOPs/token | ÷ pretrained | parameters |\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -30,6 +31,13 @@ OPEN_GATE = ["grow.enabled=false", "gate.max_forgetting=1000", "gate.min_routing
 # Methods that train on old index records (coresets, replay) need a pool of ~4x a cycle's 200 new
 # records: 600 per learned domain, where HST's default index (the novelty threshold) has 50 (150 with learned gates).
 REPLAY_POOL = ["cycle.index_records=600"]
+# The bench run the results tables read forward speed from (:func:`forward_speed`), and what they say of it.
+BENCH = "docs/bench/paths.json"
+SPEED_NOTE = ("Forward tokens/s ÷ dense: one bench run (`python bench/bench_paths.py --champion "
+              "models/c4_gcide.champion.pt`, `docs/bench/paths.json`; 18 validation windows of 256 bytes, 2 threads): "
+              "dense and standard-MoE rows are the bench's networks of their shape, whose cost does not depend on "
+              "their weights; an HST row has a number only for the run the bench's champion comes from (the "
+              "others' models are not kept).")
 
 
 class RunError(HSTError):
@@ -134,6 +142,26 @@ def inference_cost(source: str, report: dict) -> dict:
     model = model_of(source, report["experts_per_layer"])
     return {"paths": model.n_paths, "mflops_per_token": model.flops_per_token(all_paths=True) / 1e6,
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def forward_speed(source: str, last_cycle: str, bench: dict) -> float | None:
+    """A variant's last model's forward tokens/s ÷ the dense model's, from one bench run (``bench``: the JSON
+    of ``bench/bench_paths.py --champion``, :data:`BENCH`). A dense model is the reference itself and a
+    standard MoE's cost does not depend on its weights (a fixed top-k), so the bench's networks of their
+    shape stand for them; a model with paths spends what its selection decides, so only the run whose
+    last evaluation the bench's champion had gets a number. None: not measured."""
+    speeds = bench.get("vs_dense", {})
+    ffn = variant_params(source)["model"]["ffn"]
+    if ffn != "key":
+        return speeds.get("dense" if ffn == "dense" else "standard MoE")
+    text = read_text(source, f"metrics/eval/{last_cycle}.json")
+    if hashlib.md5(text.encode()).hexdigest() != bench.get("champion_eval_md5"):
+        return None
+    return speeds.get(f"champion {json.loads(text).get('inference', {}).get('mode')}")
+
+
+def speed(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"
 
 
 def pct(x: float | None) -> str:

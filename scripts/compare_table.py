@@ -24,12 +24,14 @@ table goes between the ``compare`` markers of --out.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
 from hst.io import replace_section
 from hst.params import load_section
-from hst.runs import OPEN_GATE, REPLAY_POOL, export, inference_cost, model_of, pct, read_metrics, run_experiments
+from hst.runs import (BENCH, OPEN_GATE, REPLAY_POOL, SPEED_NOTE, export, forward_speed, inference_cost, model_of, pct,
+                      read_metrics, run_experiments, speed)
 
 
 # label -> (DVC experiment name, params overrides besides OPEN_GATE)
@@ -41,7 +43,7 @@ BASELINES = {
 }
 
 
-def row(label: str, source: str, cycles: list[str]) -> str:
+def row(label: str, source: str, cycles: list[str], bench: dict) -> str:
     reports = [read_metrics(source, f"metrics/eval/{c}.json") for c in cycles]
     worst = max(((r["forgetting"][d], d, r["name"]) for r in reports for d in r["forgetting"]))
     stab = [r["routing_stability_mean"] for r in reports if r["routing_stability_mean"] is not None]
@@ -50,7 +52,7 @@ def row(label: str, source: str, cycles: list[str]) -> str:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return (f"| {label} | {mean(list(reports[-1]['bpb'].values())):.3f} | {pct(mean([r['avg_forgetting'] for r in reports]))} | {pct(worst[0])} ({worst[1]}, {worst[2]}) "
             f"| {mean([r['absorption'] for r in reports]):.3f} | {f'{100 * mean(stab):.1f} %' if stab else '–'} "
-            f"| {cost['mflops_per_token']:.2f} | {cost['parameters'] / 1e6:.2f} M "
+            f"| {cost['mflops_per_token']:.2f} | {speed(forward_speed(source, cycles[-1], bench))} | {cost['parameters'] / 1e6:.2f} M "
             f"| {'/'.join(map(str, experts)) if model.cfg.ffn != 'dense' else '–'} |")
 
 
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--runs", default="docs/runs", help="a baseline's params and metrics go to RUNS/<experiment>")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="docs/results.md")
+    ap.add_argument("--bench", default=BENCH, help="the bench run forward speeds come from (bench/bench_paths.py --champion)")
     args = ap.parse_args()
     if args.run:
         run_experiments([(name, overrides + OPEN_GATE) for name, overrides in BASELINES.values()])
@@ -73,14 +76,16 @@ def main() -> None:
         variants.append((label, str(run_dir)))
     cycles = list(load_section(args.params, "cycles"))
     lines = ["| variant | BPB after the last cycle (mean, all domains) | avg forgetting (mean of cycles) | worst forgetting | absorption (mean BPB) "
-             "| routing stability | active MFLOPs per token | parameters | experts per layer |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [row(label, source, cycles) for label, source in variants]
+             "| routing stability | active MFLOPs per token | forward tokens/s ÷ dense (bench) | parameters | experts per layer |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    bench = json.loads(Path(args.bench).read_text())
+    lines += [row(label, source, cycles, bench) for label, source in variants]
     settings = "; ".join(f"{label}: `{' '.join(o)}`" for label, (_, o) in BASELINES.items())
     lines += ["", f"Cycles: {', '.join(cycles)}. Forgetting of a domain = relative rise of its validation BPB over "
                   "a cycle; FLOPs: forward matmuls per token, attention over the mean causal context, as the last "
                   "evaluation measured them (every path of a path mixture; the selection's measured passes), or for "
                   "runs exported before it did, `GPT.flops_per_token(all_paths=True)` of the model's shape. "
+                  f"{SPEED_NOTE} "
                   f"Baselines: {settings}; each with `{' '.join(OPEN_GATE)}`."]
     replace_section(args.out, "compare", "\n".join(lines))
 

@@ -32,6 +32,7 @@ P = mean over cycles of absorption ÷ the absorption of dense full finetuning at
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -42,8 +43,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hst.io import atomic_path, replace_section  # noqa: E402
 from hst.model import GPT  # noqa: E402
 from hst.params import load_section  # noqa: E402
-from hst.runs import (OPEN_GATE, REPLAY_POOL, export, git, inference_cost, model_of, pct, read_metrics,  # noqa: E402
-                      run_experiments, variant_params)
+from hst.runs import (BENCH, OPEN_GATE, REPLAY_POOL, SPEED_NOTE, export, forward_speed, git,  # noqa: E402
+                      inference_cost, model_of, pct, read_metrics, run_experiments, speed, variant_params)
 
 BASE_STEPS = 160
 BRANCHES = [f"cycles.{c}.prev=pretrain" for c in ("c2_manpages", "c3_german", "c4_gcide")]
@@ -116,7 +117,7 @@ def run_dir(runs: Path, name: str) -> Path:
     return runs / name.removeprefix("pareto-").replace("-", "_")
 
 
-def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
+def summarize(source: str, reference: str | None, cycles: list[str], bench: dict) -> dict:
     """One point's numbers (see the module docstring) from its exported params and metrics."""
     params = variant_params(source)
     reports = [read_metrics(source, f"metrics/eval/{c}.json") for c in cycles]
@@ -142,6 +143,7 @@ def summarize(source: str, reference: str | None, cycles: list[str]) -> dict:
             # over the pretrained model's shape, per cycle
             "added_per_cycle": (cost["parameters"] - sum(p.numel() for p in GPT(model.cfg).parameters())) / len(cycles),
             "inference_mflops": cost["mflops_per_token"],
+            "speed": forward_speed(source, cycles[-1], bench),
             "P": None if dense is None else sum(r["absorption"] / d for r, d in zip(reports, dense)) / len(cycles)}
 
 
@@ -158,13 +160,13 @@ def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str
     lines = ["| method | budget | absorption per cycle (BPB) | avg forgetting per cycle | worst forgetting "
              "| final mean BPB, all domains | P | cycles promoted | training tokens per cycle | training TFLOPs per cycle "
              "| new-text share | old records trained on per cycle | inference MFLOPs per token, last model "
-             "| parameters, last model | added per cycle |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| forward tokens/s ÷ dense (bench) | parameters, last model | added per cycle |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, budget, s in rows:
         lines.append(f"| {label} | {budget:g}× | {' / '.join(f'{a:.3f}' for a in s['absorption'])} "
                      f"| {' / '.join(pct(f) for f in s['forgetting'])} | {pct(s['worst'][0])} ({s['worst'][1]}, {s['worst'][2]}) "
                      f"| {s['final_bpb']:.3f} | {'–' if s['P'] is None else format(s['P'], '.2f')} | {s['promoted']}/{len(cycles)} | {s['tokens']:,} | {s['flops'] / 1e12:.2f} "
-                     f"| {100 * s['new_share']:.0f} % | {s['old_records']:,.0f} | {s['inference_mflops']:.1f} "
+                     f"| {100 * s['new_share']:.0f} % | {s['old_records']:,.0f} | {s['inference_mflops']:.1f} | {speed(s['speed'])} "
                      f"| {s['parameters'] / 1e6:.1f} M "
                      f"| {s['added_per_cycle'] / 1e6:.2f} M |")
     lines += ["", f"Cycles: {', '.join(cycles)}. Budget: multiples of {BASE_STEPS} steps × 8 × 256 tokens per cycle. "
@@ -173,7 +175,7 @@ def table(rows: list[tuple[str, float, dict]], cycles: list[str], reference: str
                   + "Dense runs keep the promotion gate open; HST runs keep the default gate (≤ 5 % forgetting on every old "
                   "domain), so a cycle that fails it is not the next cycle's start. Old records: stored records trained on, "
                   "summed over a cycle's coresets; HST also reads old text it does not train on: paths once, at the first "
-                  "growth, for path 0's byte sketch; learned gates every cycle, to calibrate."]
+                  "growth, for path 0's byte sketch; learned gates every cycle, to calibrate. " + SPEED_NOTE]
     return "\n".join(lines)
 
 
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results.md")
     ap.add_argument("--section", default="pareto", help="the table goes between <!-- SECTION:start/end --> of --out")
     ap.add_argument("--figure", default="docs/pareto.png")
+    ap.add_argument("--bench", default=BENCH, help="the bench run forward speeds come from (bench/bench_paths.py --champion)")
     args = ap.parse_args()
     cycles = list(load_section(args.params, "cycles"))
     if args.run:
@@ -222,7 +225,8 @@ def main() -> None:
             export(name, run_dir(args.runs, name))
     folder = run_dir(args.runs, "pareto-dense-finetune-1x")
     reference = str(folder) if folder.is_dir() else None
-    rows = [(label, budget, summarize(str(run_dir(args.runs, name)), reference, cycles))
+    bench = json.loads(Path(args.bench).read_text())
+    rows = [(label, budget, summarize(str(run_dir(args.runs, name)), reference, cycles, bench))
             for label, budget, name, _ in points() if run_dir(args.runs, name).is_dir()]
     figure(rows, cycles, args.figure)
     replace_section(args.out, args.section, table(rows, cycles, reference))

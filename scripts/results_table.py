@@ -17,20 +17,22 @@ cycle, beside any run the `track` stage logged: one chart view compares them, al
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 
 from hst.io import replace_section
 from hst.params import load_section
-from hst.runs import inference_cost, pct, read_metrics, track
+from hst.runs import BENCH, SPEED_NOTE, forward_speed, inference_cost, pct, read_metrics, speed, track
 from hst.tracking import store_uri
 
 
-def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:
+def table(variants: list[tuple[str, str]], cycles: list[str], bench: dict) -> str:
     lines = ["| variant | cycle (new domain) | avg forgetting | worst forgetting | absorption (BPB) "
-             "| routing stability | experts per layer | inference MFLOPs per token | parameters |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| routing stability | experts per layer | inference MFLOPs per token | forward tokens/s ÷ dense (bench) "
+             "| parameters |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, source in variants:
         for cycle in cycles:
             m = read_metrics(source, f"metrics/eval/{cycle}.json")
@@ -41,8 +43,9 @@ def table(variants: list[tuple[str, str]], cycles: list[str]) -> str:
                 f"| {label} | {cycle} ({m['domain']}) | {pct(m['avg_forgetting'])} | "
                 f"{pct(m['worst_forgetting'])} ({worst}) | {m['absorption']:.3f} | "
                 f"{'–' if stab is None else f'{100 * stab:.1f} %'} | {'/'.join(map(str, m['experts_per_layer']))} | "
-                f"{cost['mflops_per_token']:.1f} | {cost['parameters'] / 1e6:.1f} M |")
-    return "\n".join(lines)
+                f"{cost['mflops_per_token']:.1f} | {speed(forward_speed(source, cycle, bench))} "
+                f"| {cost['parameters'] / 1e6:.1f} M |")
+    return "\n".join(lines + ["", SPEED_NOTE])
 
 
 def main() -> None:
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, help="LABEL=workspace, LABEL=exp:NAME or LABEL=DIRECTORY")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--doc", default="docs/pipeline.md", help="the Markdown file holding the results markers")
+    ap.add_argument("--bench", default=BENCH, help="the bench run forward speeds come from (bench/bench_paths.py --champion)")
     ap.add_argument("--mlflow", action="store_true", help="log the variants into the MLflow store, not the table")
     args = ap.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.variant]
@@ -59,7 +63,7 @@ def main() -> None:
             print(f"{label}: {', '.join(track(source, label, uri)) or 'already logged'} -> {uri}")
         return
     cycles = list(load_section(args.params, "cycles"))
-    replace_section(args.doc, "results", table(variants, cycles))
+    replace_section(args.doc, "results", table(variants, cycles, json.loads(Path(args.bench).read_text())))
 
 
 if __name__ == "__main__":

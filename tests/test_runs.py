@@ -1,3 +1,4 @@
+import hashlib
 import re
 from pathlib import Path
 
@@ -56,3 +57,22 @@ def test_every_variant_the_studies_run_passes_the_params_check():
     variants += [(name, o) for _, _, name, o in pareto.points()]
     for name, overrides in variants:
         check_params(runs.with_overrides(params, overrides), name)
+
+
+def test_forward_speed_comes_from_the_bench_only_for_networks_it_ran(tmp_path):
+    def run(name: str, ffn: str, last_eval: str) -> str:
+        folder = tmp_path / name
+        (folder / "eval").mkdir(parents=True)
+        (folder / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("ffn: key", f"ffn: {ffn}"))
+        (folder / "eval" / "c4_gcide.json").write_text(last_eval)
+        return str(folder)
+
+    champion = '{"inference": {"mode": "select_base"}}\n'
+    bench = {"vs_dense": {"dense": 1.0, "standard MoE": 0.8, "champion select_base": 0.3, "champion select": 0.6},
+             "champion_eval_md5": hashlib.md5(champion.encode()).hexdigest()}
+    assert runs.forward_speed(run("dense", "dense", "{}"), "c4_gcide", bench) == 1.0
+    assert runs.forward_speed(run("moe", "learned", "{}"), "c4_gcide", bench) == 0.8
+    # A model with paths: only the run whose last evaluation the bench's champion had, by its inference mode.
+    assert runs.forward_speed(run("hst", "key", champion), "c4_gcide", bench) == 0.3
+    assert runs.forward_speed(run("other", "key", champion.replace("}}", "}, \"x\": 1}")), "c4_gcide", bench) is None
+    assert runs.speed(None) == "–" and runs.speed(0.337) == "0.34×"
