@@ -129,13 +129,19 @@ def test_the_large_preset_is_valid_and_differs_only_in_model_and_pretrain():
     assert configs["pretrain"].batch_size % 8 == 0  # splits over 1, 2, 4 or 8 torchrun processes
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def test_the_stream_preset_is_valid_repeats_every_cycle_domain_and_differs_only_in_cycles():
     root = Path(__file__).resolve().parents[1]
     shipped, stream = (yaml.safe_load((root / p).read_text()) for p in ("params.yaml", "presets/stream.yaml"))
     check_params(stream, "presets/stream.yaml")
-    assert {k for k in shipped if shipped[k] != stream[k]} == {"cycles"} and len(stream["cycles"]) >= 12
+    assert {k for k in shipped if shipped[k] != stream[k]} == {"cycles", "prepare"} and len(stream["cycles"]) >= 13
+    mixed = {"german_manpages": "data/corpus/german_manpages.parquet"}  # scripts/mix_drop.py
+    assert stream["prepare"] == {**shipped["prepare"], "domains": {**shipped["prepare"]["domains"], **mixed}}
     domains = [c["domain"] for c in stream["cycles"].values()]
-    assert {d: domains.count(d) for d in domains} == {c["domain"]: 3 for c in shipped["cycles"].values()}
+    assert domains[-1] == "german_manpages" and (ROOT / mixed["german_manpages"]).is_file()
+    assert {d: domains[:-1].count(d) for d in domains[:-1]} == {c["domain"]: 3 for c in shipped["cycles"].values()}
 
 
 @pytest.mark.parametrize("section, message", [
