@@ -149,7 +149,7 @@ def main() -> None:
     # The trained champion against the pretrained champion (issue 32's comparison), the rest against
     # the pretrained shape.
     ref = {name: "pretrained champion" if isinstance(p, str) else "pretrained" for name, p, _ in variants}
-    ref.update(dense="dense", **{"standard MoE": "dense"})
+    ref |= {"dense": "dense", "standard MoE": "dense"}
     unit = {name: models[p if isinstance(p, str) else 1].flops_per_token() for name, p, _ in variants}
     result = {"setup": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": f"{len(idx)}x{cfg.seq_len}",
                         "experts_per_path": grow_sec.get("experts", 4), "rounds": args.rounds,

@@ -129,9 +129,6 @@ def test_the_large_preset_is_valid_and_differs_only_in_model_and_pretrain():
     assert configs["pretrain"].batch_size % 8 == 0  # splits over 1, 2, 4 or 8 torchrun processes
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def test_the_stream_preset_is_valid_repeats_every_cycle_domain_and_differs_only_in_cycles():
     root = Path(__file__).resolve().parents[1]
     shipped, stream = (yaml.safe_load((root / p).read_text()) for p in ("params.yaml", "presets/stream.yaml"))
@@ -140,7 +137,7 @@ def test_the_stream_preset_is_valid_repeats_every_cycle_domain_and_differs_only_
     mixed = {"german_manpages": "data/corpus/german_manpages.parquet"}  # scripts/mix_drop.py
     assert stream["prepare"] == {**shipped["prepare"], "domains": {**shipped["prepare"]["domains"], **mixed}}
     domains = [c["domain"] for c in stream["cycles"].values()]
-    assert domains[-1] == "german_manpages" and (ROOT / mixed["german_manpages"]).is_file()
+    assert domains[-1] == "german_manpages" and (root / mixed["german_manpages"]).is_file()
     assert {d: domains[:-1].count(d) for d in domains[:-1]} == {c["domain"]: 3 for c in shipped["cycles"].values()}
 
 
