@@ -43,7 +43,7 @@ def simulate(held: list[float], new: list[float], limit: float, cfg: GrowConfig,
     for _ in range(streams):
         stream = [rng.choice(held) for _ in range(n_held)]
         stream += [rng.choice(new) if rng.random() < mix else rng.choice(held) for _ in range(len(new))]
-        until = novelty.detect(stream, limit, cfg).records_until_detection  # the grow stage's own decision
+        until = novelty.detect(stream, limit, cfg).records_until_detection  # the `learn` stage's own decision
         if until is not None and until <= n_held:
             false += 1
         elif until is not None:

@@ -1,17 +1,13 @@
 """Prefect flow `continual_learning`: pretraining, then every cycle of ``params.yaml:cycles`` as a
-chain of tasks, one per DVC stage (learned → collect → coreset → consolidate → grow → evaluate → gate →
-track → build_index), each cycle a subflow, so the Prefect UI shows every stage of every cycle with its
+chain of tasks, one per DVC stage (learned → collect → learn → evaluate → gate → track → build_index),
+each cycle a subflow, so the Prefect UI shows every stage of every cycle with its
 state, duration and logs.
 
 Each task runs ``dvc repro --single-item <stage>@<cycle>``: the flow and `dvc repro` run the same
 code on the same inputs, lineage stays in ``dvc.lock``, and a re-run after a crash resumes because
 DVC skips every stage whose inputs and outputs are unchanged (the flow asks DVC once what changed,
 and skips the stages that neither changed nor depend on one that wrote new outputs without a `dvc`
-process each). With ``cycle.consolidation: parallel``
-the selected experts of a cycle run as mapped tasks (one per expert, from the cycle's start model)
-whose results merge into the stage's outputs; ``dvc commit`` then records them as the stage's. With
-``flow.task_runner: dask`` those expert tasks run on Dask workers (a LocalCluster, or the cluster at
-``flow.dask_address``); every other task runs in the flow's process.
+process each).
 
     python -m flows.continual_learning [--project DIR] [--cycles c1_kjv c2_manpages]
 """
@@ -22,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -31,24 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
-import torch
 import yaml
 from dvc.repo import Repo
-from prefect import flow, get_client, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
-from prefect_dask import DaskTaskRunner
 
-from hst.config import CycleConfig, FlowConfig, HSTError, ModelConfig, TrainConfig
-from hst.consolidate import Job, consolidate_part, load_job, merge_expert_states, save_job
-from hst.cycle import consolidation
-from hst.io import committed_together
+from hst.config import FlowConfig
 from hst.params import load_section
 
 # build_index comes last: the index of the cycle's champion, which the next cycle starts with.
-CYCLE_STAGES = ("learned", "collect", "coreset", "consolidate", "grow", "evaluate", "gate", "track", "build_index")
+CYCLE_STAGES = ("learned", "collect", "learn", "evaluate", "gate", "track", "build_index")
 # prepare and learned_pretrain are stage groups (one stage per domain): DVC runs every member.
 START = ("check_params", "prepare", "learned_pretrain", "pretrain", "gate_pretrain", "build_index_pretrain")
 
@@ -162,58 +151,8 @@ def stage_task(project: str, target: str, needed: bool) -> tuple[list[str], list
     return run_stage(Path(project), target)
 
 
-@task(task_run_name="consolidate@{cycle}/{name}", cache_policy=NO_CACHE)
-def expert_task(job: Job, cycle: str, name: str, i: int, threads: int) -> tuple[dict, dict]:
-    """One selected expert consolidated from the cycle's start model (touches only its own weights), on
-    ``threads`` torch threads: the thread count changes the order of float sums, and a Dask worker has
-    its own (1 in a LocalCluster), so the flow sends the count its stage processes get under `dvc repro`."""
-    torch.set_num_threads(threads)
-    return consolidate_part(job.model, i, len(job.sets), job.sets[i], job.tcfg)
-
-
-@task(task_run_name="consolidate@{cycle}: merge", cache_policy=NO_CACHE)
-def merge_task(project: str, cycle: str, args: dict[str, str], job: Job, parts: list) -> tuple[list[str], list[str]]:
-    """Merge the experts into the start model, write the stage's outputs, record them with `dvc commit`."""
-    merge_expert_states(job.model, [state for state, _ in parts])
-    with committed_together():  # as under `dvc repro`: all of the stage's outputs change, or none
-        save_job(job, [curves for _, curves in parts], args["out"], args["metrics"], args["curves"])
-    done = run_dvc(Path(project), "commit", "--force", f"consolidate@{cycle}")
-    if done.returncode != 0:
-        raise StageFailed(f"consolidate@{cycle}: dvc commit failed: {done.stderr.strip()}")
-    return [f"consolidate@{cycle}"], [f"consolidate@{cycle}"]
-
-
-def parallel_consolidate(project: str, cycle: str, retries: int, retry_delay: float,
-                         needed: bool) -> tuple[list[str], list[str]]:
-    """The consolidate stage with its selected experts as mapped tasks (skipped when not ``needed``
-    or up to date)."""
-    root, target = Path(project), f"consolidate@{cycle}"
-    if not needed or "up to date" in run_dvc(root, "status", target).stdout:
-        return [], []
-    # The stage's own arguments (--checkpoint, --coresets, ...): paths relative to the project, as under dvc.
-    words = shlex.split(_stage_cmd(root, target))
-    args = {w[2:]: str(root / v) for w, v in zip(words, words[1:]) if w.startswith("--")}
-    params = root / args.get("params", "params.yaml")
-    try:
-        job = load_job(load_section(params, "cycle", CycleConfig), load_section(params, "consolidate", TrainConfig),
-                       load_section(params, "model", ModelConfig), args["checkpoint"], args["coresets"], args["buffer"])
-    except HSTError as e:
-        raise StageFailed(f"{target}: error: {e}") from None
-    parts = expert_task.with_options(retries=retries, retry_delay_seconds=retry_delay).map(
-        unmapped(job), unmapped(cycle), [e["name"] for e in job.selection], list(range(len(job.sets))),
-        unmapped(torch.get_num_threads()))
-    return merge_task(project, cycle, args, job, parts.result())
-
-
-def _stage_cmd(project: Path, target: str) -> str:
-    """The command dvc.yaml gives ``target`` (templates resolved), via DVC's own API."""
-    with Repo(str(project)) as repo:
-        (stage,) = repo.stage.collect(f"{project / 'dvc.yaml'}:{target}")
-        return stage.cmd
-
-
 @flow(name="learn_consolidate_cycle", flow_run_name="cycle {cycle}")
-def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: int, retry_delay: float,
+def learn_consolidate_cycle(project: str, cycle: str, retries: int, retry_delay: float,
                             pending: Pending, updated_before: list[str]) -> dict:
     """One cycle: its stages in order; returns the gate decision, the MLflow run of the cycle, what
     each stage did ("ran" or "skipped") and the stages that wrote new outputs. ``pending``,
@@ -222,9 +161,7 @@ def learn_consolidate_cycle(project: str, cycle: str, parallel: bool, retries: i
     done, updated = {}, list(updated_before)
     for stage in CYCLE_STAGES:
         target = f"{stage}@{cycle}"
-        needed = pending.must_run(target, updated)
-        ran, new = (parallel_consolidate(project, cycle, retries, retry_delay, needed)
-                    if stage == "consolidate" and parallel else run(project, target, needed))
+        ran, new = run(project, target, pending.must_run(target, updated))
         done[stage], updated = "ran" if ran else "skipped", updated + new
     root = Path(project)
     gate = json.loads((root / f"metrics/gate/{cycle}.json").read_text())
@@ -248,19 +185,15 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     """
     root = Path(project).resolve()
     cfg = load_section(root / params, "flow", FlowConfig)
-    ccfg = load_section(root / params, "cycle", CycleConfig)
     all_cycles = load_section(root / params, "cycles")
     run = stage_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
     pending, updated = Pending.of(root), []
     for target in START:
         updated += run(str(root), target, pending.must_run(target, updated))[1]
-    cycle_flow = learn_consolidate_cycle.with_options(task_runner=expert_runner(cfg))
     results = []
-    with api_by_address():
-        for c in cycles or list(all_cycles):
-            results.append(cycle_flow(str(root), c, consolidation(ccfg) == "experts_parallel",
-                                      cfg.retries, cfg.retry_delay_seconds, pending, updated))
-            updated += results[-1]["updated"]
+    for c in cycles or list(all_cycles):
+        results.append(learn_consolidate_cycle(str(root), c, cfg.retries, cfg.retry_delay_seconds, pending, updated))
+        updated += results[-1]["updated"]
     # The run page's Artifacts tab shows every cycle's decision, not only the final log line.
     create_table_artifact(key="gate-decisions", description="Promotion gate of each cycle in this run", table=[
         {"cycle": r["cycle"], "decision": "promoted" if r["passed"] else "rejected", "champion": r["champion"],
@@ -269,27 +202,6 @@ def continual_learning(project: str = ".", cycles: list[str] | None = None, para
     # A cycle with an alarm names the final state, so the run list shows it without opening the run.
     alarmed = any(r["alarms"] for r in results)
     return Completed(message=summary(results), data=results, name="Completed with alarms" if alarmed else "Completed")
-
-
-def expert_runner(cfg: FlowConfig) -> DaskTaskRunner | None:
-    """The task runner of each cycle subflow. Only the mapped expert tasks are submitted to it: they get
-    their inputs and return their results as Python objects; the stage and merge tasks run in the flow's
-    process, which alone writes outputs and ``dvc.lock``. None keeps Prefect's thread pool; Dask connects
-    to a scheduler's address, or starts a LocalCluster for the cycle: ``dask_workers`` processes that run
-    one expert each at a time."""
-    if cfg.task_runner == "local":
-        return None
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1, "processes": True})
-
-
-def api_by_address():
-    """Settings naming the flow's Prefect API by its address. A task on a Dask worker reports to the API
-    named in the settings that travel with it; the temporary local API of a run without a server is not
-    named there, and each worker would try to start one of its own (and time out)."""
-    return temporary_settings({PREFECT_API_URL: str(get_client(sync_client=True).api_url)})
 
 
 def summary(results: list[dict]) -> str:

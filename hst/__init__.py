@@ -8,7 +8,7 @@ dispatch, growth), ``model`` (the transformer), ``train`` (training/eval loops),
 ``io`` (atomic writes committed together, artifact JSON), ``promotion`` (the champion gate and
 alarms), ``tracking`` (MLflow runs and the registry mirror of the gate), ``inbox`` (claiming dropped
 text files exactly once), ``novelty`` (the growth trigger and gates), ``grow``, ``generate``
-(replay-free samples), ``consolidate`` (targeted consolidation and a cycle's consolidation job),
+(replay-free samples), ``consolidate`` (targeted consolidation), ``cycle`` (what a cycle does: the `learn` stage's work),
 ``runs`` (reading finished runs and DVC experiments for the studies in ``scripts/``). Importing the
 package has no side effects.
 """

@@ -166,12 +166,8 @@ class CycleConfig:
     new_old_ratio: float = 0.2  # share of new records in a coreset / replay mix (0.2 -> 1 new : 4 old)
     eval_windows: int = 32  # validation windows per domain for BPB and routing stability
     seed: int = 0  # seeds record sampling and coreset draws
-    consolidation: str = "sequential"  # "sequential": experts one after another, bottom-up; "parallel": each
-    #                                    from the cycle's start model, merged (the flow maps them as tasks)
 
     def __post_init__(self):
-        _require(self.consolidation in ("sequential", "parallel"),
-                 f"consolidation: expected sequential or parallel, got {self.consolidation!r}")
         _require(self.mode in CYCLE_MODES, f"mode: expected one of {CYCLE_MODES}, got {self.mode!r}")
         _require(self.replay in REPLAY_SOURCES, f"replay: expected one of {REPLAY_SOURCES}, got {self.replay!r}")
         _require(self.replay_records >= 2, "replay_records: expected >= 2")
@@ -266,9 +262,6 @@ class FlowConfig:
     inbox: str = "data/inbox"  # text files dropped here become the next cycle (the inbox deployment)
     min_inbox_bytes: int = 200_000  # ... once at least this many bytes have arrived
     inbox_interval_seconds: int = 300  # how often the inbox deployment looks
-    task_runner: str = "local"  # where a cycle's mapped expert tasks run: local (threads of the flow) or dask
-    dask_address: str = ""  # dask: scheduler of a running cluster (tcp://host:8786); "" -> a LocalCluster per cycle
-    dask_workers: int = 2  # ... of this many worker processes, one expert each at a time
 
     def __post_init__(self):
         _require(self.retries >= 0, "retries: expected >= 0")
@@ -276,8 +269,6 @@ class FlowConfig:
         _require(self.interval_seconds >= 1, "interval_seconds: expected >= 1")
         _require(self.min_inbox_bytes >= 1, "min_inbox_bytes: expected >= 1")
         _require(self.inbox_interval_seconds >= 1, "inbox_interval_seconds: expected >= 1")
-        _require(self.task_runner in ("local", "dask"), f"task_runner: expected local or dask, got {self.task_runner!r}")
-        _require(self.dask_workers >= 1, "dask_workers: expected >= 1")
 
 
 @dataclass(frozen=True)

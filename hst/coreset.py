@@ -3,19 +3,15 @@
 Both inputs are Smart Sampler tables (``hst.sampler.SCHEMA``): the new records of a cycle and the
 index of old training records routed through the current model (seed §11.5). An expert is a
 (layer, expert id) pair; a record belongs to it when that expert is its primary one at that layer.
-This module owns the coreset folder's layout (:func:`write_sets`, :func:`read_sets`).
+:func:`sets` builds a cycle's training sets as its mode asks.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from hst.data import encode, read_parquet_column
-from hst.io import read_json, write_json
+from hst.data import encode
 
 
 def primary(table: pa.Table, layer: int) -> pd.Series:
@@ -59,31 +55,29 @@ def mix(new: pa.Table, old: pa.Table, new_old_ratio: float, seed: int = 0) -> pd
         ["record_id", "source", "kind", "text"]]
 
 
-# The coreset folder a cycle's `coreset` stage writes: one Parquet per set, and selection.json
-# listing the sets in training order with their (layer, expert) and new/old record counts.
-SELECTION = "selection.json"
-
-def write_sets(folder: Path, sets: dict[str, tuple[int | None, int | None, pd.DataFrame]]) -> None:
-    """Write ``sets`` (name -> (layer, expert, coreset)) as a new coreset folder."""
-    folder.mkdir()
-    for name, (_, _, df) in sets.items():
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), folder / f"{name}.parquet")
-    write_json(folder / SELECTION, [
-        {"name": name, "layer": layer, "expert": expert,
-         "new": int((df.kind == "new").sum()), "old": int((df.kind == "old").sum())}
-        for name, (layer, expert, df) in sets.items()])
-
-
-def read_sets(folder: str | Path, new: pa.Table, per_expert: bool) -> tuple[list[dict], list[tuple]]:
-    """The selection entries of a coreset folder and, per entry, the set training reads:
-    ``(layer, expert, coreset tokens, the expert's new tokens)`` with ``per_expert`` (its new records
-    by primary expert), else ``(None, None, tokens, None)``."""
-    folder = Path(folder)
-    selection = read_json(folder / SELECTION, None)
-    coresets = [encode(read_parquet_column(folder / f"{e['name']}.parquet", "text")) for e in selection]
-    if not per_expert:
-        return selection, [(None, None, tokens, None) for tokens in coresets]
+def sets(kind: str, new: pa.Table, old: pa.Table, min_new_data: int, new_old_ratio: float,
+         seed: int = 0) -> tuple[list[dict], list[tuple]]:
+    """The training sets of a cycle's consolidation, in training order: per set its entry (name, layer,
+    expert, new and old record counts) and what training reads. ``kind`` "experts": per (layer, expert)
+    primary for at least ``min_new_data`` new records, its new records plus old ones routed to it at
+    ``new_old_ratio`` -> ``(layer, expert, coreset tokens, the expert's new tokens)``; "new": all new
+    records; "replay": all new plus a sample of ``old`` at ``new_old_ratio`` -> ``(None, None, tokens,
+    None)``; "none": no set."""
+    if kind == "none":
+        return [], []
+    if kind != "experts":
+        df = mix(new, old, new_old_ratio if kind == "replay" else 1.0, seed)
+        return [_entry("all", None, None, df)], [(None, None, encode(df["text"].tolist()), None)]
     texts, primaries = new["text"].to_pylist(), new["primary_expert"].to_pylist()
-    return selection, [(e["layer"], e["expert"], tokens,
-                        encode([t for t, p in zip(texts, primaries) if p[e["layer"]] == e["expert"]]))
-                       for e, tokens in zip(selection, coresets)]
+    entries, out = [], []
+    for layer, expert, _ in select_experts(new, len(primaries[0]), min_new_data):
+        df = build_coreset(new, old, layer, expert, new_old_ratio, seed)
+        entries.append(_entry(f"L{layer}_E{expert}", layer, expert, df))
+        out.append((layer, expert, encode(df["text"].tolist()),
+                    encode([t for t, p in zip(texts, primaries) if p[layer] == expert])))
+    return entries, out
+
+
+def _entry(name: str, layer: int | None, expert: int | None, df: pd.DataFrame) -> dict:
+    return {"name": name, "layer": layer, "expert": expert,
+            "new": int((df.kind == "new").sum()), "old": int((df.kind == "old").sum())}

@@ -15,7 +15,7 @@ script evaluates the branches as one model, on every domain's evaluation windows
   does with HST's paths; at most one more dense model per token, flat in the number of branches.
 
 Branch p's sketch is fitted on its cycle's incoming records (``cycles/<c>/buffer``), the pretraining's
-on the pretraining index's records (``indexes/pretrain.parquet``), one per domain, as HST's grow stage does. Run it
+on the pretraining index's records (``indexes/pretrain.parquet``), one per domain, as HST's `learn` stage does. Run it
 where the experiment's outputs are checked out:
 
     dvc exp apply pareto-dense-branches-1x

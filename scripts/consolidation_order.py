@@ -1,10 +1,8 @@
-"""Measure the consolidation designs we rejected against the one the pipeline uses, on one cycle's
-artifacts (after `dvc repro` has produced them):
+"""Measure the order of mode ``experts``' consolidation on one cycle's artifacts (after `dvc repro`
+has produced them); joint and parallel consolidation, measured with it, are retired (docs/decisions.md):
 
   bottom-up  layer by layer from the bottom, by expert id (the pipeline's order)
   top-down   the same experts, top layer first
-  joint      all selected experts unfrozen together, the whole budget on the union of coresets
-  parallel   every expert from the cycle's start model, merged (cycle.consolidation: parallel)
 
     python scripts/consolidation_order.py --cycle c1_kjv
 
@@ -21,21 +19,21 @@ from pathlib import Path
 
 from hst import checkpoint, coreset, data, evaluation, sampler
 from hst.config import CycleConfig, TrainConfig
-from hst.consolidate import consolidate_experts, consolidate_parallel
+from hst.consolidate import consolidate_experts
 from hst.params import read_params
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycle", required=True)
-    ap.add_argument("--variants", nargs="+", default=["bottom-up", "top-down", "joint", "parallel"],
-                    choices=["bottom-up", "top-down", "joint", "parallel"])
+    ap.add_argument("--variants", nargs="+", default=["bottom-up", "top-down"], choices=["bottom-up", "top-down"])
     args = ap.parse_args()
     params = read_params("params.yaml")
     item = params["cycles"][args.cycle]
     tcfg, ccfg = TrainConfig(**params["consolidate"]), CycleConfig(**params["cycle"])
-    root = Path("cycles") / args.cycle
-    _, sets = coreset.read_sets(root / "coresets", sampler.load_records(root / "buffer"), per_expert=True)
+    _, sets = coreset.sets("experts", sampler.load_records(Path("cycles") / args.cycle / "buffer"),
+                           sampler.read_buffer(f"indexes/{item['prev']}.parquet"), ccfg.min_new_data,
+                           ccfg.new_old_ratio, ccfg.seed)
     start, meta = checkpoint.load(f"models/{item['prev']}.champion.pt")
     domains = [*meta["learned_domains"], item["domain"]]
     val = {d: data.load_tokens("data/prepared", d, "val") for d in domains}
@@ -44,9 +42,7 @@ def main() -> None:
     print("| variant | avg forgetting | worst forgetting | absorption | routing stability | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")
     variants = {"bottom-up": lambda m: consolidate_experts(m, sets, tcfg),
-                "top-down": lambda m: consolidate_experts(m, sets[::-1], tcfg),
-                "joint": lambda m: consolidate_experts(m, sets, tcfg, joint=True),
-                "parallel": lambda m: consolidate_parallel(m, sets, tcfg)}
+                "top-down": lambda m: consolidate_experts(m, sets[::-1], tcfg)}
     for name in args.variants:
         model, _ = checkpoint.load(f"models/{item['prev']}.champion.pt")
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""How the grow stage's calibration depends on the index size and on the gate's sample.
+"""How growth's calibration (the `learn` stage) depends on the index size and on the gate's sample.
 
 In mode ``grow`` a cycle reads the previous champion's index for two things only: the novelty
 threshold (``grow.quantile`` of the index records' BPB) and the gates' held-in text. For each cycle
@@ -54,7 +54,7 @@ def main() -> None:
     cfg = load_section("params.yaml", "grow", GrowConfig)
     report = {}
     for cycle, item in params["cycles"].items():
-        model, meta = checkpoint.load(f"models/{cycle}_consolidated.pt")
+        model, meta = checkpoint.load(f"models/{item['prev']}.champion.pt")  # what mode grow grows
         index = sampler.read_buffer(f"indexes/{item['prev']}.parquet", columns=["text", "bpb", "source"])
         new = sampler.load_records(f"cycles/{cycle}/buffer")
         new_tokens = data.encode(new["text"].to_pylist())

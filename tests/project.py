@@ -38,7 +38,7 @@ def tiny_project(tmp: Path) -> Path:
                      "eval_every": 6, "eval_windows": 4, "precision": "fp32"},
         "cycles": {"c1": {"domain": "kjv", "prev": "pretrain"}, "c2": {"domain": "german", "prev": "c1"}},
         "cycle": {"mode": "experts", "replay": "stored", "replay_records": 6, "incoming_records": 40, "index_records": 30, "min_new_data": 3,
-                  "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0, "consolidation": "sequential"},
+                  "new_old_ratio": 0.2, "eval_windows": 4, "seed": 0},
         "consolidate": {"steps": 12, "batch_size": 4, "lr": 0.001, "warmup_steps": 1, "eval_every": 100,
                         "eval_windows": 2, "precision": "fp32"},
         # Any batch with a record above the lowest held-in BPB triggers: growth is forced.

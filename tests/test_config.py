@@ -48,8 +48,6 @@ def test_tracking_names_default_to_the_scenario_and_flow_limits_are_checked():
     assert TrackingConfig("mine", "model").resolve("key-grow").registered_model == "model"
     with pytest.raises(ConfigError, match="params.yaml:flow.min_inbox_bytes: expected >= 1"):
         build(FlowConfig, {"min_inbox_bytes": 0}, "params.yaml:flow")
-    with pytest.raises(ConfigError, match="cycle.consolidation: expected sequential or parallel"):
-        build(CycleConfig, {"consolidation": "async"}, "params.yaml:cycle")
 
 
 @pytest.mark.parametrize("cls, section, message", [
@@ -95,7 +93,7 @@ def test_the_whole_params_file_is_checked():
         (lambda p: p.update(model={**p["model"], "ffn": "dense"}, cycle={**p["cycle"], "mode": "experts"}),
          "cycle.mode: 'experts' needs model.ffn key or learned"),
         (lambda p: p["flow"].update(retries=-1), "flow.retries: expected >= 0"),
-        (lambda p: p["flow"].update(dask_workers=0), "flow.dask_workers: expected >= 1"),
+        (lambda p: p["flow"].update(inbox_interval_seconds=0), "flow.inbox_interval_seconds: expected >= 1"),
         (lambda p: p["flow"].update(workers=2), r"params.yaml:flow: unknown key\(s\) \['workers'\]"),
     ]:
         bad = copy.deepcopy(params)
@@ -104,12 +102,12 @@ def test_the_whole_params_file_is_checked():
             check_params(bad)
 
 
-def test_a_bad_task_runner_is_one_line_naming_the_key():
+def test_a_bad_choice_is_one_line_naming_the_key():
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    params["flow"]["task_runner"] = "spark"
+    params["cycle"]["replay"] = "disk"
     with pytest.raises(ConfigError) as e:
         check_params(params)
-    assert str(e.value) == "params.yaml:flow.task_runner: expected local or dask, got 'spark'"
+    assert str(e.value) == "params.yaml:cycle.replay: expected one of ('stored', 'generated'), got 'disk'"
 
 
 def test_config_defaults_are_the_shipped_params():

@@ -40,18 +40,17 @@ def test_coreset_uses_all_old_records_when_too_few_and_checks_ratio():
         coreset.build_coreset(new, old, 0, 0, new_old_ratio=0)
 
 
-def test_sets_round_trip_through_the_coreset_folder(tmp_path):
+def test_a_cycle_gets_the_sets_its_mode_asks_for():
     new = table([(0, 1), (0, 2), (3, 1), (0, 1)], "new")
     old = table([(0, 1)] * 10 + [(2, 2)] * 5, "old")
-    sets = {f"L{layer}_E{expert}": (layer, expert, coreset.build_coreset(new, old, layer, expert, 0.5, 0))
-            for layer, expert, _ in coreset.select_experts(new, 2, 2)}
-    coreset.write_sets(tmp_path / "cs", sets)
-    selection, read = coreset.read_sets(tmp_path / "cs", new, per_expert=True)
+    selection, sets = coreset.sets("experts", new, old, min_new_data=2, new_old_ratio=0.5)
     assert [e["name"] for e in selection] == ["L0_E0", "L1_E1"]
     assert [(e["new"], e["old"]) for e in selection] == [(3, 3), (3, 3)]
-    (layer, expert, tokens, fresh), _ = read
+    (layer, expert, tokens, fresh), _ = sets
     assert (layer, expert) == (0, 0)
     assert bytes(fresh.tolist()).decode() == "new text 0\n\nnew text 1\n\nnew text 3"  # its new records only
     assert len(tokens) > len(fresh)  # its coreset adds old records
-    _, whole = coreset.read_sets(tmp_path / "cs", new, per_expert=False)
-    assert [(s[0], s[1], s[3]) for s in whole] == [(None, None, None)] * 2
+    for kind, n_old in (("new", 0), ("replay", 4)):
+        (entry,), ((layer, expert, tokens, fresh),) = coreset.sets(kind, new, old, 2, 0.5)
+        assert (entry["name"], entry["new"], entry["old"], layer, expert, fresh) == ("all", 4, n_old, None, None, None)
+    assert coreset.sets("none", new, old, 2, 0.5) == ([], [])

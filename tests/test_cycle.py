@@ -1,5 +1,5 @@
-"""What a cycle does, by params (hst/cycle.py): the default trains in `grow` only, the baselines in
-`consolidate` only, HST's expert mode in both."""
+"""What a cycle does, by params (hst/cycle.py): the default trains in growth only, the baselines in
+consolidation only, HST's expert mode in both."""
 
 import pytest
 
@@ -15,15 +15,14 @@ def test_default_params_grow_by_novelty_and_train_nothing_before():
     assert (cycle.coresets(ccfg), cycle.consolidation(ccfg), cycle.growth(ccfg, gcfg, ffn)) == ("none", "none", "by_novelty")
 
 
-@pytest.mark.parametrize("mode, consolidation, expect", [
-    ("experts", "sequential", ("experts", "experts")),
-    ("experts", "parallel", ("experts", "experts_parallel")),
-    ("full", "parallel", ("new", "model")),  # consolidation: parallel only splits per-expert work
-    ("full_replay", "sequential", ("replay", "model")),
-    ("grow", "parallel", ("none", "none")),
+@pytest.mark.parametrize("mode, expect", [
+    ("experts", ("experts", "experts")),
+    ("full", ("new", "model")),
+    ("full_replay", ("replay", "model")),
+    ("grow", ("none", "none")),
 ])
-def test_coresets_and_consolidation_follow_the_mode(mode, consolidation, expect):
-    ccfg = CycleConfig(mode=mode, consolidation=consolidation)
+def test_coresets_and_consolidation_follow_the_mode(mode, expect):
+    ccfg = CycleConfig(mode=mode)
     assert (cycle.coresets(ccfg), cycle.consolidation(ccfg)) == expect
 
 

@@ -18,7 +18,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows import continual_learning as cl  # noqa: E402
-from hst.config import FlowConfig  # noqa: E402
 from project import ROOT, dvc_env, tiny_project  # noqa: E402
 
 
@@ -35,17 +34,17 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_naming_it(tmp_path, monk
 
     def fake_stage(project, target):
         calls.append(target)
-        if target == "coreset@c1":
-            raise cl.StageFailed("coreset@c1: error: cycles/c1/buffer: not a readable Smart Sampler buffer")
+        if target == "learn@c1":
+            raise cl.StageFailed("learn@c1: error: cycles/c1/buffer: not a readable Smart Sampler buffer")
         return [target], [target]
 
     monkeypatch.setattr(cl, "run_stage", fake_stage)
     monkeypatch.setattr(cl.Pending, "of", classmethod(lambda cls, project: cls(frozenset(), {})))  # run everything
     state = cl.continual_learning(str(tmp_path), return_state=True)
     assert state.is_failed()
-    assert "coreset@c1: error: cycles/c1/buffer" in state.message
+    assert "learn@c1: error: cycles/c1/buffer" in state.message
     assert calls == ["check_params", "prepare", "learned_pretrain", "pretrain", "gate_pretrain", "build_index_pretrain",
-                     "learned@c1", "collect@c1"] + ["coreset@c1"] * 3
+                     "learned@c1", "collect@c1"] + ["learn@c1"] * 3
 
 
 def test_error_line_prefers_the_stage_message():
@@ -55,14 +54,13 @@ def test_error_line_prefers_the_stage_message():
 
 
 @pytest.fixture(scope="module")
-def parallel_cycle(tmp_path_factory):
-    """The tiny project with one cycle whose experts run as mapped tasks (``cycle.consolidation:
-    parallel``), run once by the flow, forced over the gate: the project, the final state, the MLflow store."""
-    tmp = tmp_path_factory.mktemp("parallel")
+def flow_cycle(tmp_path_factory):
+    """The tiny project with one cycle, run once by the flow, forced over the gate: the project, the
+    final state, the MLflow store."""
+    tmp = tmp_path_factory.mktemp("flow")
     proj = tiny_project(tmp / "proj")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["cycles"] = {"c1": {"domain": "kjv", "prev": "pretrain"}}
-    params["cycle"]["consolidation"] = "parallel"
     params["gate"]["min_routing_stability"] = 1.0  # growth always moves some routing
     # Every path mixed: the grown path then wins most old-domain tokens' routing too (stability < 90 %,
     # an alarm, which the flow must surface); the default's path 0 keeps most of it (97 % here).
@@ -75,20 +73,11 @@ def parallel_cycle(tmp_path_factory):
         yield proj, cl.continual_learning(str(proj), return_state=True), uri
 
 
-def assert_dvc_recomputes(proj: Path, stage: str, out: str) -> None:
-    """What the flow wrote is recorded by DVC as the stage's own output, and `dvc repro` recomputes the same bytes."""
-    dvc, env = [sys.executable, "-m", "dvc"], dvc_env(proj)
-    assert "up to date" in subprocess.run([*dvc, "status"], cwd=proj, capture_output=True, text=True, env=env).stdout
-    flow_bytes = (proj / out).read_bytes()
-    subprocess.run([*dvc, "repro", "-f", "-s", stage], cwd=proj, check=True, capture_output=True, env=env)
-    assert (proj / out).read_bytes() == flow_bytes
-
-
 @pytest.mark.slow
-def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(parallel_cycle, monkeypatch):
+def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(flow_cycle, monkeypatch):
     from mlflow import MlflowClient
 
-    proj, state, uri = parallel_cycle
+    proj, state, uri = flow_cycle
     assert state.is_completed(), state.message
     (result,) = state.result()
     assert not result["passed"] and result["champion"] == "pretrain"
@@ -124,9 +113,6 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(par
     champion = client.get_model_version_by_alias("tiny", "champion")
     assert champion.tags["cycle"] == "pretrain" and str(champion.version) == result["champion_version"]
 
-    # The mapped-task consolidation was recorded by DVC as the stage's own output.
-    assert_dvc_recomputes(proj, "consolidate@c1", "models/c1_consolidated.pt")
-
     # A second run resumes: every stage is up to date, found by one status query (no `dvc` process),
     # and no new MLflow run appears.
     calls = []
@@ -137,31 +123,8 @@ def test_flow_runs_a_cycle_tracks_it_and_a_rejected_cycle_keeps_the_champion(par
 
 
 @pytest.mark.slow
-def test_experts_consolidated_on_dask_workers_give_the_bytes_of_dvc_repro(parallel_cycle, tmp_path):
-    from distributed import Client, LocalCluster
-
-    proj = Path(shutil.copytree(parallel_cycle[0], tmp_path / "proj", symlinks=True))
-    (proj / "models/c1_consolidated.pt").unlink()  # consolidate@c1 (only) is out of date
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    # Workers whose torch would use 2 threads, the flow's 1: the experts must still match `dvc repro`.
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env={"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}) as cluster:
-        params["flow"].update(task_runner="dask", dask_address=cluster.scheduler_address)
-        (proj / "params.yaml").write_text(yaml.safe_dump(params))
-        state = cl.continual_learning(str(proj), return_state=True)
-        with Client(cluster) as client:
-            executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
-    assert state.is_completed(), state.message
-    stages = state.result()[0]["stages"]
-    assert stages.pop("consolidate") == "ran" and set(stages.values()) == {"skipped"}
-    experts = json.loads((proj / "metrics/cycles/c1/consolidate.json").read_text())["experts_trained"]
-    assert experts == 2 and sum(executed.values()) == experts  # every expert ran in a worker process, none in ours
-    assert_dvc_recomputes(proj, "consolidate@c1", "models/c1_consolidated.pt")
-
-
-@pytest.mark.slow
-def test_a_stage_runs_when_it_changed_or_a_stage_it_depends_on_ran(parallel_cycle, tmp_path):
-    proj = Path(shutil.copytree(parallel_cycle[0], tmp_path / "proj", symlinks=True))
+def test_a_stage_runs_when_it_changed_or_a_stage_it_depends_on_ran(flow_cycle, tmp_path):
+    proj = Path(shutil.copytree(flow_cycle[0], tmp_path / "proj", symlinks=True))
     assert cl.Pending.of(proj).changed == set()
     (proj / "params.yaml").write_text((proj / "params.yaml").read_text() + "# a comment\n")
     pending = cl.Pending.of(proj)  # as after an inbox drop: check_params reads the whole file
@@ -169,20 +132,12 @@ def test_a_stage_runs_when_it_changed_or_a_stage_it_depends_on_ran(parallel_cycl
     assert not pending.must_run("prepare", []) and pending.must_run("prepare", ["check_params"])
     (proj / "models/c1.pt").unlink()
     pending = cl.Pending.of(proj)
-    assert pending.changed == {"check_params", "grow@c1", "evaluate@c1", "gate@c1", "track@c1"}
-    assert pending.must_run("grow@c1", []) and not pending.must_run("build_index@c1", [])
-    assert pending.must_run("build_index@c1", ["gate@c1"]) and pending.must_run("grow", []) and not pending.must_run("collect", [])
+    assert pending.changed == {"check_params", "learn@c1", "evaluate@c1", "gate@c1", "track@c1"}
+    assert pending.must_run("learn@c1", []) and not pending.must_run("build_index@c1", [])
+    assert pending.must_run("build_index@c1", ["gate@c1"]) and pending.must_run("learn", []) and not pending.must_run("collect", [])
     assert pending.must_run("no_such_stage", [])  # DVC names the problem
     # check_params runs (params.yaml changed) but writes the same bytes: nothing downstream must run.
     assert cl.stage_task(str(proj), "check_params", True) == (["check_params"], [])
-
-
-def test_the_expert_runner_follows_params():
-    assert cl.expert_runner(FlowConfig()) is None  # Prefect's thread pool
-    local = cl.expert_runner(FlowConfig(task_runner="dask", dask_workers=3))
-    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True}
-    assert cl.expert_runner(FlowConfig(task_runner="dask", dask_address="tcp://10.0.0.5:8786")).address == \
-        "tcp://10.0.0.5:8786"
 
 
 def paragraphs(word: str, n: int = 40) -> str:

@@ -178,13 +178,20 @@ def test_collect_never_consumes_a_record_twice(pretrained, tmp_path):
     assert "no incoming records for domain 'kjv'" in error_line(proc)
 
 
-def test_coreset_reports_a_corrupt_buffer_in_one_line(pretrained, tmp_path):
+def test_learn_reports_a_corrupt_buffer_in_one_line(pretrained, tmp_path):
     (tmp_path / "buf").mkdir()
     (tmp_path / "buf/buffer-000000.parquet").write_bytes(b"PAR1 broken")
-    proc = stage(pretrained, "coreset", "--buffer", str(tmp_path / "buf"), "--index", str(tmp_path / "i.parquet"),
-                 "--out", str(tmp_path / "cs"))
+    proc = stage(pretrained, "learn", *learn_args("c1", "models/pretrain.pt", str(tmp_path / "buf"),
+                                                  str(tmp_path / "i.parquet"), str(tmp_path)))
     assert "buffer-000000.parquet: not a readable Smart Sampler buffer" in error_line(proc)
-    assert not (tmp_path / "cs").exists()
+    assert not (tmp_path / "final.pt").exists() and not (tmp_path / "grow.json").exists()
+
+
+def learn_args(cycle: str, start: str, buffer: str, index: str, out: str) -> tuple[str, ...]:
+    """The `learn` stage's arguments for ``cycle``, its outputs in folder ``out`` (final.pt, grow.json, ...)."""
+    return ("--cycle", cycle, "--checkpoint", start, "--buffer", buffer, "--index", index, "--out", f"{out}/final.pt",
+            *(arg for kind, ext in (("metrics", "json"), ("curves", "csv")) for step in ("consolidate", "grow")
+              for arg in (f"--{step}-{kind}", f"{out}/{step}.{ext}")))
 
 
 @pytest.mark.slow
@@ -212,8 +219,7 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     assert {("pretrain", "models/pretrain.pt"), ("gate@c2", "models/c2.champion.pt"),
             ("build_index@c2", "indexes/c2.parquet")} <= set(a)
     assert ("build_index@c1", "indexes/c1.parquet") in b and set(b) <= set(a), set(b) - set(a)
-    assert {name.partition("@")[0] for name, _ in b} >= {"learned", "collect", "coreset", "consolidate", "grow",
-                                                          "evaluate", "gate"}
+    assert {name.partition("@")[0] for name, _ in b} >= {"learned", "collect", "learn", "evaluate", "gate"}
     differ = [out for out in b if a[out] != b[out]]
     assert not differ, f"outputs that differ between two runs of the same project: {differ}"
     assert (proj / "models/pretrain.pt").is_file() and (proj / "dvc.lock").is_file()
@@ -230,7 +236,7 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     assert list(c2_model.path_heads) == ["1", "2"]  # each grown path trained an output head of its own
     assert (proj / "plots/cycles/c2/forgetting.png").is_file() and (proj / "plots/cycles/c2/usage.png").is_file()
     dag = subprocess.run([*dvc, "dag", "--md"], cwd=proj, capture_output=True, text=True, env=env).stdout
-    assert "consolidate@c1" in dag and "evaluate@c2" in dag
+    assert "learn@c1" in dag and "evaluate@c2" in dag
     second = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert second.returncode == 0 and "didn't change" in second.stdout, second.stdout
     assert "Running stage" not in second.stdout
@@ -255,8 +261,7 @@ def test_dvc_repro_runs_the_pipeline_reproducibly_and_then_is_a_no_op(tmp_path):
     third = subprocess.run([*dvc, "repro"], cwd=proj, capture_output=True, text=True, env=env)
     assert third.returncode == 0, third.stdout + third.stderr
     ran = set(re.findall(r"Running stage '([^']+)'", third.stdout))
-    c3 = {f"{s}@c3" for s in ("learned", "build_index", "collect", "coreset", "consolidate", "grow", "evaluate",
-                              "gate", "track")}
+    c3 = {f"{s}@c3" for s in ("learned", "build_index", "collect", "learn", "evaluate", "gate", "track")}
     assert ran == {"check_params", "prepare@manpages", *c3}, third.stdout
     c3_eval = json.loads((proj / "metrics/eval/c3.json").read_text())
     assert sorted(c3_eval["bpb"]) == ["german", "kjv", "manpages", "python", "shakespeare"]
@@ -345,19 +350,14 @@ def test_gate_rejects_bad_params_in_one_line(tmp_path):
 
 
 def cycle_stages(proj: Path, params: Path, cycle: str = "c1", start: str = "models/pretrain.pt") -> dict[str, subprocess.CompletedProcess]:
-    """build_index → collect → coreset → consolidate → grow of ``cycle`` from checkpoint ``start``, into ``<cycle>/``."""
+    """build_index → collect → learn of ``cycle`` from checkpoint ``start``, into ``<cycle>/``."""
     p = ("--params", str(params))
     c = cycle
     runs = {}
     for name, args in [
         ("build_index", ("--checkpoint", start, "--prepared", "data/prepared", "--out", f"{c}/index.parquet")),
         ("collect", ("--cycle", c, "--checkpoint", start, "--prepared", "data/prepared", "--out", f"{c}/buffer")),
-        ("coreset", ("--buffer", f"{c}/buffer", "--index", f"{c}/index.parquet", "--out", f"{c}/coresets")),
-        ("consolidate", ("--checkpoint", start, "--coresets", f"{c}/coresets", "--buffer", f"{c}/buffer",
-                         "--out", f"{c}/consolidated.pt", "--metrics", f"{c}/consolidate.json", "--curves", f"{c}/c.csv")),
-        ("grow", ("--cycle", c, "--checkpoint", f"{c}/consolidated.pt", "--buffer", f"{c}/buffer", "--index",
-                  f"{c}/index.parquet", "--out", f"{c}/final.pt", "--metrics", f"{c}/grow.json",
-                  "--curves", f"{c}/g.csv")),
+        ("learn", learn_args(c, start, f"{c}/buffer", f"{c}/index.parquet", c)),
     ]:
         runs[name] = stage(proj, name, *p, *args)
         if runs[name].returncode:
@@ -419,12 +419,11 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
     assert all(r.returncode == 0 for r in runs.values()), {k: r.stderr[-500:] for k, r in runs.items()}
     index = sampler.read_buffer(proj / "c1/index.parquet")
     assert set(index["source"].to_pylist()) == {"generated"} and index.num_rows == 6
-    assert json.loads((proj / "c1/coresets/selection.json").read_text()) == []  # mode grow trains no shared expert
+    assert json.loads((proj / "c1/consolidate.json").read_text())["sets"] == []  # mode grow trains no shared expert
     report = json.loads((proj / "c1/grow.json").read_text())
     assert report["triggered"] and report["batch_shares"] and max(report["batch_shares"]) < 1
     assert (report["old_records"] > 0) == (select == "gate")
     start, _ = checkpoint.load(proj / "models/pretrain.pt")
-    assert checkpoint.load(proj / "c1/consolidated.pt")[0].state_dict().keys() == start.state_dict().keys()
     final, _ = checkpoint.load(proj / "c1/final.pt")
     assert final.n_experts == [6, 6]
     # Everything that existed before the cycle is bit-identical; only the new experts differ.
