@@ -67,28 +67,28 @@ def model_with_paths(cfg: ModelConfig, n_paths: int, experts: int, domains: list
 
 @torch.no_grad()
 def tokens_per_s(model: GPT, idx: torch.Tensor, mode: int, repeats: int) -> float:
-    """Forward tokens/s of ``model`` under ``GPT.on_path(mode)``, after one warm-up pass."""
-    with model.on_path(mode):
-        model(idx)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(idx)
+    """Forward tokens/s of ``model`` under ``GPT.forward(..., path=mode)``, after one warm-up pass."""
+    model(idx, path=mode)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(idx, path=mode)
     return repeats * idx.numel() / (time.perf_counter() - start)
 
 
 @torch.no_grad()
-def generation_tokens_per_s(model: GPT, prompt: torch.Tensor, n_bytes: int, cached: bool) -> float:
-    """Greedy bytes per second for a batch: the Decoder's caches, or the whole context re-run per byte."""
+def generation_tokens_per_s(model: GPT, prompt: torch.Tensor, n_bytes: int, cached: bool, path: int) -> float:
+    """Greedy bytes per second for a batch on ``path`` (``GPT.forward``): the Decoder's caches, or the whole
+    context re-run per byte."""
     start = time.perf_counter()
     if cached:
-        decoder = Decoder(model)
+        decoder = Decoder(model, path)
         logits = decoder.start(prompt)
         for _ in range(n_bytes):
             logits = decoder.step(logits.argmax(-1))
     else:
         seq = prompt
         for _ in range(n_bytes):
-            seq = torch.cat([seq, model(seq[:, -model.cfg.seq_len:]).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            seq = torch.cat([seq, model(seq[:, -model.cfg.seq_len:], path=path).logits[:, -1].argmax(-1, keepdim=True)], 1)
     return n_bytes * len(prompt) / (time.perf_counter() - start)
 
 
@@ -137,15 +137,14 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in runs.items()}
     passes = {}
     for name, p, mode in variants:
-        with models[p].on_path(mode), torch.no_grad():
-            passes[name] = models[p](idx).passes
+        with torch.no_grad():
+            passes[name] = models[p](idx, path=mode).passes
     prompt = idx[:8, :64]
     gen = {}
     for name, p, mode in [("pretrained", 1, 0), (f"select@{args.paths[0]}", args.paths[0], SELECTED_PATHS),
                           (f"select_base@{args.paths[0]}", args.paths[0], SELECTED_AND_BASE)]:
-        with models[p].on_path(mode):
-            gen[name] = {"kv_cache": generation_tokens_per_s(models[p], prompt, args.gen_bytes, True),
-                         "rerun_context": generation_tokens_per_s(models[p], prompt, args.gen_bytes, False)}
+        gen[name] = {"kv_cache": generation_tokens_per_s(models[p], prompt, args.gen_bytes, True, mode),
+                     "rerun_context": generation_tokens_per_s(models[p], prompt, args.gen_bytes, False, mode)}
     # The trained champion against the pretrained champion (issue 32's comparison), the rest against
     # the pretrained shape.
     ref = {name: "pretrained champion" if isinstance(p, str) else "pretrained" for name, p, _ in variants}

@@ -34,11 +34,12 @@ def only_trainable(model: GPT, experts: list[tuple[int, int]], also: list[torch.
             p.requires_grad_(flag)
 
 
-def ffn_inputs(model: GPT, tokens: torch.Tensor, layers: list[int], n_windows: int) -> tuple[torch.Tensor, ...]:
+def ffn_inputs(model: GPT, tokens: torch.Tensor, layers: list[int], n_windows: int,
+               path: int | None = None) -> tuple[torch.Tensor, ...]:
     """Per layer of ``layers``, the (windows, T, d) hidden states entering its MoE for evenly spaced
     windows of ``tokens``, all from one forward pass (:func:`hst.train.evaluate`, which also gives
     the windows' BPB)."""
-    return evaluate(model, tokens, n_windows, layers=layers).ffn_inputs
+    return evaluate(model, tokens, n_windows, layers=layers, path=path).ffn_inputs
 
 
 def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tensor,
@@ -51,18 +52,17 @@ def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tenso
     Returns the training curves.
     """
     cfg = dataclasses.replace(cfg, domains=("coreset",), update_keys=False)
-    with only_trainable(model, [(layer, expert)]), model.on_path(0):
-        curves = train(model, cfg, {"coreset": coreset}, {}, desc=f"consolidate L{layer}/E{expert}")
-        ema_key(model, layer, expert, new, key_windows)
+    with only_trainable(model, [(layer, expert)]):
+        curves = train(model, cfg, {"coreset": coreset}, {}, desc=f"consolidate L{layer}/E{expert}", path=0)
+    ema_key(model, layer, expert, new, key_windows)
     return curves
 
 
 def ema_key(model: GPT, layer: int, expert: int, new: torch.Tensor, key_windows: int = 16, path: int = 0) -> None:
-    """One EMA step of the expert's key toward the new tokens routed to it on ``path`` (key router only;
-    call it with the model on that path)."""
+    """One EMA step of the expert's key toward the new tokens routed to it on ``path`` (key router only)."""
     router = model.moe(layer).router
     if isinstance(router, KeyRouter):
-        (x,) = ffn_inputs(model, new, [layer], key_windows)
+        (x,) = ffn_inputs(model, new, [layer], key_windows, path)
         mine = (router(x, path).expert_ids == expert).any(-1)
         x = x.reshape(-1, x.shape[-1])  # (windows·T, d), the order routing flattens to
         if mine.any():

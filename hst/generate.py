@@ -34,13 +34,13 @@ class Decoder:
     of ``model(context)`` at the context's last position, where context is everything since the last
     restart (tested), for one path, the selection (alone or mixed with path 0) and the mixture alike
     (a mixture runs each of its members per byte, each with its own cache, and returns its
-    log-probabilities). A model with learned growth
+    log-probabilities), run as ``model(context, path=path)`` runs them. A model with learned growth
     gates has no cache: it re-runs its last ``seq_len`` bytes for every byte.
     """
 
-    def __init__(self, model: GPT):
-        self.model = model
-        self.mode = model.path_mode
+    def __init__(self, model: GPT, path: int | None = None):
+        self.model, self.path = model, path
+        self.mode = model.path_mode(path)
         # A learned growth gate opens on the running mean of its scores over the whole context, which
         # one cached step cannot see: such a model re-runs its context (at most seq_len bytes) per byte.
         if model.gated:
@@ -52,7 +52,7 @@ class Decoder:
         B = len(prompt)
         self.tokens = prompt
         if self.mode == "rerun":
-            return model(prompt[:, -model.cfg.seq_len:]).logits[:, -1]
+            return model(prompt[:, -model.cfg.seq_len:], path=self.path).logits[:, -1]
         self.trunk_cache = KVCache()
         self.h0 = model.trunk(prompt, self.trunk_cache)  # (B, t, d): a path starting late needs every position
         self.groups: dict[int, tuple[torch.Tensor, list[KVCache]]] = {}  # path -> (rows, caches above the trunk)
@@ -60,7 +60,7 @@ class Decoder:
         if self.mode == "mixture":
             return self._mix_start(torch.stack([self._open(p, rows) for p in range(model.n_paths)]), prompt)
         if self.mode == "one":
-            self.serving = prompt.new_full((B,), max(model.path or 0, 0))
+            self.serving = prompt.new_full((B,), max(self.path or 0, 0))
         else:
             loglik = sketches.byte_logp(prompt, model.path_sketches).cumsum(1)  # (B, t, K) each sketch's, so far
             self.loglik = loglik[:, -1]
@@ -79,7 +79,7 @@ class Decoder:
         model = self.model
         if self.mode == "rerun":
             self.tokens = torch.cat([self.tokens, tokens[:, None]], 1)[:, -model.cfg.seq_len:]
-            return model(self.tokens).logits[:, -1]
+            return model(self.tokens, path=self.path).logits[:, -1]
         if self.tokens.shape[1] >= model.cfg.seq_len:
             return self.start(torch.cat([self.tokens, tokens[:, None]], 1)[:, -(model.cfg.seq_len // 2):])
         position = self.tokens.shape[1]
@@ -239,5 +239,5 @@ def continue_text(model: GPT, prompt: bytes, n_bytes: int, temperature: float, s
             if i + 1 < n_bytes:
                 logits = decoder.step(drawn[-1].to(device))
     serving = getattr(decoder, "serving", None)
-    path = ALL_PATHS if decoder.mode == "mixture" else int(serving[0]) if serving is not None else max(model.path or 0, 0)
+    path = ALL_PATHS if decoder.mode == "mixture" else int(serving[0]) if serving is not None else 0
     return bytes(torch.cat(drawn).tolist()), path

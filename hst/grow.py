@@ -61,8 +61,7 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         raise ConfigError(f"grow: a model of {path} paths with {sketches.count(model.path_sketches)} path sketches "
                           "cannot grow one (the first path needs the base path's text for path 0's sketch; paths "
                           "grown before sketches existed have none)")
-    with model.on_path(0):
-        x_new = ffn_inputs(model, novel, layers, cfg.gate_windows)  # per layer (W, T, d)
+    x_new = ffn_inputs(model, novel, layers, cfg.gate_windows, path=0)  # per layer (W, T, d)
     features = [model.moe(layer).router.features(x).flatten(0, 1) for layer, x in zip(layers, x_new)]  # (W·T, d)
     new = add_experts(model, [(layer, None, path, f) for layer, f in zip(layers, features)], cfg, train_cfg.seed)
     added = [(layer, e) for layer, _, experts in new for e in experts]
@@ -71,9 +70,8 @@ def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, 
         model.path_heads.add(path, model.lm_head.weight)
     curves = {"train": []}
     if cfg.steps > 0:
-        with model.on_path(path):
-            curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}",
-                                            model.path_heads.own(path))
+        curves["train"] = train_experts(model, added, novel, cfg.steps, cfg.lr, train_cfg, f"grow path {path}",
+                                        model.path_heads.own(path), path)
     model.add_path_sketch(sketches.fit_sketch(novel))
     model.inference = cfg.inference
     return added, curves, stats
@@ -166,10 +164,9 @@ def consolidate_path(model: GPT, path: int, stream: torch.Tensor, new: torch.Ten
     experts = path_experts(model, path)
     if not experts:
         raise ConfigError(f"grow: path {path} has no experts to consolidate (the model has {model.n_paths} paths)")
-    with model.on_path(path):
-        curve = train_experts(model, experts, stream, steps, cfg.lr, train_cfg, f"consolidate path {path}")
-        for layer, expert in experts:
-            ema_key(model, layer, expert, new, key_windows, path)
+    curve = train_experts(model, experts, stream, steps, cfg.lr, train_cfg, f"consolidate path {path}", path=path)
+    for layer, expert in experts:
+        ema_key(model, layer, expert, new, key_windows, path)
     table = sketches.unstack(model.path_sketches)
     mine = len(table) - model.n_paths + path
     table[mine] = sketches.add_sketches(table[mine], sketches.fit_sketch(new))
@@ -198,10 +195,12 @@ def add_experts(model: GPT, placements: list[tuple[int, Gate | None, int, torch.
 
 
 def train_experts(model: GPT, experts: list[tuple[int, int]], stream: torch.Tensor, steps: int, lr: float,
-                  train_cfg: TrainConfig, desc: str, also: list[torch.nn.Parameter] = ()) -> list[dict]:
+                  train_cfg: TrainConfig, desc: str, also: list[torch.nn.Parameter] = (),
+                  path: int | None = None) -> list[dict]:
     """Train only ``experts`` (and the parameters ``also``) on ``stream`` for ``steps`` at peak ``lr`` (the rest of
-    ``train_cfg``'s schedule, its warm-up capped at ``steps``; keys fixed); returns the training curve."""
+    ``train_cfg``'s schedule, its warm-up capped at ``steps``; keys fixed), running ``path``; returns the
+    training curve."""
     tcfg = dataclasses.replace(train_cfg, domains=("stream",), steps=steps, lr=lr, update_keys=False,
                                warmup_steps=min(train_cfg.warmup_steps, steps))
     with only_trainable(model, experts, also):
-        return train(model, tcfg, {"stream": stream}, {}, desc=desc)["train"]
+        return train(model, tcfg, {"stream": stream}, {}, desc=desc, path=path)["train"]

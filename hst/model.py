@@ -8,11 +8,12 @@ given, and the routing of every token at every layer for the Smart Sampler and t
 A model grown by paths (``grow.select: posterior``) holds the base experts alone (path 0) and, per growth, the
 base experts plus that growth's experts and its own output head (:mod:`hst.heads`); ``forward`` runs the path
 :mod:`hst.paths` selects per segment, alone or mixed with path 0 by their posterior, or mixes every path
-(``GPT.inference``); ``on_path`` runs one path alone (growth trains its path this way)."""
+(``GPT.inference``). The path travels as an argument: ``forward(..., path=p)`` runs path ``p`` alone (growth
+trains its path this way) or, with a :data:`PATH_MODES` value, that way of running them; below ``forward`` the
+same argument, a number or one per sequence, reaches each layer's router."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -58,10 +59,10 @@ class ModelOutput(NamedTuple):
 
 # The buffers a model stores once it has paths (``GPT.add_path_sketch``).
 PATH_BUFFERS = ("path_sketches", "path_select")
-# ``GPT.path`` values under which ``forward`` mixes every path (:func:`hst.paths.mix_paths`), selects one per
+# ``forward``'s ``path`` values under which it mixes every path (:func:`hst.paths.mix_paths`), selects one per
 # segment (:mod:`hst.paths`), or mixes that one with path 0, whatever ``GPT.inference`` says.
 ALL_PATHS, SELECTED_PATHS, SELECTED_AND_BASE = -1, -2, -3
-# How a model of several paths runs them, by ``GPT.path`` value; ``GPT.inference`` stores its index.
+# How a model of several paths runs them, by ``path`` value; ``GPT.inference`` stores its index.
 PATH_MODES = {ALL_PATHS: "mixture", SELECTED_PATHS: "select", SELECTED_AND_BASE: "select_base"}
 INFERENCE = tuple(PATH_MODES.values())
 
@@ -77,8 +78,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, n) for n in n_experts)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # path 0's, and a path's without its own
         self.path_heads = PathHeads()  # the grown paths' own output heads (hst.heads)
-        # The path ``forward`` runs (``on_path``): None does what ``inference`` says; see ALL_PATHS too.
-        self.path: int | None = None
         # Path sketches (hst.sketches.fit_sketch: path 0's, one per domain, then one per later path) and how
         # ``forward`` runs the paths (an index into INFERENCE).
         # Empty, and not in the state dict, until a path is added (``add_path_sketch``): a model without
@@ -121,30 +120,18 @@ class GPT(nn.Module):
         return any(len(b.ffn.router.gate_b) for b in self.blocks
                    if isinstance(b.ffn, MoE) and isinstance(b.ffn.router, KeyRouter))
 
-    @contextmanager
-    def on_path(self, path: int):
-        """Run (and train) path ``path`` alone inside the block — 0 is the model before any path growth —
-        or every path mixed by their posterior (:data:`ALL_PATHS`), or one selected per segment
-        (:data:`SELECTED_PATHS`), or that one mixed with path 0 (:data:`SELECTED_AND_BASE`)."""
-        previous, self.path = self.path, path
-        try:
-            yield self
-        finally:
-            self.path = previous
-
     @torch.no_grad()
     def add_path_sketch(self, sketch: torch.Tensor) -> None:
         """Append a sketch (hst.sketches.fit_sketch): path 0's first (one per domain), then each path's as it is added."""
         self.path_sketches = sketches.stack([*sketches.unstack(self.path_sketches), sketch]).to(self.path_sketches.device)
         self._non_persistent_buffers_set -= set(PATH_BUFFERS)
 
-    @property
-    def path_mode(self) -> str:
-        """What ``forward`` runs now: "one" path (``on_path(p)``, or a model without paths), or one of
-        :data:`INFERENCE` (``on_path`` with a :data:`PATH_MODES` value, else ``inference``)."""
-        if self.n_paths == 1 or (self.path is not None and self.path not in PATH_MODES):
+    def path_mode(self, path: int | None = None) -> str:
+        """What ``forward(..., path=path)`` runs: "one" path (a path number, or a model without paths), or
+        one of :data:`INFERENCE` (a :data:`PATH_MODES` value; None: ``inference``)."""
+        if self.n_paths == 1 or (path is not None and path not in PATH_MODES):
             return "one"
-        return PATH_MODES.get(self.path, self.inference)
+        return PATH_MODES.get(path, self.inference)
 
     @property
     def inference(self) -> str:
@@ -192,19 +179,23 @@ class GPT(nn.Module):
         return self.moe(layer).add_expert(key, init, gate, path)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                update_keys: bool = False) -> ModelOutput:
+                update_keys: bool = False, path: int | None = None) -> ModelOutput:
+        """``path``: a path number runs that path alone (0: the model before any path growth); a
+        :data:`PATH_MODES` value mixes every path (:data:`ALL_PATHS`), selects one per segment
+        (:data:`SELECTED_PATHS`) or mixes that one with path 0 (:data:`SELECTED_AND_BASE`); None does
+        what ``inference`` says."""
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}")
         h0 = self.trunk(idx)
-        mode = self.path_mode
+        mode = self.path_mode(path)
         passes = 1.0
         if mode == "one":
-            path = max(self.path or 0, 0)
+            path = max(path or 0, 0)
             logits, routing = self.from_trunk(h0, update_keys, path)
             chosen = idx.new_full((B, T), path)
         elif update_keys:
-            raise ValueError("update_keys: keys move on one path (on_path), not on a choice or mixture of paths")
+            raise ValueError("update_keys: keys move on one path (a path number), not on a choice or mixture of paths")
         elif mode == "mixture":
             runs = [self.from_trunk(h0, False, p) for p in range(self.n_paths)]
             logits, weights = paths.mix_paths(torch.stack([logits for logits, _ in runs]), idx)

@@ -51,7 +51,7 @@ def by_path(scores: torch.Tensor, n_paths: int) -> torch.Tensor:
     first = scores.shape[-1] - n_paths + 1
     if first < 1:
         raise ValueError(f"a model of {n_paths} paths with {scores.shape[-1]} path sketches: run one path "
-                         "(GPT.on_path) or mix them all (GPT.on_path(ALL_PATHS))")
+                         "(GPT.forward(..., path=p)) or mix them all (path=ALL_PATHS)")
     return torch.cat([scores[..., :first].amax(-1, keepdim=True), scores[..., first:]], -1)
 
 

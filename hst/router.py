@@ -249,7 +249,8 @@ class LearnedRouter(nn.Module):
     def n_experts(self) -> int:
         return self.gate.out_features
 
-    def forward(self, x: torch.Tensor, path: int | torch.Tensor = 0) -> Routing:  # no growth gates: every path is the same
+    def forward(self, x: torch.Tensor, path: int | torch.Tensor = 0) -> Routing:
+        """Route ``x``; every expert is path 0's (growth needs the key router), so ``path`` selects nothing."""
         with torch.autocast(x.device.type, enabled=False):
             probs = F.softmax(self.gate(x.reshape(-1, x.shape[-1]).float()), dim=-1)
         top_p, top_idx = probs.topk(self.n_experts if self.top_any else self.top_k, dim=-1)

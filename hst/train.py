@@ -120,13 +120,13 @@ class Evaluation(NamedTuple):
 
 @torch.no_grad()
 def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int = 32,
-             layers: Sequence[int] = (), only: torch.Tensor | None = None) -> Evaluation:
-    """Bits per byte and routing on evenly spaced windows, fp32, eval mode; with ``layers``, also the
-    inputs of those layers' MoE blocks from the same forward pass (the growth gates' features).
-    ``only``: a (n_windows,) bool mask, the windows to evaluate (every field covers just those)."""
-    if layers and model.path_mode != "one":
+             layers: Sequence[int] = (), only: torch.Tensor | None = None, path: int | None = None) -> Evaluation:
+    """Bits per byte and routing on evenly spaced windows, fp32, eval mode, running ``path`` (``GPT.forward``);
+    with ``layers``, also the inputs of those layers' MoE blocks from the same forward pass (the growth
+    gates' features). ``only``: a (n_windows,) bool mask, the windows to evaluate (every field covers just those)."""
+    if layers and model.path_mode(path) != "one":
         raise ValueError("evaluate: a model of several paths has no single MoE input per layer; run one path "
-                         "(GPT.on_path)")
+                         "(a path number)")
     windows = eval_windows(tokens, model.cfg.seq_len, n_windows)
     windows = (windows if only is None else windows[only.cpu()]).to(next(model.parameters()).device)
     nll, ids, passes, captured = [], [], [], {layer: [] for layer in layers}
@@ -135,7 +135,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int =
     try:
         with eval_mode(model):
             for chunk in windows.split(batch_size):
-                out = model(chunk[:, :-1])
+                out = model(chunk[:, :-1], path=path)
                 nll.append(F.cross_entropy(out.logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(1))
                 ids.append([r.expert_ids if r is not None else None for r in out.routing])
                 passes.append(out.passes * len(chunk))
@@ -164,14 +164,15 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                cfg: TrainConfig, amp: torch.dtype | None, domain: torch.Tensor | None = None,
-               net: torch.nn.Module | None = None) -> float:
+               net: torch.nn.Module | None = None, path: int | None = None) -> float:
     """One optimizer step on a batch; returns the main loss in nats (without the routing-shaping
     terms). ``domain``: (B,) each row's domain, for the consistency loss; ``net``: what runs the
-    forward pass (``model`` wrapped by :func:`hst.distributed.wrap`), by default ``model``. A batch
+    forward pass (``model`` wrapped by :func:`hst.distributed.wrap`), by default ``model``, on ``path``
+    (``GPT.forward``). A batch
     that reaches no trainable parameter (e.g. no token passes a new expert's gate), or whose loss is
     NaN/inf, leaves the model as it was (the caller stops on the latter)."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = (net or model)(x, y, update_keys=cfg.update_keys)
+        out = (net or model)(x, y, update_keys=cfg.update_keys, path=path)
     loss = out.loss
     if not loss.requires_grad or not torch.isfinite(loss):
         return loss.item()
@@ -189,8 +190,8 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
 
 def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
           val_streams: dict[str, torch.Tensor], desc: str = "train",
-          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict:
-    """Train ``model`` in place; return the curves ``{"train": [...], "val": [...]}``, throughput
+          on_eval: Callable[[int, dict[str, float]], None] | None = None, path: int | None = None) -> dict:
+    """Train ``model`` in place (on ``path``, ``GPT.forward``: growth trains one path alone); return the curves ``{"train": [...], "val": [...]}``, throughput
     and what topology evolution of sparse experts did (``topology``, see :mod:`hst.sparse`).
 
     ``train_streams``/``val_streams`` map a domain to its byte tokens. Validation runs every
@@ -201,14 +202,14 @@ def train(model: GPT, cfg: TrainConfig, train_streams: dict[str, torch.Tensor],
     home, device = next(model.parameters()).device, resolve_device(cfg.device)
     model.to(device)
     try:
-        return _train(model, distributed.wrap(model), device, cfg, train_streams, val_streams, desc, on_eval)
+        return _train(model, distributed.wrap(model), device, cfg, train_streams, val_streams, desc, on_eval, path)
     finally:
         model.to(home)
 
 
 def _train(model: GPT, net: torch.nn.Module, device: torch.device, cfg: TrainConfig,
            train_streams: dict[str, torch.Tensor], val_streams: dict[str, torch.Tensor], desc: str,
-           on_eval: Callable[[int, dict[str, float]], None] | None) -> dict:
+           on_eval: Callable[[int, dict[str, float]], None] | None, path: int | None) -> dict:
     amp = autocast_dtype(cfg.precision, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     for name, stream in {**train_streams, **val_streams}.items():
@@ -230,7 +231,7 @@ def _train(model: GPT, net: torch.nn.Module, device: torch.device, cfg: TrainCon
                 g["lr"] = lr
             x, y, domain = (to_device(distributed.shard(t, cfg.batch_size), device)
                             for t in sample_batch(streams, cfg.batch_size, model.cfg.seq_len, gen))
-            loss = torch.tensor(train_step(model, opt, x, y, cfg, amp, domain, net), device=device)
+            loss = torch.tensor(train_step(model, opt, x, y, cfg, amp, domain, net, path), device=device)
             distributed.all_reduce_(loss, mean=True)
             bpb = loss.item() / LN2
             if not math.isfinite(bpb):
@@ -242,7 +243,7 @@ def _train(model: GPT, net: torch.nn.Module, device: torch.device, cfg: TrainCon
             curves["train"].append({"step": step + 1, "train_bpb": bpb, "lr": lr})
             bar.set_postfix(bpb=f"{bpb:.3f}", tok_s=f"{tokens_seen / train_time:.0f}", refresh=False)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                evals = {d: evaluate(model, t, cfg.eval_windows) for d, t in val_streams.items()}
+                evals = {d: evaluate(model, t, cfg.eval_windows, path=path) for d, t in val_streams.items()}
                 val = {d: e.bpb for d, e in evals.items()}
                 if evals and model.cfg.ffn != "dense":
                     val |= routing_curve({d: e.expert_ids for d, e in evals.items()}, model.n_experts)

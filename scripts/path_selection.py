@@ -36,11 +36,11 @@ WITH_PATH_0 = "select + path 0"
 
 @torch.no_grad()
 def bpb(model, windows: torch.Tensor, mode: int) -> float:
-    """Mean bits per byte of (W, T + 1) windows under ``GPT.on_path(mode)``."""
+    """Mean bits per byte of (W, T + 1) windows under ``GPT.forward(..., path=mode)``."""
     nll = []
-    with eval_mode(model), model.on_path(mode):
+    with eval_mode(model):
         for w in windows.split(16):  # a mixture's logits are log-probabilities: cross-entropy takes both
-            nll.append(F.cross_entropy(model(w[:, :-1]).logits.transpose(1, 2), w[:, 1:]))
+            nll.append(F.cross_entropy(model(w[:, :-1], path=mode).logits.transpose(1, 2), w[:, 1:]))
     return float(torch.stack(nll).mean()) / LN2
 
 
@@ -61,8 +61,8 @@ def main() -> None:
     for d in domains:
         rows[d] = {name: bpb(model, val[d], mode) for name, mode in modes.items()}
         for name, mode in (("select", SELECTED_PATHS), (WITH_PATH_0, SELECTED_AND_BASE)):
-            with model.on_path(mode), torch.no_grad():
-                rows[d][f"{name} passes"] = model(val[d][:, :-1]).passes
+            with torch.no_grad():
+                rows[d][f"{name} passes"] = model(val[d][:, :-1], path=mode).passes
         print(d, {k: round(v, 3) for k, v in rows[d].items()}, flush=True)
     best = {d: min(range(model.n_paths), key=lambda p: rows[d][f"path {p}"]) for d in domains}
     switches = {}

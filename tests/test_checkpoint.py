@@ -140,8 +140,8 @@ def test_paths_round_trip_format_3_loads_converted_and_format_4_paths_are_refuse
     old, _ = checkpoint.load(tmp_path / "v3.pt")
     assert old.n_paths == 1 and len(old.moe(1).router.gate_b) == 1
     old.eval()
-    with model.on_path(0):  # the zero path gate, read as a learned gate with bias 0, never opens
-        assert torch.equal(old(idx).logits, model(idx).logits)
+    # the zero path gate, read as a learned gate with bias 0, never opens
+    assert torch.equal(old(idx).logits, model(idx, path=0).logits)
 
 
 def test_round_trip_of_a_dense_model(tiny_cfg, tmp_path):

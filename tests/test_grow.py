@@ -62,12 +62,10 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     assert_only_appended(before, model.state_dict())
     assert model.moe(0).router.expert_path.tolist() == [0, 0, 0, 0, 1, 1] and len(model.moe(0).router.gate_b) == 0
     assert list(model.path_heads) == ["1"] and not torch.equal(model.path_heads["1"], model.lm_head.weight)  # trained
-    with model.on_path(0):
-        assert torch.equal(model(idx).logits, base)
-        start = evaluate(model, NOVEL, 4).bpb
-    with model.on_path(1):
-        one = model(idx).logits
-        assert evaluate(model, NOVEL, 4).bpb < start  # the path learned the novel text
+    assert torch.equal(model(idx, path=0).logits, base)
+    start = evaluate(model, NOVEL, 4, path=0).bpb
+    one = model(idx, path=1).logits
+    assert evaluate(model, NOVEL, 4, path=1).bpb < start  # the path learned the novel text
     # A second growth: a new path whose experts start from the base experts, never from path 1's.
     after_path_1 = {k: v.clone() for k, v in model.state_dict().items()}
     steps0 = dataclasses.replace(cfg, steps=0, head="shared")
@@ -75,10 +73,10 @@ def test_a_path_reads_no_held_in_text_trains_only_its_experts_and_leaves_every_e
     assert list(model.path_heads) == ["1"]  # head: shared, path 2 reads path 0's
     base_weights = [e.up.weight for e in model.moe(0).experts[:4]]
     assert all(any(torch.equal(e.up.weight, w) for w in base_weights) for e in model.moe(0).experts[6:])
-    with model.on_path(1):  # path 1's weights are bit-identical (assert_only_appended); its logits are equal to
-        # float rounding: the router's score matmul is wider by path 2's keys, and a BLAS may sum a column in
-        # another order at another width (1.5e-7 seen on an AMD EPYC)
-        assert torch.allclose(model(idx).logits, one, rtol=0, atol=1e-5)
+    # Path 1's weights are bit-identical (assert_only_appended); its logits are equal to float rounding:
+    # the router's score matmul is wider by path 2's keys, and a BLAS may sum a column in another order
+    # at another width (1.5e-7 seen on an AMD EPYC)
+    assert torch.allclose(model(idx, path=1).logits, one, rtol=0, atol=1e-5)
     assert_only_appended(after_path_1, model.state_dict())
     with pytest.raises(ConfigError, match="grow.select: gate, but this model grew paths"):
         gates.grow(model, [0], NOVEL, HELD_IN, GrowConfig(select="gate", experts=1, steps=0, gate_windows=8), TCFG)
@@ -101,13 +99,11 @@ def test_a_repeat_drop_consolidates_its_own_path_and_leaves_everything_else_bit_
     assert grow.path_experts(model, 1) == [(0, 4), (0, 5), (1, 4), (1, 5)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     held_out = torch.cat(german[140:])
-    with model.on_path(1):
-        start = evaluate(model, held_out, 4).bpb
+    start = evaluate(model, held_out, 4, path=1).bpb
     new = torch.cat([drop[i] for i in todo.consolidate[1]])
     curve = grow.consolidate_path(model, 1, new, new, 8, cfg, TCFG)
     assert len(curve) == 8
-    with model.on_path(1):
-        assert evaluate(model, held_out, 4).bpb < start
+    assert evaluate(model, held_out, 4, path=1).bpb < start
     after = model.state_dict()
     mine = {f"blocks.{layer}.ffn.experts.{e}." for layer, e in grow.path_experts(model, 1)}
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -123,15 +123,12 @@ def test_paths_leave_the_base_model_and_earlier_paths_bit_identical(tiny_cfg):
     with torch.no_grad():
         model.moe(0).experts[-1].down.weight.mul_(3)
     assert model.n_paths == 2
-    with model.on_path(0):
-        assert torch.equal(model(idx).logits, base)
-    with model.on_path(1):
-        one = model(idx).logits
+    assert torch.equal(model(idx, path=0).logits, base)
+    one = model(idx, path=1).logits
     assert not torch.equal(one, base)
     mixed = model(idx)
     assert torch.equal(mixed.logits, mix_paths(torch.stack([base, one]), idx)[0])
     model.moe(0).add_expert(model.moe(0).router.keys[1] + 0.01, path=2)
-    with model.on_path(1):
-        assert torch.equal(model(idx).logits, one)
+    assert torch.equal(model(idx, path=1).logits, one)
     with pytest.raises(ValueError, match="update_keys"):
         model(idx, update_keys=True)

@@ -45,11 +45,11 @@ def test_selection_gives_each_segment_its_own_paths_logits_and_runs_a_bounded_nu
     passed = []
     original = model.from_trunk
     model.from_trunk = lambda h0, *a, **k: passed.append(h0.shape[:2]) or original(h0, *a, **k)
-    with torch.no_grad(), model.on_path(ALL_PATHS):
-        model(idx)
+    with torch.no_grad():
+        model(idx, path=ALL_PATHS)
     mixture, passed = sum(b * t for b, t in passed), []
-    with torch.no_grad(), model.on_path(SELECTED_PATHS):
-        out = model(idx)
+    with torch.no_grad():
+        out = model(idx, path=SELECTED_PATHS)
     model.from_trunk = original
     # Each path a sequence uses runs once, over at most the whole sequence; the mixture runs all five.
     assert mixture == 5 * len(idx) * 128
@@ -59,8 +59,8 @@ def test_selection_gives_each_segment_its_own_paths_logits_and_runs_a_bounded_nu
     for b in range(len(idx)):
         for start, end in paths.segments(128):
             p = int(out.path[b, start])
-            with torch.no_grad(), model.on_path(p):
-                ref = model(idx[b:b + 1, :end]).logits[0, start:end]
+            with torch.no_grad():
+                ref = model(idx[b:b + 1, :end], path=p).logits[0, start:end]
             assert torch.allclose(out.logits[b, start:end], ref, atol=1e-5), (b, start, p)
 
 
@@ -73,15 +73,12 @@ def test_the_selection_mixed_with_path_0_runs_path_0_beside_it_until_pruned(tiny
     idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([ENGLISH[:40], NUMBERS[:88]]), NUMBERS[7:135],
                        torch.cat([NUMBERS[:50], ENGLISH[:78]])]).long()
     with torch.no_grad():
-        with model.on_path(SELECTED_PATHS):
-            selected = model(idx)
-        with model.on_path(0):
-            base = model(idx).logits
+        selected = model(idx, path=SELECTED_PATHS)
+        base = model(idx, path=0).logits
         runs = []
         original = model.from_trunk
         model.from_trunk = lambda h0, _, path, *a: runs.append((h0.shape[:2], path)) or original(h0, _, path, *a)
-        with model.on_path(SELECTED_AND_BASE):
-            out = model(idx)
+        out = model(idx, path=SELECTED_AND_BASE)
         model.from_trunk = original
     mixed, weights = paths.mix_paths(torch.stack([selected.logits, base]), idx)
     # Path 0 stops at the first check where its posterior weight is below PRUNE (and the selection
@@ -116,16 +113,16 @@ def test_the_kv_cached_decoder_gives_the_logits_of_the_full_forward(tiny_cfg, mo
     cfg = dataclasses.replace(tiny_cfg, seq_len=128)
     model = model_with_paths(cfg, 4)
     idx = torch.stack([ENGLISH[:128], NUMBERS[:128], torch.cat([NUMBERS[:50], ENGLISH[:78]])]).long()
-    with torch.no_grad(), model.on_path(mode):
-        full = model(idx).logits
-        decoder = Decoder(model)
+    with torch.no_grad():
+        full = model(idx, path=mode).logits
+        decoder = Decoder(model, mode)
         steps = [decoder.start(idx[:, :5])] + [decoder.step(idx[:, t]) for t in range(5, 128)]
         for t, logits in enumerate(steps):
             assert torch.allclose(logits, full[:, t + 4], atol=1e-4), t
         # Past seq_len the context restarts from its last half, as a forward pass of that window sees it.
         last = decoder.step(idx[:, 100])
         window = torch.cat([idx[:, -63:], idx[:, 100:101]], 1)
-        assert torch.allclose(last, model(window).logits[:, -1], atol=1e-4)
+        assert torch.allclose(last, model(window, path=mode).logits[:, -1], atol=1e-4)
 
 
 def test_a_model_with_learned_gates_decodes_by_rerunning_its_context(tiny_cfg):

@@ -437,8 +437,7 @@ def test_a_replay_free_cycle_reads_no_old_text_and_grows_beside_bit_identical_ex
     assert final.n_paths == (2 if select == "posterior" else 1)
     if select == "posterior":  # on path 0 (no grown path's experts) the grown model is the start model
         idx = data.encode(["Und es begab sich zu der Zeit, dass ein Gebot von dem Kaiser ausging."])[None, :60].long()
-        with final.on_path(0):
-            assert torch.equal(final(idx).logits, start(idx).logits)
+        assert torch.equal(final(idx, path=0).logits, start(idx).logits)
 
 
 def test_a_full_disk_in_a_stage_is_one_line(capsys):
