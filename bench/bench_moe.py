@@ -39,7 +39,8 @@ from hst.model import GPT
 from hst.params import load_section
 from hst.router import SKIPPED
 from hst.sampler import SmartSampler
-from hst.train import eval_mode, make_optimizer, train_step
+from hst.evaluation import eval_mode
+from hst.train import make_optimizer, train_step
 
 
 def grouped_dispatch(x, expert_ids, weights, pool):

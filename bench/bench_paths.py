@@ -40,7 +40,7 @@ from hst.config import ModelConfig
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, INFERENCE, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.params import load_section
-from hst.train import eval_windows
+from hst.evaluation import eval_windows
 
 PREPARED = "data/prepared"
 

@@ -9,37 +9,14 @@ layer's keys live in that layer's own hidden-state space.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import torch
 
 from hst.config import TrainConfig
+from hst.evaluation import ffn_inputs
 from hst.model import GPT
 from hst.router import KeyRouter
-from hst.train import evaluate, train
-
-
-@contextmanager
-def only_trainable(model: GPT, experts: list[tuple[int, int]], also: list[torch.nn.Parameter] = ()):
-    """Freeze every parameter except those of the ``(layer, expert)`` pairs and ``also``; restore the flags after."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in [q for layer, expert in experts for q in model.moe(layer).experts[expert].parameters()] + list(also):
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-
-
-def ffn_inputs(model: GPT, tokens: torch.Tensor, layers: list[int], n_windows: int,
-               path: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Per layer of ``layers``, the (windows, T, d) hidden states entering its MoE for evenly spaced
-    windows of ``tokens``, all from one forward pass (:func:`hst.train.evaluate`, which also gives
-    the windows' BPB)."""
-    return evaluate(model, tokens, n_windows, layers=layers, path=path).ffn_inputs
+from hst.train import only_trainable, train
 
 
 def consolidate_expert(model: GPT, layer: int, expert: int, coreset: torch.Tensor,

@@ -1,4 +1,6 @@
-"""Continual-learning evaluation (seed §10): BPB matrix, forgetting, absorption, routing stability.
+"""Evaluation (seed §10): bits per byte and routing on evaluation windows (:func:`evaluate`, the MoE
+inputs it captures: :func:`ffn_inputs`), and the continual-learning report: BPB matrix, forgetting,
+absorption, routing stability.
 
 BPB is "lower is better", so forgetting on domain d is the relative rise ``(after - before) /
 before`` and absorption is the drop ``before - after`` on the new domain. The R matrix has one row
@@ -7,11 +9,81 @@ per checkpoint (pretrain, then every cycle) and one column per domain.
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from typing import NamedTuple, Sequence
+
 import torch
+import torch.nn.functional as F
 
 from hst import metrics
+from hst.data import window_starts
 from hst.model import GPT
-from hst.train import Evaluation, evaluate
+
+LN2 = math.log(2)
+
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, n_windows: int) -> torch.Tensor:
+    """Deterministic, evenly spaced windows (n, seq_len + 1) over a token stream."""
+    return torch.stack([tokens[s:s + seq_len + 1] for s in window_starts(len(tokens), seq_len, n_windows)]).long()
+
+
+@contextmanager
+def eval_mode(model: GPT):
+    """Run a block in eval mode and restore the previous mode afterwards, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class Evaluation(NamedTuple):
+    bpb: float  # bits per byte, the mean over windows (all of seq_len bytes)
+    window_bpb: torch.Tensor  # (windows,) each evaluated window's bits per byte
+    expert_ids: list[torch.Tensor | None]  # per layer (N, k) routed experts of every evaluated token
+    ffn_inputs: tuple[torch.Tensor, ...] = ()  # per requested layer (windows, T, d) hidden states entering its MoE
+    passes: float = 1.0  # model passes per token the forward spent on these windows (ModelOutput.passes)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int = 32,
+             layers: Sequence[int] = (), only: torch.Tensor | None = None, path: int | None = None) -> Evaluation:
+    """Bits per byte and routing on evenly spaced windows, fp32, eval mode, running ``path`` (``GPT.forward``);
+    with ``layers``, also the inputs of those layers' MoE blocks from the same forward pass (the growth
+    gates' features). ``only``: a (n_windows,) bool mask, the windows to evaluate (every field covers just those)."""
+    if layers and model.path_mode(path) != "one":
+        raise ValueError("evaluate: a model of several paths has no single MoE input per layer; run one path "
+                         "(a path number)")
+    windows = eval_windows(tokens, model.cfg.seq_len, n_windows)
+    windows = (windows if only is None else windows[only.cpu()]).to(next(model.parameters()).device)
+    nll, ids, passes, captured = [], [], [], {layer: [] for layer in layers}
+    hooks = [model.moe(layer).register_forward_pre_hook(lambda m, args, layer=layer: captured[layer].append(args[0]))
+             for layer in layers]
+    try:
+        with eval_mode(model):
+            for chunk in windows.split(batch_size):
+                out = model(chunk[:, :-1], path=path)
+                nll.append(F.cross_entropy(out.logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(1))
+                ids.append([r.expert_ids if r is not None else None for r in out.routing])
+                passes.append(out.passes * len(chunk))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_layer = [None if layer[0] is None else torch.cat(layer) for layer in zip(*ids)]
+    window_bpb = torch.cat(nll).cpu() / LN2
+    return Evaluation(float(window_bpb.mean()), window_bpb, per_layer,
+                      tuple(torch.cat(captured[layer]) for layer in layers), sum(passes) / max(len(windows), 1))
+
+
+def ffn_inputs(model: GPT, tokens: torch.Tensor, layers: list[int], n_windows: int,
+               path: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Per layer of ``layers``, the (windows, T, d) hidden states entering its MoE for evenly spaced
+    windows of ``tokens``, all from one forward pass (:func:`evaluate`, which also gives
+    the windows' BPB)."""
+    return evaluate(model, tokens, n_windows, layers=layers, path=path).ffn_inputs
 
 
 def forgetting_label(f: float) -> str:

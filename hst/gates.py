@@ -20,11 +20,10 @@ import torch
 
 from hst import grow as growth
 from hst.config import ConfigError, GrowConfig, TrainConfig
-from hst.consolidate import ffn_inputs
+from hst.evaluation import Evaluation, evaluate, ffn_inputs
 from hst.model import GPT
 from hst.novelty import fit_gate, gate_bias
 from hst.router import gate_scores, scores_open
-from hst.train import Evaluation, evaluate
 
 
 def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, torch.Tensor], cfg: GrowConfig,

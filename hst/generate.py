@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from hst import paths, selection, sketches
 from hst.attention import KVCache
 from hst.data import SEPARATOR
+from hst.evaluation import eval_mode
 from hst.model import ALL_PATHS, GPT
-from hst.train import eval_mode
 
 
 class Decoder:

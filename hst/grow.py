@@ -31,12 +31,13 @@ import torch
 
 from hst import coreset, paths, sketches
 from hst.config import ConfigError, GrowConfig, TrainConfig
-from hst.consolidate import ema_key, ffn_inputs, only_trainable
+from hst.consolidate import ema_key
 from hst.data import encode
+from hst.evaluation import ffn_inputs
 from hst.model import GPT
 from hst.router import Gate, spherical_kmeans
 from hst.sampler import tokens_by_source
-from hst.train import train
+from hst.train import only_trainable, train
 
 
 def grow(model: GPT, layers: list[int], novel: torch.Tensor, held_in: dict[str, torch.Tensor], cfg: GrowConfig,

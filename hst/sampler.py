@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from hst import metrics
 from hst.data import DataError, encode, record_id
+from hst.evaluation import eval_mode
 from hst.io import atomic_path
 from hst.model import GPT
 from hst.router import Routing
-from hst.train import eval_mode
 
 SCHEMA = pa.schema([
     ("record_id", pa.string()),

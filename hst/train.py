@@ -1,4 +1,4 @@
-"""Training and evaluation loops: batches, AdamW with warmup + cosine, precision, validation BPB.
+"""The training loop: batches, AdamW with warmup + cosine, precision, validation BPB (:mod:`hst.evaluation`).
 
 ``train`` optimises whatever parameters of the model have ``requires_grad`` set, so the same loop
 serves pretraining (everything) and targeted finetuning (one expert, the rest frozen). It trains on
@@ -12,20 +12,18 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hst import distributed, sparse
 from hst.config import HSTError, TrainConfig
-from hst.data import DataError, window_starts
+from hst.data import DataError
+from hst.evaluation import LN2, evaluate
 from hst.fars import consistency_loss, expert_costs, fars_loss
 from hst.metrics import routing_curve
 from hst.model import GPT
-
-LN2 = math.log(2)
 
 
 class TrainingError(HSTError):
@@ -94,58 +92,19 @@ def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int,
     return batch[:, :-1], batch[:, 1:], which
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int, n_windows: int) -> torch.Tensor:
-    """Deterministic, evenly spaced windows (n, seq_len + 1) over a token stream."""
-    return torch.stack([tokens[s:s + seq_len + 1] for s in window_starts(len(tokens), seq_len, n_windows)]).long()
-
-
 @contextmanager
-def eval_mode(model: GPT):
-    """Run a block in eval mode and restore the previous mode afterwards, even on error."""
-    was_training = model.training
-    model.eval()
+def only_trainable(model: GPT, experts: list[tuple[int, int]], also: list[torch.nn.Parameter] = ()):
+    """Freeze every parameter except those of the ``(layer, expert)`` pairs and ``also``; restore the flags after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in [q for layer, expert in experts for q in model.moe(layer).experts[expert].parameters()] + list(also):
+        p.requires_grad_(True)
     try:
-        yield model
+        yield
     finally:
-        model.train(was_training)
-
-
-class Evaluation(NamedTuple):
-    bpb: float  # bits per byte, the mean over windows (all of seq_len bytes)
-    window_bpb: torch.Tensor  # (windows,) each evaluated window's bits per byte
-    expert_ids: list[torch.Tensor | None]  # per layer (N, k) routed experts of every evaluated token
-    ffn_inputs: tuple[torch.Tensor, ...] = ()  # per requested layer (windows, T, d) hidden states entering its MoE
-    passes: float = 1.0  # model passes per token the forward spent on these windows (ModelOutput.passes)
-
-
-@torch.no_grad()
-def evaluate(model: GPT, tokens: torch.Tensor, n_windows: int, batch_size: int = 32,
-             layers: Sequence[int] = (), only: torch.Tensor | None = None, path: int | None = None) -> Evaluation:
-    """Bits per byte and routing on evenly spaced windows, fp32, eval mode, running ``path`` (``GPT.forward``);
-    with ``layers``, also the inputs of those layers' MoE blocks from the same forward pass (the growth
-    gates' features). ``only``: a (n_windows,) bool mask, the windows to evaluate (every field covers just those)."""
-    if layers and model.path_mode(path) != "one":
-        raise ValueError("evaluate: a model of several paths has no single MoE input per layer; run one path "
-                         "(a path number)")
-    windows = eval_windows(tokens, model.cfg.seq_len, n_windows)
-    windows = (windows if only is None else windows[only.cpu()]).to(next(model.parameters()).device)
-    nll, ids, passes, captured = [], [], [], {layer: [] for layer in layers}
-    hooks = [model.moe(layer).register_forward_pre_hook(lambda m, args, layer=layer: captured[layer].append(args[0]))
-             for layer in layers]
-    try:
-        with eval_mode(model):
-            for chunk in windows.split(batch_size):
-                out = model(chunk[:, :-1], path=path)
-                nll.append(F.cross_entropy(out.logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(1))
-                ids.append([r.expert_ids if r is not None else None for r in out.routing])
-                passes.append(out.passes * len(chunk))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    per_layer = [None if layer[0] is None else torch.cat(layer) for layer in zip(*ids)]
-    window_bpb = torch.cat(nll).cpu() / LN2
-    return Evaluation(float(window_bpb.mean()), window_bpb, per_layer,
-                      tuple(torch.cat(captured[layer]) for layer in layers), sum(passes) / max(len(windows), 1))
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:

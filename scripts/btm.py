@@ -33,7 +33,7 @@ import torch
 
 from hst import checkpoint, data, paths, sampler, sketches
 from hst.params import read_params
-from hst.train import eval_windows
+from hst.evaluation import eval_windows
 
 LN2 = 0.6931471805599453
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from hst import checkpoint, data, novelty, sampler
 from hst.config import GrowConfig
-from hst.consolidate import ffn_inputs
+from hst.evaluation import ffn_inputs
 from hst.io import write_json
 from hst.params import load_section, read_params
 from hst.router import gate_open

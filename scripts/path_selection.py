@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hst import checkpoint, data, paths
 from hst.io import write_json
 from hst.model import ALL_PATHS, SELECTED_AND_BASE, SELECTED_PATHS
-from hst.train import eval_mode, eval_windows
+from hst.evaluation import eval_mode, eval_windows
 
 LN2 = math.log(2)
 

@@ -23,7 +23,8 @@ from hst.config import ConfigError, ModelConfig, TrainConfig
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.params import load_section
-from hst.train import evaluate, resolve_device, train
+from hst.evaluation import evaluate
+from hst.train import resolve_device, train
 from stages.common import run
 
 

@@ -6,7 +6,7 @@ import torch
 
 from hst import evaluation, sketches
 from hst.model import GPT
-from hst.train import Evaluation, eval_windows
+from hst.evaluation import Evaluation, eval_windows
 
 
 def ev(bpb: float, ids: list[list[int]] | None = None) -> Evaluation:

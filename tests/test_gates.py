@@ -5,11 +5,13 @@ import torch
 
 from hst import gates
 from hst.config import GrowConfig
-from hst.consolidate import ffn_inputs, only_trainable
+from hst.train import only_trainable
+from hst.evaluation import ffn_inputs
 from hst.evaluation import routing_stability
 from hst.model import GPT
 from hst.router import Gate, gate_scores
-from hst.train import evaluate, train
+from hst.evaluation import evaluate
+from hst.train import train
 from test_grow import HELD_IN, HELD_IN_ALL, NOVEL, TCFG, assert_only_appended
 
 

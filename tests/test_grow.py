@@ -6,7 +6,7 @@ import torch
 from hst import data, gates, grow, paths, sketches
 from hst.config import ConfigError, GrowConfig, TrainConfig
 from hst.model import GPT
-from hst.train import evaluate
+from hst.evaluation import evaluate
 from project import corpus_records
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),

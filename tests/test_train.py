@@ -6,7 +6,8 @@ import torch
 from hst.config import ConfigError, HSTError, TrainConfig
 from hst.data import DataError
 from hst.model import GPT
-from hst.train import TrainingError, autocast_dtype, evaluate, lr_at, resolve_device, sample_batch, train
+from hst.evaluation import evaluate
+from hst.train import TrainingError, autocast_dtype, lr_at, resolve_device, sample_batch, train
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
