@@ -3,7 +3,9 @@ per token of `collect` (``cycle.incoming_records`` records of one domain routed 
 `build_index` (``cycle.index_records`` records of every learned domain) and `evaluate`
 (``cycle.eval_windows`` validation windows of every domain, for the cycle's start model and its final
 one: twice the figure here), each on a model that runs its paths as the default does
-(``grow.inference``), at the default's sizes on the prepared corpus.
+(``grow.inference``), at the default's sizes on the prepared corpus; `collect` reads the last
+cycle's domain. Models run round-robin so drifts in machine load hit all of them alike; the
+seconds are medians of the rounds.
 
 Models: the pretrained shape without paths, the same with 5 and 13 growth paths built as
 ``bench/bench_paths.py`` builds them (untrained: path 0 never stops beside the selection, so their
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -66,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--paths", type=int, nargs="+", default=[5, 13])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--champion", default="", help="also the default pipeline's last champion (trained paths)")
     ap.add_argument("--pretrained", default="models/pretrain.champion.pt")
     ap.add_argument("--out", default="docs/bench/cycle_cost.json")
@@ -81,8 +85,14 @@ def main() -> None:
     if args.champion:
         models["pretrained champion"] = checkpoint.load(args.pretrained)[0].eval()
         models["champion"] = checkpoint.load(args.champion)[0].eval()
-    costs = {name: {"paths": m.n_paths, **stage_costs(m, cfg, domains, domains[-1])} for name, m in models.items()}
-    result = {"setup": {"domains": len(domains), "incoming_records": cfg.incoming_records,
+    new = list(load_section(args.params, "cycles").values())[-1]["domain"]
+    rounds = [{name: stage_costs(m, cfg, domains, new) for name, m in models.items()} for _ in range(args.rounds)]
+    costs = {name: {"paths": m.n_paths, **{stage: {"seconds": statistics.median(r[name][stage]["seconds"] for r in rounds),
+                                                   "passes": rounds[0][name][stage]["passes"]}
+                                           for stage in rounds[0][name]}}
+             for name, m in models.items()}
+    result = {"setup": {"domains": len(domains), "collect_domain": new, "rounds": args.rounds,
+                        "incoming_records": cfg.incoming_records,
                         "index_records": cfg.index_records, "eval_windows": cfg.eval_windows,
                         "inference": grow["inference"], "threads": torch.get_num_threads(), "torch": torch.__version__},
               "stages": costs}

@@ -2,7 +2,8 @@
 
 Modules (flat, one concept each): ``config`` (typed configs), ``data`` (corpora, records,
 splits, byte tokens), ``router`` (KeyRouter, learned router), ``experts`` (ReLU² experts, MoE
-dispatch, growth), ``model`` (the transformer), ``train`` (training/eval loops), ``metrics``
+dispatch, growth), ``model`` (the transformer), ``train`` (the training loop), ``evaluation`` (BPB, routing and the
+cycle report's forgetting and absorption), ``metrics``
 (routing metrics), ``sampler`` (Smart Sampler logging of routed records), ``coreset``
 (per-expert coresets), ``checkpoint`` (self-describing checkpoints), ``plots`` (PNG figures),
 ``io`` (atomic writes committed together, artifact JSON), ``promotion`` (the champion gate and

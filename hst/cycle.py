@@ -58,8 +58,14 @@ def index_columns(cycle: CycleConfig, gcfg: GrowConfig, model: GPT) -> list[str]
     for the held-in reference of learned gates; the novelty threshold reads only the BPB."""
     if coresets(cycle) != "none":
         return None
-    reads_text = gcfg.select == "gate" or not len(model.path_sketches) or growth(cycle, gcfg, model.cfg.ffn) == "by_novelty"
+    reads_text = held_in_text(gcfg, model) or growth(cycle, gcfg, model.cfg.ffn) == "by_novelty"
     return ["record_id", "text", "bpb", "source"] if reads_text else ["bpb"]
+
+
+def held_in_text(gcfg: GrowConfig, model: GPT) -> bool:
+    """Whether growing ``model`` reads the index's text as held-in reference: learned gates calibrate on
+    it, and the first path sketches path 0 from it."""
+    return gcfg.select == "gate" or not len(model.path_sketches)
 
 
 def consolidate(model: GPT, new: pa.Table, index: pa.Table, cycle: CycleConfig,
@@ -70,6 +76,8 @@ def consolidate(model: GPT, new: pa.Table, index: pa.Table, cycle: CycleConfig,
     dense baselines). The cycle's step budget ``tcfg.steps`` is split evenly across the sets. Returns
     the report (``consolidate.json``) and the curve rows (``consolidate.csv``)."""
     todo = consolidation(cycle)
+    if todo == "none":
+        return {"mode": cycle.mode, "experts_trained": 0, "tokens": 0, "sets": []}, []
     selection, sets = coreset.sets(coresets(cycle), new, index, cycle.min_new_data, cycle.new_old_ratio, cycle.seed)
     if todo == "model":
         ((_, _, tokens, _),) = sets
@@ -112,7 +120,7 @@ def learn_growth(model: GPT, meta: dict, new: pa.Table, index: pa.Table, domain:
         fresh = new.filter(pa.array([bool(flag) or todo == "all" for flag in found.novel]))
         if gcfg.old_share:
             old = coreset.mix(fresh, index, 1 - gcfg.old_share, cycle.seed).query("kind == 'old'")["text"].tolist()
-        held_in = sampler.tokens_by_source(index) if gcfg.select == "gate" or not len(model.path_sketches) else {}
+        held_in = sampler.tokens_by_source(index) if held_in_text(gcfg, model) else {}
         layers, tokens = list(range(model.cfg.n_layer)), data.encode(fresh["text"].to_pylist())
         if gcfg.select == "gate":
             _, curves, stats = gates.grow(model, layers, tokens, held_in, gcfg, tcfg, data.encode(old) if old else None)

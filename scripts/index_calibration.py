@@ -24,8 +24,8 @@ import json
 
 import pyarrow as pa
 
-from hst import checkpoint, data, novelty, sampler
-from hst.config import GrowConfig
+from hst import checkpoint, cycle, data, novelty, sampler
+from hst.config import CycleConfig, GrowConfig, TrainConfig
 from hst.evaluation import ffn_inputs
 from hst.io import write_json
 from hst.params import load_section, read_params
@@ -52,11 +52,13 @@ def main() -> None:
     args = ap.parse_args()
     params = read_params("params.yaml")
     cfg = load_section("params.yaml", "grow", GrowConfig)
+    ccfg, tcfg = load_section("params.yaml", "cycle", CycleConfig), load_section("params.yaml", "consolidate", TrainConfig)
     report = {}
-    for cycle, item in params["cycles"].items():
-        model, meta = checkpoint.load(f"models/{item['prev']}.champion.pt")  # what mode grow grows
-        index = sampler.read_buffer(f"indexes/{item['prev']}.parquet", columns=["text", "bpb", "source"])
-        new = sampler.load_records(f"cycles/{cycle}/buffer")
+    for key, item in params["cycles"].items():
+        model, meta = checkpoint.load(f"models/{item['prev']}.champion.pt")
+        index = sampler.read_buffer(f"indexes/{item['prev']}.parquet")
+        new = sampler.load_records(f"cycles/{key}/buffer")
+        cycle.consolidate(model, new, index, ccfg, tcfg)  # the model growth starts from (mode experts consolidates first)
         new_tokens = data.encode(new["text"].to_pylist())
         val = [data.load_tokens("data/prepared", d, "val") for d in meta["learned_domains"]]
         layers = list(range(model.cfg.n_layer))
@@ -82,9 +84,9 @@ def main() -> None:
                     gate = novelty.fit_gate([router.features(x[i]) for x in x_old], router.features(x_new[i]), cfg.gate_fpr, h)
                     share = lambda x: round(float(gate_open(router.features(x), gate).float().mean()), 4)  # noqa: E731
                     rows.append({"pass_new": share(x_new_eval[i]), "val_fpr_max": max(share(v[i]) for v in x_val)})
-                report[f"{cycle}/{n}/{w}/{h}"] = {"records": sub.num_rows, "gate_windows": w, "gate_hidden": h, "eval_windows": e,
+                report[f"{key}/{n}/{w}/{h}"] = {"records": sub.num_rows, "gate_windows": w, "gate_hidden": h, "eval_windows": e,
                                                   "threshold_bpb": round(limit, 4), "novel_share": novel_share, "layers": rows}
-                print(cycle, n, w, h, json.dumps(rows), flush=True)
+                print(key, n, w, h, json.dumps(rows), flush=True)
     write_json(args.out, report)
 
 
