@@ -33,16 +33,22 @@ from hst.model import GPT
 from hst.params import load_section
 
 
-def stage_costs(model: GPT, cfg: CycleConfig, domains: list[str], new: str) -> dict[str, dict[str, float]]:
-    """Per stage, the seconds ``model`` spends on the stage's records or windows and the model passes per
-    token it spent there (tokens its paths ran above the shared trunk ÷ tokens the trunk ran)."""
+def stage_inputs(cfg: CycleConfig, domains: list[str], new: str) -> dict:
+    """What each stage reads, loaded once (not timed): `collect`'s records of ``new``, `build_index`'s of
+    every domain, `evaluate`'s validation tokens of every domain."""
     records = {d: data.load_records(PREPARED, d, "train") for d in domains}
-    work = {"collect": lambda: sampler.route_records(model, data.sample_records(records[new], cfg.incoming_records,
-                                                                                "collect")),
-            "build_index": lambda: [sampler.route_records(model, data.sample_records(records[d], cfg.index_records,
-                                                                                     f"index:{d}")) for d in domains],
-            "evaluate": lambda: evaluation.evaluate_domains(
-                model, {d: data.load_tokens(PREPARED, d, "val") for d in domains}, cfg.eval_windows)}
+    return {"collect": data.sample_records(records[new], cfg.incoming_records, "collect"),
+            "build_index": [data.sample_records(records[d], cfg.index_records, f"index:{d}") for d in domains],
+            "evaluate": {d: data.load_tokens(PREPARED, d, "val") for d in domains}}
+
+
+def stage_costs(model: GPT, cfg: CycleConfig, inputs: dict) -> dict[str, dict[str, float]]:
+    """Per stage, the seconds ``model`` spends on the stage's records or windows (:func:`stage_inputs`) and
+    the model passes per token it spent there (tokens its paths ran above the shared trunk ÷ tokens the
+    trunk ran)."""
+    work = {"collect": lambda: sampler.route_records(model, inputs["collect"]),
+            "build_index": lambda: [sampler.route_records(model, texts) for texts in inputs["build_index"]],
+            "evaluate": lambda: evaluation.evaluate_domains(model, inputs["evaluate"], cfg.eval_windows)}
     tokens = {"trunk": 0, "paths": 0}
     trunk, from_trunk = model.trunk, model.from_trunk
 
@@ -86,7 +92,8 @@ def main() -> None:
         models["pretrained champion"] = checkpoint.load(args.pretrained)[0].eval()
         models["champion"] = checkpoint.load(args.champion)[0].eval()
     new = list(load_section(args.params, "cycles").values())[-1]["domain"]
-    rounds = [{name: stage_costs(m, cfg, domains, new) for name, m in models.items()} for _ in range(args.rounds)]
+    inputs = stage_inputs(cfg, domains, new)
+    rounds = [{name: stage_costs(m, cfg, inputs) for name, m in models.items()} for _ in range(args.rounds)]
     costs = {name: {"paths": m.n_paths, **{stage: {"seconds": statistics.median(r[name][stage]["seconds"] for r in rounds),
                                                    "passes": rounds[0][name][stage]["passes"]}
                                            for stage in rounds[0][name]}}

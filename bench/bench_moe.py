@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from hst import experts
 from hst.config import ModelConfig, TrainConfig
 from hst.data import encode
+from hst.evaluation import eval_mode
 from hst.model import GPT
 from hst.params import load_section
 from hst.router import SKIPPED
 from hst.sampler import SmartSampler
-from hst.evaluation import eval_mode
 from hst.train import make_optimizer, train_step
 
 

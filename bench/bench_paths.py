@@ -37,10 +37,10 @@ import torch
 
 from hst import checkpoint, data, paths, sketches
 from hst.config import ModelConfig
+from hst.evaluation import eval_windows
 from hst.generate import Decoder
 from hst.model import ALL_PATHS, GPT, INFERENCE, SELECTED_AND_BASE, SELECTED_PATHS
 from hst.params import load_section
-from hst.evaluation import eval_windows
 
 PREPARED = "data/prepared"
 

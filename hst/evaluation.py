@@ -23,7 +23,6 @@ from hst.model import GPT
 LN2 = math.log(2)
 
 
-
 def eval_windows(tokens: torch.Tensor, seq_len: int, n_windows: int) -> torch.Tensor:
     """Deterministic, evenly spaced windows (n, seq_len + 1) over a token stream."""
     return torch.stack([tokens[s:s + seq_len + 1] for s in window_starts(len(tokens), seq_len, n_windows)]).long()

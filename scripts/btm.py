@@ -32,10 +32,8 @@ import pyarrow.parquet as pq
 import torch
 
 from hst import checkpoint, data, paths, sampler, sketches
+from hst.evaluation import LN2, eval_windows
 from hst.params import read_params
-from hst.evaluation import eval_windows
-
-LN2 = 0.6931471805599453
 
 
 @torch.no_grad()

@@ -32,10 +32,10 @@ import torch  # noqa: E402
 
 from hst import data, metrics  # noqa: E402
 from hst.config import ModelConfig, TrainConfig  # noqa: E402
+from hst.evaluation import evaluate  # noqa: E402
 from hst.io import replace_section, write_json  # noqa: E402
 from hst.model import GPT  # noqa: E402
 from hst.params import build, read_params  # noqa: E402
-from hst.evaluation import evaluate  # noqa: E402
 from hst.train import train  # noqa: E402
 
 

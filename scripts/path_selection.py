@@ -17,18 +17,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 
 import torch
 import torch.nn.functional as F
 
 from hst import checkpoint, data, paths
+from hst.evaluation import LN2, eval_mode, eval_windows
 from hst.io import write_json
 from hst.model import ALL_PATHS, SELECTED_AND_BASE, SELECTED_PATHS
-from hst.evaluation import eval_mode, eval_windows
-
-LN2 = math.log(2)
-
 
 # The name the results carry for grow.inference: select_base (kept from before it was built in GPT.forward).
 WITH_PATH_0 = "select + path 0"

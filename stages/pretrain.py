@@ -20,10 +20,10 @@ import torch
 
 from hst import checkpoint, data, distributed, metrics, plots
 from hst.config import ConfigError, ModelConfig, TrainConfig
+from hst.evaluation import evaluate
 from hst.io import write_csv, write_json
 from hst.model import GPT
 from hst.params import load_section
-from hst.evaluation import evaluate
 from hst.train import resolve_device, train
 from stages.common import run
 

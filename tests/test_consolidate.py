@@ -1,11 +1,10 @@
 import torch
 
 from hst.config import TrainConfig
-from hst.train import only_trainable
-from hst.evaluation import ffn_inputs
 from hst.consolidate import consolidate_expert, consolidate_experts
+from hst.evaluation import evaluate, ffn_inputs
 from hst.model import GPT
-from hst.evaluation import evaluate
+from hst.train import only_trainable
 
 TEXT = torch.tensor(list(b"In the beginning God created the heaven and the earth. " * 40), dtype=torch.uint8)
 CFG = TrainConfig(domains=("x",), steps=15, batch_size=4, lr=5e-3, warmup_steps=1, eval_every=15,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from hst import evaluation, sketches
-from hst.model import GPT
 from hst.evaluation import Evaluation, eval_windows
+from hst.model import GPT
 
 
 def ev(bpb: float, ids: list[list[int]] | None = None) -> Evaluation:

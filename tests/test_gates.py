@@ -2,17 +2,14 @@ import copy
 import dataclasses
 
 import torch
+from test_grow import HELD_IN, HELD_IN_ALL, NOVEL, TCFG, assert_only_appended
 
 from hst import gates
 from hst.config import GrowConfig
-from hst.train import only_trainable
-from hst.evaluation import ffn_inputs
-from hst.evaluation import routing_stability
+from hst.evaluation import evaluate, ffn_inputs, routing_stability
 from hst.model import GPT
 from hst.router import Gate, gate_scores
-from hst.evaluation import evaluate
-from hst.train import train
-from test_grow import HELD_IN, HELD_IN_ALL, NOVEL, TCFG, assert_only_appended
+from hst.train import only_trainable, train
 
 
 def test_growth_adds_gated_experts_and_trains_only_them(tiny_cfg):

@@ -2,12 +2,12 @@ import dataclasses
 
 import pytest
 import torch
+from project import corpus_records
 
 from hst import data, gates, grow, paths, sketches
 from hst.config import ConfigError, GrowConfig, TrainConfig
-from hst.model import GPT
 from hst.evaluation import evaluate
-from project import corpus_records
+from hst.model import GPT
 
 NOVEL = torch.tensor(list("Über allen Gipfeln ist Ruh, in allen Wipfeln spürest du kaum einen Hauch; ".encode() * 30),
                       dtype=torch.uint8)

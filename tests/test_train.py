@@ -5,8 +5,8 @@ import torch
 
 from hst.config import ConfigError, HSTError, TrainConfig
 from hst.data import DataError
-from hst.model import GPT
 from hst.evaluation import evaluate
+from hst.model import GPT
 from hst.train import TrainingError, autocast_dtype, lr_at, resolve_device, sample_batch, train
 
 
